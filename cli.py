@@ -1,0 +1,3 @@
+from mlxrl.cli import main
+
+main()
