@@ -1,0 +1,21 @@
+"""Errors a user can cause. The CLI prints their one-line message without a traceback."""
+
+
+class MlxrlError(Exception):
+    """Base class: a problem with the user's input, config, data or environment."""
+
+
+class ConfigError(MlxrlError):
+    pass
+
+
+class DataError(MlxrlError):
+    pass
+
+
+class RewardError(MlxrlError):
+    pass
+
+
+class ModelError(MlxrlError):
+    pass
