@@ -1,0 +1,45 @@
+"""Per-token log-probabilities of a causal LM, as TRL computes them.
+
+Entry `[b, t]` of `per_token_logps` is the log-probability the model gives token `t + 1` after
+seeing tokens `0..t`: `log softmax(logits[b, t] / T)[input_ids[b, t + 1]]`. It is computed as
+`logit[target] - logsumexp(logits)` in float32 (TRL's `selective_log_softmax` for fp32), so no
+full-vocabulary log-softmax array is built on top of the logits.
+
+Rows are right-padded. mlx-lm models apply a causal mask only, so padding after a row's last real
+token cannot change the log-probs of its real tokens; callers mask padding and prompt tokens out
+with `completion_mask[:, 1:]`.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def token_logps_from_logits(
+    logits: mx.array, targets: mx.array, temperature: float = 1.0
+) -> mx.array:
+    """Log-probability of `targets` under `softmax(logits / temperature)`, in float32.
+
+    `logits` is `[..., V]` and `targets` the integer ids `[...]` (same leading shape). Used by
+    `per_token_logps` for teacher-forced scoring and by the sampler for the token it just drew.
+    """
+    logits = logits.astype(mx.float32)
+    if temperature != 1.0:
+        logits = logits / temperature
+    picked = mx.take_along_axis(logits, targets[..., None].astype(mx.int32), axis=-1)
+    return picked.squeeze(-1) - mx.logsumexp(logits, axis=-1)
+
+
+def per_token_logps(model: nn.Module, input_ids: mx.array, temperature: float = 1.0) -> mx.array:
+    """`[B, L-1]` float32 log-probs of each next token of `input_ids` `[B, L]` under `model`."""
+    logits = model(input_ids)
+    return token_logps_from_logits(logits[:, :-1, :], input_ids[:, 1:], temperature)
+
+
+def sequence_logps(model: nn.Module, input_ids: mx.array, completion_mask: mx.array) -> mx.array:
+    """`[B]` summed log-probs of the completion tokens (DPO's sequence score, no temperature).
+
+    `completion_mask` `[B, L]` marks completion tokens of `input_ids`; token `t + 1` is scored by
+    position `t`, hence the shift.
+    """
+    token_logps = per_token_logps(model, input_ids)
+    return (token_logps * completion_mask[:, 1:].astype(mx.float32)).sum(axis=-1)
