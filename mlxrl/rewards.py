@@ -25,7 +25,7 @@ import math
 import numbers
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -201,7 +201,7 @@ def _accepted_kwargs(fn: Callable, kwargs: dict) -> dict:
 
 
 def _to_floats(name: str, values, n: int) -> list[float]:
-    if values is None or isinstance(values, (str, bytes, Mapping)):
+    if not isinstance(values, Iterable) or isinstance(values, (str, bytes, Mapping)):
         raise RewardError(f"reward function {name!r} returned {type(values).__name__}, "
                           f"expected a list of {n} numbers")
     values = list(values)
@@ -240,9 +240,9 @@ class RewardSet:
         base = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids}
         out = np.empty((n, len(self.fns)), dtype=np.float64)
         for j, (name, fn, fixed) in enumerate(zip(self.names, self.fns, self.kwargs)):
-            call_kwargs = _accepted_kwargs(fn, {**(columns or {}), **fixed})
+            call_kwargs = _accepted_kwargs(fn, {**base, **(columns or {}), **fixed})
             try:
-                values = fn(**base, **call_kwargs)
+                values = fn(**call_kwargs)
             except Exception as e:
                 raise RewardError(
                     f"reward function {name!r} raised {type(e).__name__}: {e}"
