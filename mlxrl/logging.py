@@ -1,0 +1,54 @@
+"""Training metrics: a progress bar with live values, and `metrics.jsonl` (one line per log step)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+# What the progress bar shows, by metric name, in this order (when present).
+_BAR_FIELDS = (("loss", "loss"), ("rewards/accuracies", "acc"), ("rewards/margins", "margin"),
+               ("reward", "reward"), ("tokens_per_second", "tok/s"), ("peak_memory_gb", "mem_gb"))
+
+
+def _round(value):
+    if isinstance(value, float) and math.isfinite(value):
+        return float(f"{value:.6g}")
+    return value
+
+
+class MetricsLog:
+    def __init__(self, output_dir: Path, total_steps: int, initial_step: int = 0, desc: str = "train",
+                 quiet: bool = False):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.history: list[dict] = []
+        self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, unit="step",
+                        dynamic_ncols=True, disable=quiet, file=sys.stderr)
+
+    def log(self, step: int, metrics: dict) -> None:
+        record = {"step": step, **{k: _round(v) for k, v in metrics.items()}}
+        self.history.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        shown = {short: f"{record[name]:.4g}" for name, short in _BAR_FIELDS
+                 if isinstance(record.get(name), float)}
+        self.bar.set_postfix(shown, refresh=False)
+
+    def advance(self, steps: int = 1) -> None:
+        self.bar.update(steps)
+
+    def write(self, line: str) -> None:
+        self.bar.write(line, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

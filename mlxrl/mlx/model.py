@@ -1,0 +1,257 @@
+"""Models on MLX: load through mlx-lm, add LoRA / DoRA / QLoRA, switch adapters off, save.
+
+- A model name is a hub id, a local Hugging Face folder, or an mlxrl checkpoint folder (it holds
+  `adapter_config.json` naming its base), in which case base and adapter load together.
+- QLoRA on MLX: the frozen base's linear layers are quantized with MLX's own affine
+  quantization (no bitsandbytes); the adapter trains against the dequantized weights.
+- The DPO/GRPO reference policy is the same model with every LoRA scale set to 0
+  (`adapters_disabled`), never a second copy.
+- Adapters are saved in mlx-lm's format, so `mlx_lm.load(base, adapter_path=...)` and
+  `mlx_lm.fuse` work on them; mlxrl's own fields sit under the `mlxrl` key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlxrl.errors import ModelError
+
+ADAPTER_FILE = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+DTYPES = {"float32": mx.float32, "fp32": mx.float32, "float16": mx.float16, "fp16": mx.float16,
+          "half": mx.float16, "bfloat16": mx.bfloat16, "bf16": mx.bfloat16}
+QUANT_GROUP_SIZE = 64
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object  # mlx_lm TokenizerWrapper
+    base_path: Path  # local folder of the base model
+    base_name: str  # what the user named (hub id or path), recorded in checkpoints
+    adapter_path: Path | None = None
+    quantized: bool = False
+
+
+def resolve_model(name: str) -> tuple[str, Path | None]:
+    """Return (base model name, adapter folder or None) for a model name or checkpoint folder."""
+    path = Path(name).expanduser()
+    config_file = path / ADAPTER_CONFIG
+    if path.is_dir() and config_file.is_file():
+        config = json.loads(config_file.read_text())
+        base = config.get("mlxrl", {}).get("base_model") or config.get("model")
+        if not base:
+            raise ModelError(f"{config_file} does not name its base model ('model' key)")
+        return base, path
+    return name, None
+
+
+def local_model_path(name: str, revision: str | None = None) -> Path:
+    """A local folder for a hub id or path; fails fast with a clear message when offline."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is not a model folder (no config.json)")
+        return path
+    if path.suffix in (".json", ".safetensors") or name.startswith((".", "/", "~")):
+        raise ModelError(f"model folder not found: {name}")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    patterns = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
+    except LocalEntryNotFoundError:
+        raise ModelError(f"model {name!r} is not in the local Hugging Face cache and the hub cannot be "
+                         f"reached (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}); download it "
+                         f"first or give a local folder") from None
+    except Exception as e:  # noqa: BLE001 - hub errors come in many types; report them in one line
+        raise ModelError(f"cannot fetch model {name!r} from the hub: {type(e).__name__}: {e}") from None
+
+
+def load(model_params, peft_params=None, *, for_training: bool = False, gradient_checkpointing=False):
+    """Load the model named in `model_params` (hub id, folder or checkpoint) with mlx-lm.
+
+    With `for_training` and a `peft_params`, the base is frozen (and quantized for q_lora) and
+    fresh LoRA layers are added, unless the name is a checkpoint, whose adapter is loaded and
+    left trainable (continue training from it).
+    """
+    from mlx_lm.utils import load_model, load_tokenizer
+
+    base_name, adapter_path = resolve_model(model_params.model_name)
+    base_path = local_model_path(base_name, model_params.model_revision)
+    saved = json.loads((adapter_path / ADAPTER_CONFIG).read_text()) if adapter_path else {}
+    try:
+        model, config = load_model(base_path, trust_remote_code=model_params.trust_remote_code)
+    except ValueError as e:
+        raise ModelError(f"cannot load {base_path}: {e}") from None
+    tokenizer = load_tokenizer(base_path, eos_token_ids=config.get("eos_token_id"))
+    _check_chat_template(tokenizer, model_params, base_name)
+    cast(model, model_params.torch_dtype_str)
+    model.freeze()
+    quant = saved.get("mlxrl", {}).get("quantization")
+    if quant is None and for_training and peft_params is not None and peft_params.q_lora:
+        quant = {"group_size": QUANT_GROUP_SIZE, "bits": peft_params.q_lora_bits}
+    if quant:
+        quantize_base(model, **quant)
+    if adapter_path is not None:
+        add_lora(model, saved)
+        model.load_weights(str(adapter_path / ADAPTER_FILE), strict=False)
+    elif for_training and peft_params is not None:
+        add_lora(model, lora_config(model, peft_params))
+    if gradient_checkpointing:
+        checkpoint_blocks(model)
+    mx.eval(model.parameters())
+    model.train(for_training)
+    return LoadedModel(model, tokenizer, base_path, base_name, adapter_path, bool(quant))
+
+
+def _check_chat_template(tokenizer, model_params, name: str) -> None:
+    if model_params.chat_template:
+        tokenizer._tokenizer.chat_template = model_params.chat_template
+    if not getattr(tokenizer._tokenizer, "chat_template", None):
+        raise ModelError(f"the tokenizer of {name} has no chat template; set model.chat_template "
+                         f"to a Jinja template")
+
+
+def cast(model: nn.Module, dtype_name: str) -> None:
+    """Cast floating-point weights to the configured dtype ('auto' keeps the checkpoint's)."""
+    if dtype_name == "auto":
+        return
+    dtype = DTYPES[dtype_name]
+    model.apply(lambda x: x.astype(dtype) if mx.issubdtype(x.dtype, mx.floating) else x)
+
+
+def quantize_base(model: nn.Module, group_size: int, bits: int) -> None:
+    """QLoRA's frozen base: MLX affine quantization of every linear layer whose shape allows it."""
+    def eligible(_path, module):
+        return isinstance(module, nn.Linear) and module.weight.shape[-1] % group_size == 0
+
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=eligible)
+    model.freeze()
+
+
+def block_linear_names(model: nn.Module) -> list[str]:
+    """Layer-relative names of the linear modules in the transformer blocks."""
+    names = set()
+    for layer in model.layers:
+        for name, module in layer.named_modules():
+            if isinstance(module, (nn.Linear, nn.QuantizedLinear)):
+                names.add(name)
+    return sorted(names)
+
+
+def lora_config(model: nn.Module, peft_params) -> dict:
+    """mlx-lm's adapter_config for the `peft` section (scale = alpha / r)."""
+    available = block_linear_names(model)
+    targets = peft_params.lora_target_modules
+    if targets in (None, [], "all-linear", ["all-linear"]):
+        keys = available
+    else:
+        wanted = [targets] if isinstance(targets, str) else list(targets)
+        keys = [k for k in available if k in wanted or k.split(".")[-1] in wanted]
+        missing = [t for t in wanted if not any(k == t or k.split(".")[-1] == t for k in available)]
+        if missing:
+            short = sorted({k.split(".")[-1] for k in available})
+            raise ModelError(f"peft.lora_target_modules {missing} not found in the model; "
+                             f"its linear layers are {short}")
+    if peft_params.lora_exclude_modules:
+        keys = [k for k in keys if k.split(".")[-1] not in peft_params.lora_exclude_modules]
+    if peft_params.use_dora and peft_params.lora_dropout > 0:
+        raise ModelError("DoRA with lora_dropout > 0 is not supported (dropout semantics differ "
+                         "from PEFT's); set peft.lora_dropout: 0")
+    return {
+        "fine_tune_type": "dora" if peft_params.use_dora else "lora",
+        "num_layers": len(model.layers),
+        "lora_parameters": {"rank": peft_params.lora_r, "scale": peft_params.lora_scale,
+                            "dropout": peft_params.lora_dropout, "keys": keys},
+    }
+
+
+def add_lora(model: nn.Module, adapter_config: dict) -> None:
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    params = adapter_config["lora_parameters"]
+    linear_to_lora_layers(model, adapter_config.get("num_layers", len(model.layers)), params,
+                          use_dora=adapter_config.get("fine_tune_type") == "dora")
+
+
+def lora_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for _, m in model.named_modules() if hasattr(m, "lora_a") and hasattr(m, "scale")]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """The reference policy: the same model with every LoRA scale at 0, restored on exit.
+
+    Do not call a function compiled with the adapters on inside this context: `mx.compile`
+    bakes the Python-float scale into its trace.
+    """
+    layers = lora_layers(model)
+    scales = [m.scale for m in layers]
+    for m in layers:
+        m.scale = 0.0
+    try:
+        yield model
+    finally:
+        for m, s in zip(layers, scales):
+            m.scale = s
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Gradient checkpointing per block instance (mlx-lm's grad_checkpoint patches the class,
+    which would also hit any other model of that class in the process)."""
+    for layer in model.layers:
+        base_call = type(layer).__call__
+
+        def checkpointed(self, *args, _call=base_call, **kwargs):
+            def inner(params, *a, **kw):
+                self.update(params)
+                return _call(self, *a, **kw)
+
+            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+        layer.__class__ = type(type(layer).__name__, (type(layer),), {"__call__": checkpointed})
+
+
+def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def adapter_config_for(loaded: LoadedModel, model_config: dict, extra: dict | None = None) -> dict:
+    """mlx-lm's adapter_config.json plus an `mlxrl` block naming the base model."""
+    config = dict(model_config)
+    config["model"] = loaded.base_name
+    mlxrl_block = {"base_model": loaded.base_name}
+    if loaded.quantized:
+        mlxrl_block["quantization"] = _quantization_of(loaded.model)
+    mlxrl_block.update(extra or {})
+    config["mlxrl"] = mlxrl_block
+    return config
+
+
+def _quantization_of(model: nn.Module) -> dict:
+    for _, m in model.named_modules():
+        if isinstance(m, nn.QuantizedLinear):
+            return {"group_size": m.group_size, "bits": m.bits}
+    return {"group_size": QUANT_GROUP_SIZE, "bits": 4}
+
+
+def save_adapter(model: nn.Module, folder: Path, adapter_config: dict) -> None:
+    """Write adapters.safetensors + adapter_config.json into `folder` (which must exist)."""
+    mx.save_safetensors(str(folder / ADAPTER_FILE), adapter_weights(model), metadata={"format": "mlx"})
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2))
+
+
+def trainable_count(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    return trainable, total

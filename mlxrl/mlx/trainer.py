@@ -1,0 +1,226 @@
+"""The training loop shared by SFT, DPO and GRPO on MLX.
+
+A method supplies `loss(*arrays) -> (loss, metrics)` (differentiable, pure MLX, closing over its
+model) and `next_step() -> StepBatch` (its micro-batches for one optimizer step, plus host-side
+metrics such as rewards). The loop:
+
+    for each optimizer step:
+        grads = sum over micro-batches of grad(loss)      # methods scale their own loss
+        clip to max_grad_norm; AdamW update; one mx.eval
+        log every logging_steps, checkpoint every save_steps
+
+The gradient function is `nn.value_and_grad` inside `mx.compile`; methods pad their arrays to
+bucketed widths so the compiled function is traced for a handful of shapes only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_map
+
+from mlxrl import checkpoint
+from mlxrl.errors import MlxrlError
+from mlxrl.logging import MetricsLog
+
+
+class NonFiniteLoss(MlxrlError):
+    pass
+
+
+@dataclass
+class StepBatch:
+    micro_batches: list[tuple]  # each a tuple of mx arrays passed to the method's loss
+    metrics: dict = field(default_factory=dict)  # host-side metrics (floats)
+    num_tokens: int = 0  # tokens processed this step, for tokens/s
+
+
+class IndexStream:
+    """Dataset indices, reshuffled each epoch from (seed, epoch): resumable from a position."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True, position: int = 0):
+        self.size, self.seed, self.shuffle, self.position = size, seed, shuffle, position
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.size)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
+
+    def take(self, count: int) -> list[int]:
+        out = []
+        while len(out) < count:
+            epoch, offset = divmod(self.position, self.size)
+            order = self._order(epoch)
+            chunk = order[offset:offset + count - len(out)]
+            out.extend(int(i) for i in chunk)
+            self.position += len(chunk)
+        return out
+
+    @property
+    def epoch(self) -> float:
+        return self.position / self.size
+
+
+def bucket(length: int, multiple: int = 32) -> int:
+    """Pad widths up to a multiple of 32 so the compiled step sees few shapes."""
+    return max(multiple, multiple * math.ceil(length / multiple))
+
+
+def schedule(training, total_steps: int):
+    """Hugging Face's schedules (warmup then linear / cosine / constant), by optimizer step.
+
+    mlx optimizers call the schedule with the 1-based update count; HF's first update uses
+    lambda(0), so the step is shifted by one to match.
+    """
+    peak = training.learning_rate
+    warmup = training.warmup_steps
+    if warmup is None:
+        warmup = math.ceil((training.warmup_ratio or 0.0) * total_steps)
+    kind = training.lr_scheduler_type
+    kwargs = training.lr_scheduler_kwargs or {}
+    min_rate = kwargs.get("min_lr_rate", kwargs.get("min_lr", 0.0) / peak if kind == "cosine_with_min_lr" else 0.0)
+    decay_steps = max(1, total_steps - warmup)
+
+    def lr(step):
+        s = mx.array(step, mx.float32) - 1
+        warm = s / max(1, warmup)
+        progress = mx.clip((s - warmup) / decay_steps, 0.0, 1.0)
+        if kind == "linear":
+            after = 1.0 - progress
+        elif kind.startswith("cosine"):
+            after = min_rate + (1 - min_rate) * 0.5 * (1.0 + mx.cos(math.pi * progress))
+        else:
+            after = mx.ones_like(progress)
+        return peak * mx.where(s < warmup, warm, after)
+
+    return lr
+
+
+def make_optimizer(training, total_steps: int, log=print):
+    lr = schedule(training, total_steps)
+    name = training.optimizer.lower()
+    if name == "adafactor":
+        return optim.Adafactor(learning_rate=lr, relative_step=False, scale_parameter=False)
+    if name == "sgd":
+        return optim.SGD(learning_rate=lr, momentum=training.sgd_momentum,
+                         weight_decay=training.weight_decay)
+    if "adam" not in name:
+        raise MlxrlError(f"training.optimizer {training.optimizer!r} is not supported on MLX; "
+                         f"use adamw_torch, adafactor or sgd")
+    if name not in ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw", "adam"):
+        log(f"note: optimizer {training.optimizer} is not available on MLX; using AdamW")
+    return optim.AdamW(learning_rate=lr, betas=[training.adam_beta1, training.adam_beta2],
+                       eps=training.adam_epsilon, weight_decay=training.weight_decay,
+                       bias_correction=True)
+
+
+def total_steps_for(training, examples_per_step: int, dataset_size: int) -> int:
+    if training.max_steps > 0:
+        return training.max_steps
+    return max(1, math.ceil(dataset_size / examples_per_step) * training.num_train_epochs)
+
+
+class Trainer:
+    def __init__(self, cfg, loaded, method, adapter_config: dict, total_steps: int, quiet=False):
+        self.cfg, self.training = cfg, cfg.training
+        self.model, self.method = loaded.model, method
+        self.adapter_config = adapter_config
+        self.total_steps = total_steps
+        self.output_dir = Path(self.training.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.log = MetricsLog(self.output_dir, total_steps, desc=f"{method.name} ", quiet=quiet)
+        self.optimizer = make_optimizer(self.training, total_steps, log=self.log.write)
+        self.step = 0
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        loss_and_grad = nn.value_and_grad(self.model, method.loss)
+        state = [self.model.state, mx.random.state]
+
+        @partial(mx.compile, inputs=state, outputs=[mx.random.state])
+        def grad_step(*arrays):
+            (loss, metrics), grads = loss_and_grad(*arrays)
+            return loss, metrics, grads
+
+        self._grad_step = grad_step
+
+    def train_step(self) -> dict:
+        started = time.perf_counter()
+        batch = self.method.next_step()
+        grads, losses, metric_sums = None, [], {}
+        for arrays in batch.micro_batches:
+            loss, metrics, g = self._grad_step(*arrays)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            losses.append(loss)
+            for k, v in metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + v
+            mx.eval(grads, losses, metric_sums)
+        grad_norm = mx.array(0.0)
+        if self.training.max_grad_norm:
+            grads, grad_norm = optim.clip_grad_norm(grads, self.training.max_grad_norm)
+        else:
+            grad_norm = optim.clip_grad_norm(grads, float("inf"))[1]
+        self.optimizer.update(self.model, grads)
+        mx.eval(self.model.trainable_parameters(), self.optimizer.state, grad_norm)
+        n = len(batch.micro_batches)
+        loss_value = sum(float(x) for x in losses)  # each micro-batch loss is already scaled
+        if not math.isfinite(loss_value):
+            raise NonFiniteLoss(f"non-finite loss ({loss_value}) at step {self.step + 1}; the last "
+                                f"checkpoint in {self.output_dir} is intact (lower the learning rate?)")
+        elapsed = time.perf_counter() - started
+        out = {"loss": loss_value, "grad_norm": float(grad_norm)}
+        out.update({k: float(v) / n for k, v in metric_sums.items()})
+        out.update(batch.metrics)
+        out["learning_rate"] = float(self.optimizer.learning_rate)
+        out["step_time"] = elapsed
+        out["tokens_per_second"] = batch.num_tokens / elapsed if elapsed > 0 else 0.0
+        return out
+
+    def _accumulate(self, metrics: dict) -> None:
+        for k, v in metrics.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v
+        self._count += 1
+
+    def _flush(self) -> None:
+        if not self._count:
+            return
+        averaged = {k: v / self._count for k, v in self._sums.items()}
+        averaged["epoch"] = self.method.epoch
+        averaged["peak_memory_gb"] = mx.get_peak_memory() / 1e9
+        self.log.log(self.step, averaged)
+        self._sums, self._count = {}, 0
+
+    def state(self) -> dict:
+        return {"global_step": self.step, "max_steps": self.total_steps, "epoch": self.method.epoch,
+                "method": self.method.name, "data": self.method.state(),
+                "log_history": self.log.history}
+
+    def save_checkpoint(self) -> Path:
+        return checkpoint.write_checkpoint(self.output_dir, self.step, self.model, self.adapter_config,
+                                           self.optimizer, self.state())
+
+    def run(self) -> dict:
+        training = self.training
+        try:
+            while self.step < self.total_steps:
+                metrics = self.train_step()
+                self.step += 1
+                self._accumulate(metrics)
+                self.log.advance()
+                if self.step % training.logging_steps == 0 or self.step == self.total_steps \
+                        or (self.step == 1 and training.logging_first_step):
+                    self._flush()
+                if training.save_steps > 0 and self.step % training.save_steps == 0:
+                    self.save_checkpoint()
+            if training.save_final_model:
+                checkpoint.write_final(self.output_dir, self.model, self.adapter_config, self.state())
+        finally:
+            self.log.close()
+        return self.state()
