@@ -34,7 +34,7 @@ BUILDER_VERSION = 1
 ARCHS = ("qwen2", "llama", "falcon_h1")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
 PAD_ID, IM_START_ID, EOS_ID = 0, 1, 2
-VOCAB_SIZE = 768
+MAX_VOCAB_SIZE = 768  # the built-in corpus runs out of merges first: 736 tokens
 ROPE_THETA = 10000.0
 
 _PRETOKENIZE_REGEX = (  # Qwen2's: single digits, words with one leading non-letter, punctuation runs
@@ -113,7 +113,7 @@ def build_tokenizer():
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=MAX_VOCAB_SIZE,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -171,6 +171,8 @@ def _falcon_h1_config(hidden_size: int, num_heads: int) -> dict:
         "mamba_d_ssm": d_ssm,
         "mamba_n_heads": d_ssm // d_head,
         "mamba_d_head": d_head,
+        # mlx-lm's gated RMSNorm ignores n_groups: with mamba_rms_norm and n_groups > 1 the two
+        # libraries disagree.
         "mamba_n_groups": 1,
         "mamba_d_state": 16,
         "mamba_d_conv": 4,
@@ -340,6 +342,8 @@ def build_tiny_model(
     generation = {"bos_token_id": PAD_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     tokenizer.save_pretrained(str(out))
+    for path in out.iterdir():  # safetensors writes 0600; others may read a shared cache
+        path.chmod(0o644)
     _add_legacy_tokenizer_files(out)
     return out
 
@@ -382,6 +386,7 @@ def tiny_model(arch: str = "qwen2", **kwargs) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{arch}-{digest}-", dir=root))
     try:
         build_tiny_model(tmp, arch, **kwargs)
+        tmp.chmod(0o755)  # mkdtemp makes 0700
         os.replace(tmp, final)
     except OSError:
         if not (final / "config.json").exists():
