@@ -132,6 +132,8 @@ def _load_local(p: Path, split: str, kwargs: dict, label: str) -> datasets.Datas
     try:
         return datasets.load_dataset(builder, data_files={base: str(p)}, split=split, **kwargs)
     except Exception as e:
+        if "corresponds to no data" in str(e):
+            raise DataError(f"{label}: split {split!r} selects no rows of {p}") from e
         raise DataError(f"{label}: cannot read {p} with split {split!r}: {_first_line(e)}") from e
 
 
