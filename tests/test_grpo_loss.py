@@ -83,7 +83,7 @@ def numpy_grpo(
     log_ratio = logps - old
     if level == "sequence":
         log_ratio = ((log_ratio * mask).sum(-1) / np.maximum(mask.sum(-1), 1.0))[:, None]
-    coef_1 = np.exp(log_ratio)
+    coef_1 = ratio = np.exp(log_ratio)
     coef_2 = np.clip(coef_1, 1 - EPS, 1 + EPS_HIGH)
     if delta is not None:
         coef_1 = np.minimum(coef_1, delta)
@@ -92,7 +92,7 @@ def numpy_grpo(
     metrics = {}
     if beta != 0.0:
         kl = np.exp(ref - logps) - (ref - logps) - 1
-        kl = kl * coef_1 if bias_kl else kl
+        kl = kl * ratio if bias_kl else kl  # TRL weighs the KL before capping at delta
         per_token = per_token + beta * kl
         metrics["kl"] = (kl * mask).sum() / mask.sum()
     masked = per_token * mask
@@ -210,7 +210,14 @@ def test_loss_gradient_and_metrics_match_numpy(batch, loss_type, level, beta):
     )
 
 
-@pytest.mark.parametrize("option", [{"delta": 1.1}, {"use_bias_correction_kl": True}])
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"delta": 1.1},
+        {"use_bias_correction_kl": True},
+        {"delta": 1.1, "use_bias_correction_kl": True},
+    ],
+)
 def test_trl_options_match_numpy(batch, option):
     logps, old, ref, adv, mask = batch
     numpy_kwargs = dict(beta=0.05, loss_type="bnpo", level="token")

@@ -180,6 +180,19 @@ def clip_metrics(
     }
 
 
+def _clipped_surrogate(
+    ratio: mx.array,
+    advantages: mx.array,
+    epsilon_low: float,
+    epsilon_high: float,
+    delta: float | None,
+) -> tuple[mx.array, mx.array]:
+    """PPO's pessimistic clipped term per token, and the ratio it used (capped at `delta`)."""
+    clipped = mx.clip(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    capped = ratio if delta is None else mx.minimum(ratio, delta)
+    return -mx.minimum(capped * advantages, clipped * advantages), capped
+
+
 def grpo_loss(
     logps: mx.array,
     old_logps: mx.array,
@@ -218,22 +231,19 @@ def grpo_loss(
     # zero outside the mask, so junk log-probs at padding cannot turn into inf * 0 = NaN
     in_mask = mask > 0
     log_ratio = mx.where(in_mask, logps - old_logps, 0.0)
-    coef_1 = mx.exp(log_weights_of(log_ratio, mask))
-    coef_2 = mx.clip(coef_1, 1 - epsilon, 1 + epsilon_high)
-    if delta is not None:
-        coef_1 = mx.minimum(coef_1, delta)
-    token_loss = -mx.minimum(coef_1 * advantages, coef_2 * advantages)
+    ratio = mx.exp(log_weights_of(log_ratio, mask))
+    token_loss, capped_ratio = _clipped_surrogate(ratio, advantages, epsilon, epsilon_high, delta)
 
     metrics = {}
     if beta != 0.0:
         kl = per_token_kl(logps, mx.where(in_mask, ref_logps, logps))
         if use_bias_correction_kl:
-            kl = kl * coef_1
+            kl = kl * ratio  # the ratio before the `delta` cap, as in TRL
         token_loss = token_loss + beta * kl
         metrics["kl"] = mx.stop_gradient(_masked_mean(kl, mask))
 
     norm = Normalisers(grad_accum, max_completion_length, num_items_in_batch)
     loss = aggregate(token_loss, mask, norm)
-    coef_1 = mx.stop_gradient(coef_1)
-    metrics.update(clip_metrics(coef_1, advantages, mask, epsilon, epsilon_high))
+    capped_ratio = mx.stop_gradient(capped_ratio)
+    metrics.update(clip_metrics(capped_ratio, advantages, mask, epsilon, epsilon_high))
     return loss, metrics
