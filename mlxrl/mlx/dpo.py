@@ -23,6 +23,12 @@ from typing import NamedTuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxrl.data.formats import Truncation, encode_preference
+from mlxrl.errors import DataError
+from mlxrl.mlx.logprobs import sequence_logps
+from mlxrl.mlx.model import adapters_disabled
+from mlxrl.mlx.trainer import IndexStream, StepBatch, bucket, pad_rows
+
 
 class PairTerms(NamedTuple):
     """What a per-pair DPO loss may read; every field is `[P]`."""
@@ -225,3 +231,98 @@ def dpo_loss(
     params = LossParams(beta, label_smoothing, discopop_tau)
     loss = sum(weight * per_pair(terms, params).mean() for per_pair, weight in weighted)
     return loss, dpo_metrics(terms, beta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: chosen and rejected in one concatenated forward; the reference is the same model
+# with its adapters switched off (a forward outside the differentiated function), or log-probs
+# precomputed once for the whole dataset (`precompute_ref_log_probs`).
+
+
+def _pair_rows(pair: dict) -> tuple:
+    """(chosen ids, chosen mask, rejected ids, rejected mask): prompt + completion, mask on
+    the completion."""
+    prompt = pair["prompt_ids"]
+    out = []
+    for key in ("chosen_ids", "rejected_ids"):
+        out += [prompt + pair[key], [0] * len(prompt) + [1] * len(pair[key])]
+    return tuple(out)
+
+
+class DPOMethod:
+    name = "dpo"
+
+    def __init__(self, cfg, loaded, dataset, log=print):
+        self.model, self.training = loaded.model, cfg.training
+        self.settings = cfg.dpo_settings()
+        _weighted_loss_types(self.settings.loss_type, self.settings.loss_weights)  # fail early
+        truncation = Truncation(self.settings.max_length)
+        self.pairs = []
+        for i, row in enumerate(dataset):
+            pair = truncation.preference(encode_preference(row, loaded.tokenizer, i))
+            if pair is not None:
+                self.pairs.append(_pair_rows(pair))
+        if truncation.message():
+            log(truncation.message())
+        if not self.pairs:
+            raise DataError("no preference pairs left after truncation to model.model_max_length")
+        self.accum = self.training.gradient_accumulation_steps
+        self.stream = IndexStream(len(self.pairs), self.training.seed)
+        self.ref_cache = self._precompute_reference() if self.settings.precompute_ref_log_probs else None
+
+    examples_per_step = property(lambda self: self.training.per_device_train_batch_size * self.accum)
+    dataset_size = property(lambda self: len(self.pairs))
+    epoch = property(lambda self: self.stream.epoch)
+
+    def state(self) -> dict:
+        return {"position": self.stream.position}
+
+    def _arrays(self, indices: list[int]):
+        pairs = [self.pairs[i] for i in indices]
+        rows = [p[0] for p in pairs] + [p[2] for p in pairs]
+        masks = [p[1] for p in pairs] + [p[3] for p in pairs]
+        width = bucket(max(len(r) for r in rows))
+        return pad_rows(rows, width), pad_rows(masks, width), sum(len(r) for r in rows)
+
+    def _reference_logps(self, input_ids, mask) -> mx.array:
+        with adapters_disabled(self.model):
+            logps = sequence_logps(self.model, input_ids, mask)
+        mx.eval(logps)
+        return logps
+
+    def _precompute_reference(self) -> list[tuple[float, float]]:
+        batch = self.training.per_device_train_batch_size
+        cache = []
+        for start in range(0, len(self.pairs), batch):
+            indices = list(range(start, min(start + batch, len(self.pairs))))
+            ids, mask, _ = self._arrays(indices)
+            logps = self._reference_logps(ids, mask).tolist()
+            n = len(indices)
+            cache += list(zip(logps[:n], logps[n:]))
+        return cache
+
+    def loss(self, input_ids, mask, ref_logps):
+        logps = sequence_logps(self.model, input_ids, mask)
+        lengths = mask[:, 1:].sum(axis=-1).astype(mx.float32)
+        pc, pr = mx.split(logps, 2)
+        rc, rr = mx.split(ref_logps, 2)
+        lc, lr = mx.split(lengths, 2)
+        s = self.settings
+        loss, metrics = dpo_loss(pc, pr, rc, rr, beta=s.beta, loss_type=s.loss_type,
+                                 loss_weights=s.loss_weights, label_smoothing=s.label_smoothing,
+                                 chosen_lengths=lc, rejected_lengths=lr)
+        return loss / self.accum, metrics
+
+    def next_step(self):
+        micro, tokens = [], 0
+        for _ in range(self.accum):
+            indices = self.stream.take(self.training.per_device_train_batch_size)
+            ids, mask, n = self._arrays(indices)
+            if self.ref_cache is not None:
+                cached = [self.ref_cache[i] for i in indices]
+                ref = mx.array([c[0] for c in cached] + [c[1] for c in cached])
+            else:
+                ref = self._reference_logps(ids, mask)
+            micro.append((ids, mask, ref))
+            tokens += n
+        return StepBatch(micro, num_tokens=tokens)

@@ -39,6 +39,7 @@ class LoadedModel:
     base_name: str  # what the user named (hub id or path), recorded in checkpoints
     adapter_path: Path | None = None
     quantized: bool = False
+    lora: dict | None = None  # mlx-lm adapter config of the LoRA layers, when there are any
 
 
 def resolve_model(name: str) -> tuple[str, Path | None]:
@@ -54,8 +55,21 @@ def resolve_model(name: str) -> tuple[str, Path | None]:
     return name, None
 
 
+TINY_SCHEME = "tiny://"
+
+
 def local_model_path(name: str, revision: str | None = None) -> Path:
-    """A local folder for a hub id or path; fails fast with a clear message when offline."""
+    """A local folder for a hub id or path; fails fast with a clear message when offline.
+
+    `tiny://qwen2` (or `llama`, `falcon_h1`) names mlxrl's embedded tiny model, built on the spot.
+    """
+    if name.startswith(TINY_SCHEME):
+        from mlxrl.testing import ARCHS, tiny_model
+
+        arch = name[len(TINY_SCHEME):]
+        if arch not in ARCHS:
+            raise ModelError(f"unknown tiny model {name!r}; use one of {[TINY_SCHEME + a for a in ARCHS]}")
+        return tiny_model(arch)
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -102,16 +116,19 @@ def load(model_params, peft_params=None, *, for_training: bool = False, gradient
         quant = {"group_size": QUANT_GROUP_SIZE, "bits": peft_params.q_lora_bits}
     if quant:
         quantize_base(model, **quant)
+    lora = None
     if adapter_path is not None:
-        add_lora(model, saved)
+        lora = {k: v for k, v in saved.items() if k != "mlxrl"}
+        add_lora(model, lora)
         model.load_weights(str(adapter_path / ADAPTER_FILE), strict=False)
     elif for_training and peft_params is not None:
-        add_lora(model, lora_config(model, peft_params))
+        lora = lora_config(model, peft_params)
+        add_lora(model, lora)
     if gradient_checkpointing:
         checkpoint_blocks(model)
     mx.eval(model.parameters())
     model.train(for_training)
-    return LoadedModel(model, tokenizer, base_path, base_name, adapter_path, bool(quant))
+    return LoadedModel(model, tokenizer, base_path, base_name, adapter_path, bool(quant), lora)
 
 
 def _check_chat_template(tokenizer, model_params, name: str) -> None:
@@ -226,9 +243,9 @@ def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
-def adapter_config_for(loaded: LoadedModel, model_config: dict, extra: dict | None = None) -> dict:
+def adapter_config_for(loaded: LoadedModel, extra: dict | None = None) -> dict:
     """mlx-lm's adapter_config.json plus an `mlxrl` block naming the base model."""
-    config = dict(model_config)
+    config = dict(loaded.lora)
     config["model"] = loaded.base_name
     mlxrl_block = {"base_model": loaded.base_name}
     if loaded.quantized:

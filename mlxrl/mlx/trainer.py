@@ -144,7 +144,7 @@ class Trainer:
         loss_and_grad = nn.value_and_grad(self.model, method.loss)
         state = [self.model.state, mx.random.state]
 
-        @partial(mx.compile, inputs=state, outputs=[mx.random.state])
+        @partial(mx.compile, inputs=state, outputs=state)
         def grad_step(*arrays):
             (loss, metrics), grads = loss_and_grad(*arrays)
             return loss, metrics, grads
@@ -224,3 +224,11 @@ class Trainer:
         finally:
             self.log.close()
         return self.state()
+
+
+def pad_rows(rows: list[list[int]], width: int, pad: int = 0) -> mx.array:
+    """Right-pad token rows into an int32 [len(rows), width] array."""
+    out = np.full((len(rows), width), pad, dtype=np.int32)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
+    return mx.array(out)

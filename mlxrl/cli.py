@@ -1,0 +1,140 @@
+"""The `mlxrl` command line.
+
+    mlxrl train -c CONFIG [--backend mlx|torch|auto] [--section.key VALUE ...]
+    mlxrl env
+    mlxrl data make letter-count --output FILE [--n N] [--seed S]
+
+Config overrides follow Oumi: `--training.max_steps 10`, `--training.max_steps=10` or
+`training.max_steps=10`; list items as `--data.train.datasets[0].dataset_path FILE`.
+Errors in the user's input print one line (no traceback unless `--debug`) and exit 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import click
+
+import mlxrl  # noqa: F401  (binds OpenBLAS before anything imports mlx)
+from mlxrl.errors import MlxrlError
+
+OVERRIDES = dict(ignore_unknown_options=True, allow_extra_args=True)
+
+
+def _friendly_errors(fn):
+    """Print user errors as one line; `--debug` (or MLXRL_DEBUG=1) shows the traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = kwargs.get("debug") or os.environ.get("MLXRL_DEBUG") == "1"
+        try:
+            return fn(*args, **kwargs)
+        except MlxrlError as e:
+            if debug:
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(mlxrl.__version__, prog_name="mlxrl")
+def main():
+    """Align language models on your Mac: SFT, DPO and GRPO with LoRA on MLX.
+
+    The same YAML config runs on NVIDIA GPUs through PyTorch/TRL with `--backend torch`.
+    """
+
+
+def pick_backend(requested: str) -> str:
+    """`auto`: MLX everywhere until the torch backend lands; `mlx` always forces MLX."""
+    if requested == "torch":
+        raise MlxrlError("the torch backend is not available in this version; use --backend mlx")
+    return "mlx"
+
+
+@main.command(context_settings=OVERRIDES)
+@click.option("-c", "--config", "config_path", type=click.Path(), help="YAML config (Oumi's schema).")
+@click.option("--backend", type=click.Choice(["auto", "mlx", "torch"]), default="auto", show_default=True,
+              help="mlx: Apple's MLX (any OS); torch: PyTorch + TRL (CUDA/CPU); auto: pick the best here.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.pass_context
+@_friendly_errors
+def train(ctx, config_path, backend, quiet, debug):
+    """Train a LoRA adapter (SFT, DPO or GRPO, from training.trainer_type).
+
+    Any config field can be overridden after the options, e.g.
+    `--training.max_steps 10 --model.model_name path/to/model`.
+    Checkpoints go to training.output_dir/checkpoint-<step>, the final adapter to
+    training.output_dir, metrics to training.output_dir/metrics.jsonl.
+    """
+    from mlxrl.config import load_config
+
+    cfg = load_config(config_path, list(ctx.args))
+    if pick_backend(backend) == "mlx":
+        from mlxrl.mlx.train import train as mlx_train
+
+        state = mlx_train(cfg, quiet=quiet, log=lambda m: click.echo(m, err=True))
+    click.echo(f"done: {state['global_step']} steps; adapter in {cfg.training.output_dir}", err=True)
+
+
+@main.command()
+def env():
+    """Versions, the backend `auto` picks, the device and the BLAS in use."""
+    import platform
+
+    from mlxrl import _blas
+
+    lines = [f"mlxrl {mlxrl.__version__}", f"python {platform.python_version()} ({platform.platform()})"]
+    for name in ("mlx", "mlx_lm", "transformers", "datasets", "torch", "trl", "peft"):
+        lines.append(f"{name:13s} {_version(name)}")
+    try:
+        import mlx.core as mx
+
+        lines.append(f"mlx device    {mx.default_device()}")
+    except ImportError:
+        lines.append("mlx device    (mlx not installed)")
+    lines.append(f"BLAS          {_blas.status}")
+    lines.append(f"backend auto  -> {pick_backend('auto')} (the torch backend is not in this version)")
+    click.echo("\n".join(lines))
+
+
+def _version(module: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(module.replace("_", "-"))
+    except PackageNotFoundError:
+        return "not installed"
+
+
+@main.group()
+def data():
+    """Make and inspect datasets."""
+
+
+@data.group()
+def make():
+    """Generate datasets offline."""
+
+
+@make.command("letter-count")
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="JSONL file to write.")
+@click.option("--n", default=1000, show_default=True, help="Number of rows.")
+@click.option("--seed", default=0, show_default=True)
+@_friendly_errors
+def make_letter_count(output, n, seed, debug=False):
+    """Rows in oumi-ai/oumi-letter-count's raw format (conversation_id, messages, metadata)."""
+    from mlxrl.data.letter_count import write_jsonl
+
+    path = write_jsonl(output, n, seed)
+    click.echo(f"wrote {n} rows to {path}")
+
+
+if __name__ == "__main__":
+    main()

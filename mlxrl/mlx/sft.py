@@ -1,0 +1,72 @@
+"""SFT: next-token cross-entropy on completion tokens only.
+
+Objective, as TRL's `SFTTrainer` with a completion mask: the mean negative log-likelihood of the
+completion (assistant) tokens of a micro-batch; prompt, system and padding tokens are masked out.
+With gradient accumulation each micro-batch's mean is divided by the number of micro-batches.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from mlxrl.data.formats import Truncation, encode_sft
+from mlxrl.errors import DataError
+from mlxrl.mlx.logprobs import per_token_logps
+from mlxrl.mlx.trainer import IndexStream, StepBatch, bucket, pad_rows
+
+
+def sft_loss(token_logps: mx.array, loss_mask: mx.array) -> mx.array:
+    """Mean NLL over the masked tokens; `token_logps`, `loss_mask` are [B, L-1]."""
+    mask = loss_mask.astype(mx.float32)
+    return -(token_logps * mask).sum() / mx.maximum(mask.sum(), 1.0)
+
+
+class SFTMethod:
+    name = "sft"
+
+    def __init__(self, cfg, loaded, dataset, log=print):
+        self.model = loaded.model
+        self.training = cfg.training
+        truncation = Truncation(cfg.model.model_max_length or 1024)  # TRL SFTConfig.max_length
+        self.rows = []
+        for i, row in enumerate(dataset):
+            enc = truncation.sft(encode_sft(row, loaded.tokenizer, i))
+            if enc is not None:
+                self.rows.append((enc["input_ids"], enc["completion_mask"]))
+        if truncation.message():
+            log(truncation.message())
+        if not self.rows:
+            raise DataError("no SFT rows left after truncation to model.model_max_length")
+        self.stream = IndexStream(len(self.rows), self.training.seed)
+        self.accum = self.training.gradient_accumulation_steps
+
+    @property
+    def examples_per_step(self) -> int:
+        return self.training.per_device_train_batch_size * self.accum
+
+    @property
+    def dataset_size(self) -> int:
+        return len(self.rows)
+
+    @property
+    def epoch(self) -> float:
+        return self.stream.epoch
+
+    def state(self) -> dict:
+        return {"position": self.stream.position}
+
+    def loss(self, input_ids, completion_mask):
+        logps = per_token_logps(self.model, input_ids)
+        mask = completion_mask[:, 1:]
+        nll = sft_loss(logps, mask)
+        return nll / self.accum, {"num_tokens": mask.astype(mx.float32).sum()}
+
+    def next_step(self) -> StepBatch:
+        bs = self.training.per_device_train_batch_size
+        micro, tokens = [], 0
+        for _ in range(self.accum):
+            rows = [self.rows[i] for i in self.stream.take(bs)]
+            width = bucket(max(len(ids) for ids, _ in rows))
+            micro.append((pad_rows([r[0] for r in rows], width), pad_rows([r[1] for r in rows], width)))
+            tokens += sum(len(ids) for ids, _ in rows)
+        return StepBatch(micro, num_tokens=tokens)

@@ -1,0 +1,60 @@
+"""`train(cfg)` on MLX: load the model with fresh LoRA layers, the data, the method, and run."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import mlx.core as mx
+
+from mlxrl.data.loading import load_split
+from mlxrl.errors import ConfigError
+from mlxrl.mlx import model as mlx_model
+from mlxrl.mlx.trainer import Trainer, total_steps_for
+
+
+def _method_class(name: str):
+    if name == "sft":
+        from mlxrl.mlx.sft import SFTMethod
+        return SFTMethod
+    if name == "dpo":
+        from mlxrl.mlx.dpo import DPOMethod
+        return DPOMethod
+    from mlxrl.mlx.grpo import GRPOMethod
+    return GRPOMethod
+
+
+def _notes(cfg, log) -> None:
+    """One line for each setting that the MLX backend accepts but cannot honour."""
+    t = cfg.training
+    if not t.use_peft:
+        log("note: training.use_peft is false; the MLX backend trains LoRA adapters "
+            f"(r={cfg.peft.lora_r}, alpha={cfg.peft.lora_alpha}) on a frozen base")
+    if t.method == "grpo" and t.grpo.use_vllm:
+        log("note: training.grpo.use_vllm is ignored on MLX; rollouts use mlxrl's batched sampler")
+    if cfg.peft.q_lora and cfg.peft.bnb_4bit_quant_type != "fp4" or cfg.peft.llm_int8_skip_modules:
+        log(f"note: peft.q_lora uses MLX {cfg.peft.q_lora_bits}-bit affine quantization "
+            "(bitsandbytes settings do not apply)")
+    if t.enable_wandb or t.enable_mlflow:
+        log("note: W&B / MLflow logging is not built in; metrics go to metrics.jsonl")
+
+
+def train(cfg, *, quiet: bool = False, log=print) -> dict:
+    """Train per `cfg` (a `TrainConfig`); returns the final trainer state."""
+    if not cfg.model.model_name:
+        raise ConfigError("model.model_name is required")
+    if not cfg.data.train.datasets:
+        raise ConfigError("data.train.datasets is empty: name at least one dataset")
+    _notes(cfg, log)
+    mx.random.seed(cfg.training.seed)
+    loaded = mlx_model.load(cfg.model, cfg.peft, for_training=True,
+                            gradient_checkpointing=cfg.training.enable_gradient_checkpointing)
+    dataset = load_split(cfg.data.train)
+    method = _method_class(cfg.training.method)(cfg, loaded, dataset, log=log)
+    t = cfg.training
+    total = total_steps_for(t, method.examples_per_step, method.dataset_size)
+    trainable, params = mlx_model.trainable_count(loaded.model)
+    log(f"mlxrl {t.method} on MLX: {loaded.base_name}, {trainable:,} trainable of {params:,} "
+        f"parameters, {method.dataset_size} examples, {total} steps -> {t.output_dir}")
+    extra = {"method": t.method, "config": dataclasses.asdict(cfg)}
+    adapter_config = mlx_model.adapter_config_for(loaded, extra)
+    return Trainer(cfg, loaded, method, adapter_config, total, quiet=quiet).run()
