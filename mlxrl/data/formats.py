@@ -151,7 +151,9 @@ def _encode_messages(tok, row: dict, messages: list[dict], index: int | None):
         if message.get("role") != "assistant":
             continue
         start = len(_template(tok, row, messages[:i], add_generation_prompt=True)) if i else 0
-        stop = len(_template(tok, row, messages[: i + 1], add_generation_prompt=False))
+        upto = _template(tok, row, messages[: i + 1], add_generation_prompt=False)
+        _split_completion(upto, full)  # warns once if earlier turns render differently later
+        stop = len(upto)
         segment = full[start:stop]
         last = max((j for j, t in enumerate(segment) if t in ends), default=len(segment) - 1)
         for j in range(start, start + last + 1):
