@@ -165,6 +165,7 @@ def mlx_loss_fn(batch, **kwargs):
     options = dict(
         epsilon=EPS, epsilon_high=EPS_HIGH, max_completion_length=MAX_LEN, grad_accum=GRAD_ACCUM
     )
+    ref = kwargs.pop("ref", ref)
     options.update(kwargs)
     return lambda logps: grpo_loss(logps, old, ref, adv, mask, **options)
 
@@ -350,6 +351,7 @@ def test_compiles_without_host_syncs(batch):
         ({"loss_type": "ppo"}, "valid: grpo, bnpo, dr_grpo, dapo"),
         ({"importance_sampling_level": "none"}, "valid: token, sequence"),
         ({"loss_type": "dr_grpo", "max_completion_length": None}, "max_completion_length"),
+        ({"beta": 0.1, "ref": None}, "ref_logps"),
     ],
 )
 def test_bad_arguments_raise_value_error(batch, kwargs, message):

@@ -154,7 +154,7 @@ def _row_fractions(flags: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]
 
 
 def clip_metrics(
-    coef_1: mx.array, advantages: mx.array, mask: mx.array, epsilon_low: float, epsilon_high: float
+    ratio: mx.array, advantages: mx.array, mask: mx.array, epsilon_low: float, epsilon_high: float
 ) -> dict[str, mx.array]:
     """TRL's `clip_ratio/*` metrics: how often the clipped term was the one in effect.
 
@@ -162,8 +162,8 @@ def clip_metrics(
     `_mean`s are token-weighted; `low_min` / `high_max` are the min / max over rows of the per-row
     fraction (rows without tokens skipped, NaN when there are none).
     """
-    low = ((coef_1 < 1 - epsilon_low) & (advantages < 0)).astype(mx.float32)
-    high = ((coef_1 > 1 + epsilon_high) & (advantages > 0)).astype(mx.float32)
+    low = ((ratio < 1 - epsilon_low) & (advantages < 0)).astype(mx.float32)
+    high = ((ratio > 1 + epsilon_high) & (advantages > 0)).astype(mx.float32)
     region = mx.maximum(low, high)
     low_rows, has_tokens = _row_fractions(low, mask)
     high_rows, _ = _row_fractions(high, mask)
@@ -216,7 +216,8 @@ def grpo_loss(
     `logps`, `old_logps`, `ref_logps` and `mask` are `[N, T]` over completion tokens (`old_logps`
     = `mx.stop_gradient(logps)` when each batch gets one update; `ref_logps` only read when
     `beta != 0`); `advantages` is `[N]`. `num_items_in_batch` (dapo) is the number of loss tokens
-    of the whole accumulation window, default this micro-batch's. `delta` is TRL's two-sided
+    of the whole accumulation window, default this micro-batch's (TRL: the generation batch's
+    count times grad_accum / steps_per_generation, equal when those two are equal, its default). `delta` is TRL's two-sided
     clip (ratio capped at `delta`); `use_bias_correction_kl` multiplies the k3 term by the ratio
     (TRL's DeepSeek-V3.2 option). Returns `(scalar loss, metrics)`.
     """
@@ -224,6 +225,8 @@ def grpo_loss(
     log_weights_of = _lookup(
         IMPORTANCE_SAMPLING_LEVELS, importance_sampling_level, "importance_sampling_level"
     )
+    if beta != 0.0 and ref_logps is None:
+        raise ValueError("GRPO with beta != 0 needs ref_logps")
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
     mask = mask.astype(mx.float32)
     advantages = advantages.astype(mx.float32)[:, None]
