@@ -249,6 +249,62 @@ def _pair_rows(pair: dict) -> tuple:
     return tuple(out)
 
 
+def encode_pairs(dataset, tokenizer, max_length: int, log=print) -> list[tuple]:
+    truncation = Truncation(max_length)
+    pairs = []
+    for i, row in enumerate(dataset):
+        pair = truncation.preference(encode_preference(row, tokenizer, i))
+        if pair is not None:
+            pairs.append(_pair_rows(pair))
+    if truncation.message():
+        log(truncation.message())
+    if not pairs:
+        raise DataError("no preference pairs left after truncation to model.model_max_length")
+    return pairs
+
+
+def pair_arrays(pairs: list[tuple]) -> tuple[mx.array, mx.array, int]:
+    """[chosen...; rejected...] token rows and completion masks, right-padded to a bucket."""
+    rows = [p[0] for p in pairs] + [p[2] for p in pairs]
+    masks = [p[1] for p in pairs] + [p[3] for p in pairs]
+    width = bucket(max(len(r) for r in rows))
+    return pad_rows(rows, width), pad_rows(masks, width), sum(len(r) for r in rows)
+
+
+def settings_loss(settings, logps, ref_logps, mask):
+    """`dpo_loss` on [chosen; rejected] sequence log-probs with the run's DPO settings."""
+    lengths = mask[:, 1:].sum(axis=-1).astype(mx.float32)
+    pc, pr = mx.split(logps, 2)
+    rc, rr = mx.split(ref_logps, 2)
+    lc, lr = mx.split(lengths, 2)
+    return dpo_loss(pc, pr, rc, rr, beta=settings.beta, loss_type=settings.loss_type,
+                    loss_weights=settings.loss_weights, label_smoothing=settings.label_smoothing,
+                    chosen_lengths=lc, rejected_lengths=lr)
+
+
+def reference_logps(model, input_ids, mask) -> mx.array:
+    """Summed completion log-probs with the adapters off (the reference policy)."""
+    with adapters_disabled(model):
+        logps = sequence_logps(model, input_ids, mask)
+    mx.eval(logps)
+    return logps
+
+
+def preference_eval(model, tokenizer, dataset, settings, batch_size: int = 8) -> dict[str, float]:
+    """TRL's DPO metrics (and loss) over a whole held-out dataset, policy vs adapter-off ref."""
+    pairs = encode_pairs(dataset, tokenizer, settings.max_length)
+    totals: dict[str, float] = {}
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        ids, mask, _ = pair_arrays(chunk)
+        ref = reference_logps(model, ids, mask)
+        logps = sequence_logps(model, ids, mask)
+        loss, metrics = settings_loss(settings, logps, ref, mask)
+        for k, v in {"loss": loss, **metrics}.items():
+            totals[k] = totals.get(k, 0.0) + float(v) * len(chunk)
+    return {k: v / len(pairs) for k, v in totals.items()} | {"num_pairs": len(pairs)}
+
+
 class DPOMethod:
     name = "dpo"
 
@@ -256,16 +312,7 @@ class DPOMethod:
         self.model, self.training = loaded.model, cfg.training
         self.settings = cfg.dpo_settings()
         _weighted_loss_types(self.settings.loss_type, self.settings.loss_weights)  # fail early
-        truncation = Truncation(self.settings.max_length)
-        self.pairs = []
-        for i, row in enumerate(dataset):
-            pair = truncation.preference(encode_preference(row, loaded.tokenizer, i))
-            if pair is not None:
-                self.pairs.append(_pair_rows(pair))
-        if truncation.message():
-            log(truncation.message())
-        if not self.pairs:
-            raise DataError("no preference pairs left after truncation to model.model_max_length")
+        self.pairs = encode_pairs(dataset, loaded.tokenizer, self.settings.max_length, log)
         self.accum = self.training.gradient_accumulation_steps
         self.stream = IndexStream(len(self.pairs), self.training.seed)
         self.ref_cache = self._precompute_reference() if self.settings.precompute_ref_log_probs else None
@@ -278,17 +325,7 @@ class DPOMethod:
         return {"position": self.stream.position}
 
     def _arrays(self, indices: list[int]):
-        pairs = [self.pairs[i] for i in indices]
-        rows = [p[0] for p in pairs] + [p[2] for p in pairs]
-        masks = [p[1] for p in pairs] + [p[3] for p in pairs]
-        width = bucket(max(len(r) for r in rows))
-        return pad_rows(rows, width), pad_rows(masks, width), sum(len(r) for r in rows)
-
-    def _reference_logps(self, input_ids, mask) -> mx.array:
-        with adapters_disabled(self.model):
-            logps = sequence_logps(self.model, input_ids, mask)
-        mx.eval(logps)
-        return logps
+        return pair_arrays([self.pairs[i] for i in indices])
 
     def _precompute_reference(self) -> list[tuple[float, float]]:
         batch = self.training.per_device_train_batch_size
@@ -296,21 +333,14 @@ class DPOMethod:
         for start in range(0, len(self.pairs), batch):
             indices = list(range(start, min(start + batch, len(self.pairs))))
             ids, mask, _ = self._arrays(indices)
-            logps = self._reference_logps(ids, mask).tolist()
+            logps = reference_logps(self.model, ids, mask).tolist()
             n = len(indices)
             cache += list(zip(logps[:n], logps[n:]))
         return cache
 
     def loss(self, input_ids, mask, ref_logps):
         logps = sequence_logps(self.model, input_ids, mask)
-        lengths = mask[:, 1:].sum(axis=-1).astype(mx.float32)
-        pc, pr = mx.split(logps, 2)
-        rc, rr = mx.split(ref_logps, 2)
-        lc, lr = mx.split(lengths, 2)
-        s = self.settings
-        loss, metrics = dpo_loss(pc, pr, rc, rr, beta=s.beta, loss_type=s.loss_type,
-                                 loss_weights=s.loss_weights, label_smoothing=s.label_smoothing,
-                                 chosen_lengths=lc, rejected_lengths=lr)
+        loss, metrics = settings_loss(self.settings, logps, ref_logps, mask)
         return loss / self.accum, metrics
 
     def next_step(self):
@@ -322,7 +352,7 @@ class DPOMethod:
                 cached = [self.ref_cache[i] for i in indices]
                 ref = mx.array([c[0] for c in cached] + [c[1] for c in cached])
             else:
-                ref = self._reference_logps(ids, mask)
+                ref = reference_logps(self.model, ids, mask)
             micro.append((ids, mask, ref))
             tokens += n
         return StepBatch(micro, num_tokens=tokens)

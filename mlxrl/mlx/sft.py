@@ -59,7 +59,7 @@ class SFTMethod:
         logps = per_token_logps(self.model, input_ids)
         mask = completion_mask[:, 1:]
         nll = sft_loss(logps, mask)
-        return nll / self.accum, {"num_tokens": mask.astype(mx.float32).sum()}
+        return nll / self.accum, {}
 
     def next_step(self) -> StepBatch:
         bs = self.training.per_device_train_batch_size
