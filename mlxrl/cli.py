@@ -73,8 +73,11 @@ def train(ctx, config_path, backend, quiet, debug):
     Checkpoints go to training.output_dir/checkpoint-<step>, the final adapter to
     training.output_dir, metrics to training.output_dir/metrics.jsonl.
     """
+    import datasets
+
     from mlxrl.config import load_config
 
+    datasets.disable_progress_bars()
     cfg = load_config(config_path, list(ctx.args))
     if pick_backend(backend) == "mlx":
         from mlxrl.mlx.train import train as mlx_train
