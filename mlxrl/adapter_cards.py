@@ -1,0 +1,56 @@
+"""Model cards (README.md) for exported adapters and fused models: base model, method, config."""
+
+from __future__ import annotations
+
+import yaml
+
+_USAGE = {
+    "adapter": """```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+base = AutoModelForCausalLM.from_pretrained("{load_base}")
+model = PeftModel.from_pretrained(base, "<this repo or folder>")
+```""",
+    "fused": """```python
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("<this repo or folder>")
+```""",
+    "mlx": """```python
+from mlx_lm import load
+
+model, tokenizer = load("<this repo or folder>")
+```""",
+}
+
+
+def model_card(kind: str, base_name: str, load_base: str, mlxrl_block: dict,
+               notes: list[str]) -> str:
+    """`kind`: "adapter" (PEFT), "fused" (transformers) or "mlx" (MLX-quantized fused model)."""
+    method = mlxrl_block.get("method") or "unknown"
+    library = {"adapter": "peft", "fused": "transformers", "mlx": "mlx"}[kind]
+    front = {"base_model": base_name, "library_name": library,
+             "tags": ["mlxrl", "lora", str(method)]}
+    what = {"adapter": "A LoRA adapter (Hugging Face PEFT format)",
+            "fused": "A LoRA adapter merged into its base model",
+            "mlx": "A LoRA adapter merged into its MLX-quantized base model"}[kind]
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# {what}", "", f"Trained with mlxrl by **{method}** on base model `{base_name}`.", "", "## Use", "",
+             _USAGE[kind].replace("{load_base}", load_base), ""]
+    if load_base != base_name:
+        lines += [f"Load it on `{load_base}`: the adapter was trained on a quantized base and is "
+                  f"exact on its dequantized weights (the original `{base_name}` is only close). "
+                  "From the hub: `AutoModelForCausalLM.from_pretrained(repo, "
+                  "subfolder=\"dequantized_base\")`.", ""]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    if mlxrl_block.get("quantization"):
+        q = mlxrl_block["quantization"]
+        lines += [f"Base quantization during training: MLX affine, {q.get('bits')} bits, "
+                  f"group size {q.get('group_size')}.", ""]
+    config = mlxrl_block.get("config")
+    if config:
+        lines += ["## Training config", "", "```yaml",
+                  yaml.safe_dump(config, sort_keys=False).strip(), "```", ""]
+    return "\n".join(lines)
