@@ -21,12 +21,21 @@ the default aggregation is `dapo` (token mean over the window) rather than the p
 per-sequence mean (`grpo`); `scale_rewards="none"` drops the std division (Dr. GRPO).
 """
 
+import json
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
+
+from mlxrl.data.formats import encode_prompt, unwrap
+from mlxrl.errors import ConfigError
+from mlxrl.mlx.logprobs import per_token_logps
+from mlxrl.mlx.model import adapters_disabled
+from mlxrl.mlx.trainer import IndexStream, StepBatch, bucket, pad_rows
+from mlxrl.rewards import load_rewards
 
 ADVANTAGE_EPS = 1e-4
 
@@ -250,3 +259,148 @@ def grpo_loss(
     capped_ratio = mx.stop_gradient(capped_ratio)
     metrics.update(clip_metrics(capped_ratio, advantages, mask, epsilon, epsilon_high))
     return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Training. Each optimizer step samples `batch x grad_accum / G` prompts, G completions each, with
+# the prefix-shared batched sampler; scores them with the reward functions; turns the group
+# advantages into `grad_accum` micro-batches of `per_device_train_batch_size` completions. One
+# update per rollout batch, so the sampling policy's log-probs are `stop_gradient(logps)` (the
+# ratio is 1 in value, its gradient is the policy gradient), as TRL does without vLLM.
+
+
+def _completion_text(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def reward_metrics(names: list[str], scores: np.ndarray, total: np.ndarray, num_generations: int) -> dict:
+    """TRL's reward metrics: per function mean/std, the summed reward, zero-std group fraction."""
+    out = {}
+    for j, name in enumerate(names):
+        column = scores[:, j]
+        out[f"rewards/{name}/mean"] = float(np.nanmean(column)) if np.isfinite(column).any() else float("nan")
+        out[f"rewards/{name}/std"] = float(np.nanstd(column, ddof=1)) if np.isfinite(column).sum() > 1 else 0.0
+    out["reward"] = float(np.nanmean(total))
+    out["reward_std"] = float(np.nanstd(total, ddof=1)) if len(total) > 1 else 0.0
+    group_std = np.nanstd(total.reshape(-1, num_generations), axis=1, ddof=1)
+    out["frac_reward_zero_std"] = float(np.mean(np.isclose(group_std, 0.0)))
+    return out
+
+
+def completion_metrics(lengths: np.ndarray, finished: np.ndarray) -> dict:
+    terminated = lengths[finished]
+    return {
+        "completions/mean_length": float(lengths.mean()),
+        "completions/min_length": float(lengths.min()),
+        "completions/max_length": float(lengths.max()),
+        "completions/clipped_ratio": float(1.0 - finished.mean()),
+        "completions/mean_terminated_length": float(terminated.mean()) if len(terminated) else 0.0,
+    }
+
+
+class GRPOMethod:
+    name = "grpo"
+
+    def __init__(self, cfg, loaded, dataset, log=print):
+        self.model, self.training = loaded.model, cfg.training
+        self.settings = s = cfg.grpo_settings()
+        if not self.training.reward_functions:
+            raise ConfigError("GRPO needs training.reward_functions (e.g. [count_letters])")
+        self.rewards = load_rewards(self.training.reward_functions, self.training.reward_function_kwargs,
+                                    weights=s.reward_weights)
+        self.tokenizer = unwrap(loaded.tokenizer)
+        self.eos_ids = sorted(loaded.tokenizer.eos_token_ids)
+        self.rows = [dict(row) for row in dataset]
+        self.prompt_ids = [encode_prompt(row, loaded.tokenizer, i) for i, row in enumerate(self.rows)]
+        self.accum = self.training.gradient_accumulation_steps
+        completions = self.training.per_device_train_batch_size * self.accum
+        self.prompts_per_step = completions // s.num_generations
+        self.stream = IndexStream(len(self.rows), self.training.seed)
+        self.step_count = 0
+        self.completions_log = Path(self.training.output_dir) / "completions.jsonl" if s.log_completions else None
+
+    examples_per_step = property(lambda self: self.prompts_per_step)
+    dataset_size = property(lambda self: len(self.rows))
+    epoch = property(lambda self: self.stream.epoch)
+
+    def state(self) -> dict:
+        return {"position": self.stream.position, "step_count": self.step_count}
+
+    def loss(self, input_ids, mask, advantages, ref_logps, num_items):
+        s = self.settings
+        logps = per_token_logps(self.model, input_ids, s.temperature)
+        ref = ref_logps if s.beta != 0.0 else None
+        return grpo_loss(logps, mx.stop_gradient(logps), ref, advantages, mask[:, 1:],
+                         beta=s.beta, epsilon=s.epsilon, epsilon_high=s.epsilon_high,
+                         loss_type=s.loss_type, importance_sampling_level=s.importance_sampling_level,
+                         max_completion_length=s.max_completion_length, num_items_in_batch=num_items,
+                         grad_accum=self.accum)
+
+    def _rollout(self, indices: list[int]):
+        from mlxrl.mlx.sampling import sample
+
+        s = self.settings
+        self.model.eval()
+        try:
+            rollout = sample(self.model, [self.prompt_ids[i] for i in indices], num_generations=s.num_generations,
+                             max_tokens=s.max_completion_length, temperature=s.temperature, top_p=s.top_p,
+                             top_k=s.top_k, min_p=s.min_p, eos_token_ids=self.eos_ids,
+                             seed=self.training.seed * 100_003 + self.step_count)
+        finally:
+            self.model.train()
+        return rollout
+
+    def _score(self, indices: list[int], completion_ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        G = self.settings.num_generations
+        rows = [self.rows[i] for i in indices for _ in range(G)]
+        texts = [_completion_text(self.tokenizer, ids) for ids in completion_ids]
+        conversational = isinstance(rows[0]["prompt"], list)
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+        columns = {k: [r[k] for r in rows] for k in rows[0] if k not in ("prompt", "completion")}
+        scores = self.rewards.score([r["prompt"] for r in rows], completions, completion_ids, columns)
+        if self.completions_log is not None:
+            self._log_completions(rows, texts, scores)
+        return scores, self.rewards.total(scores)
+
+    def _log_completions(self, rows, texts, scores) -> None:
+        with open(self.completions_log, "a") as f:
+            for row, text, score in zip(rows, texts, scores):
+                record = {"step": self.step_count, "prompt": row["prompt"], "completion": text,
+                          "rewards": dict(zip(self.rewards.names, map(float, score)))}
+                f.write(json.dumps(record) + "\n")
+
+    def next_step(self) -> StepBatch:
+        s = self.settings
+        indices = self.stream.take(self.prompts_per_step)
+        rollout = self._rollout(indices)
+        self.step_count += 1
+        lengths, finished = np.asarray(rollout.lengths), np.asarray(rollout.finished)
+        completion_ids = [rollout.tokens[i, :lengths[i]].tolist() for i in range(len(lengths))]
+        scores, total = self._score(indices, completion_ids)
+        advantages = group_advantages(total, s.num_generations, s.scale_rewards)
+        prompts = [self.prompt_ids[indices[int(p)]] for p in rollout.prompt_index]
+        rows = [p + c for p, c in zip(prompts, completion_ids)]
+        masks = [[0] * len(p) + [int(finished[i] or not s.mask_truncated_completions)] * len(c)
+                 for i, (p, c) in enumerate(zip(prompts, completion_ids))]
+        num_items = mx.array(float(sum(map(sum, masks))))
+        micro = self._micro_batches(rows, masks, advantages, num_items)
+        metrics = reward_metrics(self.rewards.names, scores, total, s.num_generations)
+        metrics.update(completion_metrics(lengths, finished))
+        metrics["rollout_tokens_per_second"] = float(rollout.tokens_per_second)
+        return StepBatch(micro, metrics, num_tokens=sum(map(len, rows)))
+
+    def _micro_batches(self, rows, masks, advantages, num_items) -> list[tuple]:
+        bs = self.training.per_device_train_batch_size
+        width = bucket(max(map(len, rows)))
+        micro = []
+        for start in range(0, len(rows), bs):
+            ids = pad_rows(rows[start:start + bs], width)
+            mask = pad_rows(masks[start:start + bs], width)
+            if self.settings.beta != 0.0:
+                with adapters_disabled(self.model):
+                    ref = per_token_logps(self.model, ids, self.settings.temperature)
+                mx.eval(ref)
+            else:
+                ref = mx.zeros((ids.shape[0], width - 1))
+            micro.append((ids, mask, mx.array(advantages[start:start + bs]), ref, num_items))
+        return micro
