@@ -139,5 +139,19 @@ def make_letter_count(output, n, seed, debug=False):
     click.echo(f"wrote {n} rows to {path}")
 
 
+def _register_commands() -> None:
+    """Commands that live in their own modules (each module has `register(main)`)."""
+    import importlib
+
+    for module in ("mlxrl.cli_adapters", "mlxrl.cli_infer"):
+        try:
+            importlib.import_module(module).register(main)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+
+
+_register_commands()
+
 if __name__ == "__main__":
     main()
