@@ -25,6 +25,10 @@ class AdapterError(MlxrlError):
     """An adapter or model that cannot be converted exactly, or a failed export/import/upload."""
 
 
+class AdapterNote(UserWarning):
+    """Something the user should know about a conversion that still went through."""
+
+
 class ArchMap:
     """Architectures whose mlx-lm weights are transformers' weights under the same names."""
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlxrl.adapter_maps import LAYER_PATH, AdapterError, arch_map, from_hf, to_hf
+from mlxrl.adapter_maps import LAYER_PATH, AdapterError, AdapterNote, arch_map, from_hf, to_hf
 from mlxrl.mlx.model import ADAPTER_CONFIG, ADAPTER_FILE, local_model_path, resolve_model
 
-__all__ = ["AdapterError", "export_peft", "import_peft", "fuse", "push_to_hub"]
+__all__ = ["AdapterError", "AdapterNote", "export_peft", "import_peft", "fuse", "push_to_hub"]
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -111,7 +111,7 @@ def _check_modules(modules: dict[str, dict], linears: dict, rank: int, where: st
 
 def _warn(notes: list[str]) -> None:
     for note in notes:
-        warnings.warn(note, UserWarning, stacklevel=3)
+        warnings.warn(note, AdapterNote, stacklevel=3)
 
 
 # --- export --------------------------------------------------------------------------------------

@@ -310,3 +310,63 @@ def test_push_to_hub_uses_hf_api(case, monkeypatch):
 def test_push_to_hub_failure_is_one_line(case):
     with pytest.raises(AdapterError, match="push to me/x failed"):  # HF_HUB_OFFLINE=1 in tests
         adapters.push_to_hub(case("qwen2")["peft"], "me/x")
+
+
+def test_falcon_h1_notes_when_mlx_lm_and_transformers_bases_differ():
+    config = json.loads((tiny_model("falcon_h1") / "config.json").read_text())
+    assert FalconH1Map(config).notes() == []
+    notes = FalconH1Map(dict(config, key_multiplier=0.39, mlp_bias=True)).notes()
+    assert "does not fold key_multiplier (0.39)" in notes[0] and "mlp_bias" in notes[1]
+
+
+@pytest.fixture
+def cli():
+    from click.testing import CliRunner
+
+    from mlxrl.cli import main
+
+    if "export" not in main.commands:  # until mlxrl/cli.py registers them itself
+        from mlxrl.cli_adapters import register
+
+        register(main)
+    return lambda *args: CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli_help(cli):
+    for command, text in (("export", "PEFT"), ("import", "refused"), ("fuse", "dequantized")):
+        result = cli(command, "--help")
+        assert result.exit_code == 0 and text in result.output and "--output" in result.output
+    assert "--push-to-hub" in cli("fuse", "--help").output and "--base" in cli("import", "--help").output
+
+
+def test_cli_export_import_fuse_push(case, cli, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    FakeHfApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    ckpt = case("llama-qlora")["ckpt"]
+    result = cli("export", ckpt, "--format", "peft", "--output", tmp_path / "peft",
+                 "--push-to-hub", "me/a")
+    assert result.exit_code == 0, result.output
+    assert "dequantized base" in result.output and "uploaded to" in result.output
+    assert "dequantized_base" in FakeHfApi.calls[1][2]
+    result = cli("import", tmp_path / "peft", "--output", tmp_path / "back")
+    assert result.exit_code == 0 and (tmp_path / "back" / "adapters.safetensors").is_file()
+    result = cli("fuse", ckpt, "--output", tmp_path / "fused")
+    assert result.exit_code == 0 and "transformers" in result.output
+    result = cli("fuse", ckpt, "--output", tmp_path / "fq", "--quantize")
+    assert result.exit_code == 0 and "transformers cannot load it" in result.output
+
+
+def test_cli_errors_are_one_line(case, cli, tmp_path):
+    folder = _peft_folder(tmp_path, case, rank_pattern={"q_proj": 8})
+    result = cli("import", folder, "--output", tmp_path / "out")
+    assert result.exit_code == 1
+    assert result.output.startswith("error: ") and "rank_pattern" in result.output
+    assert "Traceback" not in result.output and result.output.count("\n") == 1
+
+
+def test_cli_prints_conversion_notes(case, cli, tmp_path, monkeypatch):
+    monkeypatch.setattr(FalconH1Map, "notes", lambda self: ["bases differ"])
+    result = cli("export", case("falcon_h1")["ckpt"], "--output", tmp_path / "peft")
+    assert result.exit_code == 0 and "note: bases differ" in result.output

@@ -1,0 +1,146 @@
+"""`mlxrl export`, `mlxrl import` and `mlxrl fuse`: adapters to and from Hugging Face.
+
+    mlxrl export CKPT --format peft --output DIR [--push-to-hub REPO]
+    mlxrl import DIR --output CKPT [--base MODEL]
+    mlxrl fuse CKPT --output DIR [--quantize] [--push-to-hub REPO]
+
+`register(main)` adds them to the `mlxrl` click group.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import warnings
+
+import click
+
+from mlxrl.errors import MlxrlError
+
+_DEBUG = click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+_PUSH = click.option("--push-to-hub", "repo", metavar="REPO",
+                     help="Also upload the folder to this Hugging Face repo (owner/name); "
+                          "uses your `hf auth login` token.")
+_PRIVATE = click.option("--private", is_flag=True, help="Create the hub repo as private.")
+
+
+def _friendly(fn):
+    """User errors print one line and exit 1 (`--debug` or MLXRL_DEBUG=1 shows the traceback);
+    warnings from the conversion print as `note:` lines."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = kwargs.get("debug") or os.environ.get("MLXRL_DEBUG") == "1"
+        try:
+            from mlxrl.adapter_maps import AdapterNote
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", AdapterNote)
+                result = fn(*args, **kwargs)
+            for w in caught:
+                if issubclass(w.category, AdapterNote):
+                    click.echo(f"note: {w.message}", err=True)
+                else:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            return result
+        except MlxrlError as e:
+            if debug:
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+    return wrapper
+
+
+def _push(folder, repo, private) -> None:
+    if repo:
+        from mlxrl.adapters import push_to_hub
+
+        click.echo(f"uploaded to {push_to_hub(folder, repo, private=private)}")
+
+
+@click.command("export")
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["peft"]), default="peft", show_default=True,
+              help="peft: Hugging Face PEFT (adapter_model.safetensors + adapter_config.json).")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+              help="Folder to write the adapter (and a README.md model card) to.")
+@_PUSH
+@_PRIVATE
+@_DEBUG
+@_friendly
+def export(checkpoint, fmt, output, repo, private, debug):
+    """Export an mlxrl adapter (a training output or checkpoint-N folder) for Hugging Face PEFT.
+
+    Load the result with `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE),
+    OUTPUT)`; the command prints BASE. An adapter trained on a quantized base (QLoRA) is exact
+    only on the dequantized base, which is written to OUTPUT/dequantized_base.
+    """
+    import json
+
+    from mlxrl.adapters import DEQUANTIZED_BASE, export_peft
+
+    out = export_peft(checkpoint, output)
+    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    click.echo(f"wrote a PEFT adapter to {out}")
+    if (out / DEQUANTIZED_BASE).is_dir():
+        click.echo(f"trained on a quantized base: load it on the dequantized base {base} "
+                   "(the original base is only approximate)")
+    else:
+        click.echo(f"load it on base {base}")
+    _push(out, repo, private)
+
+
+@click.command("import")
+@click.argument("peft_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+              help="Folder to write the mlxrl adapter (adapters.safetensors + adapter_config.json).")
+@click.option("--base", help="Base model (hub id or folder); default: the adapter's "
+                             "base_model_name_or_path.")
+@_DEBUG
+@_friendly
+def import_adapter(peft_dir, output, base, debug):
+    """Import a Hugging Face PEFT LoRA/DoRA adapter as an mlxrl adapter.
+
+    Use it with `--model.model_name OUTPUT` (train on from it, evaluate) or
+    `mlx_lm.load(BASE, adapter_path=OUTPUT)`. Adapters that cannot be converted exactly (per-module
+    ranks, embedding LoRA, lora_bias, modules_to_save, ...) are refused with the reason.
+    """
+    from mlxrl.adapters import import_peft
+
+    out = import_peft(peft_dir, output, base_model=base)
+    click.echo(f"wrote an mlxrl adapter to {out}")
+
+
+@click.command("fuse")
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+              help="Folder to write the merged model to.")
+@click.option("--quantize", is_flag=True,
+              help="Keep a quantized base quantized (MLX format, for mlx-lm only; re-quantizing "
+                   "may erase small adapter deltas). Default: dequantized, for transformers.")
+@_PUSH
+@_PRIVATE
+@_DEBUG
+@_friendly
+def fuse(checkpoint, output, quantize, repo, private, debug):
+    """Merge an mlxrl adapter into its base model.
+
+    The default output is a dequantized model in Hugging Face layout (transformers' tensor names,
+    config.json, tokenizer files) that `AutoModelForCausalLM.from_pretrained(OUTPUT)` loads.
+    """
+    from mlxrl.adapters import fuse as fuse_model
+
+    out = fuse_model(checkpoint, output, quantize=quantize)
+    if quantize:
+        click.echo(f"wrote an MLX-quantized merged model to {out}: load it with mlx_lm.load; "
+                   "transformers cannot load it, and re-quantizing W + dW may erase small deltas")
+    else:
+        click.echo(f"wrote the merged model to {out} (dequantized; "
+                   "transformers.AutoModelForCausalLM.from_pretrained loads it)")
+    _push(out, repo, private)
+
+
+def register(main: click.Group) -> None:
+    """Add `export`, `import` and `fuse` to the `mlxrl` command group."""
+    for command in (export, import_adapter, fuse):
+        main.add_command(command)
