@@ -22,6 +22,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlxrl.adapter_hub import model_card, push_to_hub
 from mlxrl.adapter_maps import LAYER_PATH, AdapterError, AdapterNote, arch_map, from_hf, to_hf
 from mlxrl.mlx.model import ADAPTER_CONFIG, ADAPTER_FILE, local_model_path, resolve_model
 
@@ -227,7 +228,7 @@ def import_peft(peft_dir, output_dir, base_model: str | None = None) -> Path:
     base_path, hf_config = _base(base, None if base_model else pcfg.get("revision"))
     amap = arch_map(hf_config)
     tensors = mx.load(str(weights))
-    if any(not k.startswith(PREFIX) for k in tensors):
+    if not tensors or any(not k.startswith(PREFIX) for k in tensors):
         raise AdapterError(f"{weights}: tensor names must start with {PREFIX!r}")
     leaves = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "m",
               "lora_magnitude_vector.weight": "m"}
@@ -247,7 +248,8 @@ def import_peft(peft_dir, output_dir, base_model: str | None = None) -> Path:
         "lora_parameters": {"rank": rank, "scale": scale,
                             "dropout": pcfg.get("lora_dropout", 0.0), "keys": keys},
         "model": base,
-        "mlxrl": {"base_model": base, "method": "import", "config": {"peft": pcfg}},
+        "mlxrl": {"base_model": base, "method": "import",
+                  "source": {"format": "peft", "path": str(folder), "config": pcfg}},
     }
     out.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out / ADAPTER_FILE), mlx_tensors, metadata={"format": "mlx"})
@@ -376,34 +378,6 @@ def _copy_tokenizer(base_path: Path, out: Path) -> None:
                 shutil.copy(path, out / path.name)
 
 
-# --- model cards and the hub ---------------------------------------------------------------------
-
 def _write_card(out: Path, kind: str, base_name: str, load_base: str, mlxrl_block: dict,
                 notes: list[str]) -> None:
-    from mlxrl.adapter_cards import model_card
-
     (out / "README.md").write_text(model_card(kind, base_name, load_base, mlxrl_block, notes))
-
-
-def push_to_hub(folder, repo_id: str, *, private: bool = False, token: str | None = None,
-                revision: str | None = None, commit_message: str | None = None) -> str:
-    """Create `repo_id` (if needed) and upload `folder`; returns the commit URL.
-
-    `folder` is an export or fuse output (its README.md is the model card).
-    """
-    from huggingface_hub import HfApi
-
-    folder = Path(folder)
-    if not (folder / "README.md").is_file():
-        raise AdapterError(f"{folder} has no README.md model card; push an `mlxrl export` or "
-                           "`mlxrl fuse` output")
-    api = HfApi(token=token)
-    try:
-        api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
-        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
-                                 revision=revision,
-                                 commit_message=commit_message or "Upload with mlxrl")
-    except Exception as e:  # noqa: BLE001 - hub errors come in many types; report them in one line
-        raise AdapterError(f"push to {repo_id} failed: {type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    return getattr(info, "commit_url", None) or f"{api.endpoint}/{repo_id}"

@@ -1,8 +1,12 @@
-"""Model cards (README.md) for exported adapters and fused models: base model, method, config."""
+"""Model cards (README.md) for exported adapters and fused models, and uploads to the hub."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import yaml
+
+from mlxrl.adapter_maps import AdapterError
 
 _USAGE = {
     "adapter": """```python
@@ -54,3 +58,27 @@ def model_card(kind: str, base_name: str, load_base: str, mlxrl_block: dict,
         lines += ["## Training config", "", "```yaml",
                   yaml.safe_dump(config, sort_keys=False).strip(), "```", ""]
     return "\n".join(lines)
+
+
+def push_to_hub(folder, repo_id: str, *, private: bool = False, token: str | None = None,
+                revision: str | None = None, commit_message: str | None = None) -> str:
+    """Create `repo_id` (if needed) and upload `folder`; returns the commit URL.
+
+    `folder` is an export or fuse output (its README.md is the model card).
+    """
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    if not (folder / "README.md").is_file():
+        raise AdapterError(f"{folder} has no README.md model card; push an `mlxrl export` or "
+                           "`mlxrl fuse` output")
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                                 revision=revision,
+                                 commit_message=commit_message or "Upload with mlxrl")
+    except Exception as e:  # noqa: BLE001 - hub errors come in many types; report them in one line
+        raise AdapterError(f"push to {repo_id} failed: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    return getattr(info, "commit_url", None) or f"{api.endpoint}/{repo_id}"
