@@ -8,6 +8,7 @@ transformers (+ PEFT) in float32 on the same token ids.
 import json
 
 import mlx.core as mx  # conftest.py has imported mlxrl first (OpenBLAS binding)
+import mlx_lm
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
@@ -158,8 +159,6 @@ def test_qlora_exports_against_dequantized_base(case):
 
 
 def test_fuse_quantized_keeps_mlx_quantization(case, tmp_path):
-    import mlx_lm
-
     c = case("llama-qlora")
     out = adapters.fuse(c["ckpt"], tmp_path / "q", quantize=True)
     config = json.loads((out / "config.json").read_text())
@@ -219,6 +218,8 @@ def test_adapter_made_with_peft_imports(arch, targets, layers, rslora, tmp_path)
     loaded = mlx_model.load(cfg.model)
     diff = np.abs(mlx_logits(loaded.model) - expected).max()
     assert diff < TOL, f"{arch}: PEFT -> MLX max abs diff {diff:.2e}"
+    stock, _ = mlx_lm.load(str(tiny_model(arch)), adapter_path=str(out))  # plain mlx-lm too
+    assert np.array_equal(mlx_logits(stock), mlx_logits(loaded.model))
 
 
 def _peft_folder(tmp_path, case, **config_changes):
