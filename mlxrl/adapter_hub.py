@@ -34,8 +34,9 @@ def model_card(kind: str, base_name: str, load_base: str, mlxrl_block: dict,
     """`kind`: "adapter" (PEFT), "fused" (transformers) or "mlx" (MLX-quantized fused model)."""
     method = mlxrl_block.get("method") or "unknown"
     library = {"adapter": "peft", "fused": "transformers", "mlx": "mlx"}[kind]
-    front = {"base_model": base_name, "library_name": library,
-             "tags": ["mlxrl", "lora", str(method)]}
+    front = {"library_name": library, "tags": ["mlxrl", "lora", str(method)]}
+    if _is_hub_id(base_name):  # the hub rejects local paths in base_model
+        front = {"base_model": base_name, **front}
     what = {"adapter": "A LoRA adapter (Hugging Face PEFT format)",
             "fused": "A LoRA adapter merged into its base model",
             "mlx": "A LoRA adapter merged into its MLX-quantized base model"}[kind]
@@ -58,6 +59,11 @@ def model_card(kind: str, base_name: str, load_base: str, mlxrl_block: dict,
         lines += ["## Training config", "", "```yaml",
                   yaml.safe_dump(config, sort_keys=False).strip(), "```", ""]
     return "\n".join(lines)
+
+
+def _is_hub_id(name: str) -> bool:
+    return (name.count("/") == 1 and not name.startswith((".", "/", "~"))
+            and not Path(name).expanduser().exists())
 
 
 def push_to_hub(folder, repo_id: str, *, private: bool = False, token: str | None = None,

@@ -111,7 +111,7 @@ def test_fused_model_matches_through_transformers_alone(case, name):
     config = json.loads((fused / "config.json").read_text())
     assert "quantization" not in config and "quantization_config" not in config
     assert (fused / "tokenizer.json").is_file() and (fused / "generation_config.json").is_file()
-    assert "base_model:" in (fused / "README.md").read_text()
+    assert "library_name: transformers" in (fused / "README.md").read_text()
     diff = np.abs(c["logits"] - hf_logits(fused)).max()
     assert diff < TOL, f"{name}: fused max abs diff {diff:.2e}"
 
