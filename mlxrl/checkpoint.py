@@ -34,12 +34,16 @@ def write_checkpoint(output_dir: Path, step: int, model, adapter_config: dict, o
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".tmp-checkpoint-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_adapter(model, tmp, adapter_config)
-    if optimizer is not None:
-        flat = dict(tree_flatten(optimizer.state))
-        mx.save_safetensors(str(tmp / OPTIMIZER_FILE), {k: v for k, v in flat.items() if isinstance(v, mx.array)})
-    _write_json(tmp / STATE_FILE, trainer_state)
+    try:
+        tmp.mkdir(parents=True)
+        save_adapter(model, tmp, adapter_config)
+        if optimizer is not None:
+            flat = dict(tree_flatten(optimizer.state))
+            mx.save_safetensors(str(tmp / OPTIMIZER_FILE), {k: v for k, v in flat.items() if isinstance(v, mx.array)})
+        _write_json(tmp / STATE_FILE, trainer_state)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         old = output_dir / f".old-checkpoint-{step}-{os.getpid()}"
         os.replace(final, old)

@@ -34,7 +34,7 @@ def _friendly_errors(fn):
             if debug:
                 raise
             click.echo(f"error: {e}", err=True)
-            sys.exit(1)
+            sys.exit(getattr(e, "exit_code", 1))
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
@@ -61,11 +61,14 @@ def pick_backend(requested: str) -> str:
 @click.option("-c", "--config", "config_path", type=click.Path(), help="YAML config (Oumi's schema).")
 @click.option("--backend", type=click.Choice(["auto", "mlx", "torch"]), default="auto", show_default=True,
               help="mlx: Apple's MLX (any OS); torch: PyTorch + TRL (CUDA/CPU); auto: pick the best here.")
+@click.option("--resume", is_flag=True,
+              help="Continue from the newest complete checkpoint in training.output_dir.")
+@click.option("--overwrite", is_flag=True, help="Delete another run's checkpoints in training.output_dir.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.pass_context
 @_friendly_errors
-def train(ctx, config_path, backend, quiet, debug):
+def train(ctx, config_path, backend, resume, overwrite, quiet, debug):
     """Train a LoRA adapter (SFT, DPO or GRPO, from training.trainer_type).
 
     Any config field can be overridden after the options, e.g.
@@ -79,10 +82,12 @@ def train(ctx, config_path, backend, quiet, debug):
 
     datasets.disable_progress_bars()
     cfg = load_config(config_path, list(ctx.args))
+    if resume:
+        cfg.training.try_resume_from_last_checkpoint = True
     if pick_backend(backend) == "mlx":
         from mlxrl.mlx.train import train as mlx_train
 
-        state = mlx_train(cfg, quiet=quiet, log=lambda m: click.echo(m, err=True))
+        state = mlx_train(cfg, quiet=quiet, log=lambda m: click.echo(m, err=True), overwrite=overwrite)
     click.echo(f"done: {state['global_step']} steps; adapter in {cfg.training.output_dir}", err=True)
 
 

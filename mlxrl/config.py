@@ -186,6 +186,8 @@ class TrainingParams:
     empty_device_cache_steps: int | None = None
     nccl_default_timeout_minutes: float | None = None
     label_ignore_index: int | None = None
+    # mlxrl extensions (not in Oumi's schema)
+    skip_non_finite_steps: bool = False  # skip a step with a NaN/inf loss or gradient instead of stopping
 
     def __post_init__(self):
         if self.trainer_type.upper() not in METHODS:

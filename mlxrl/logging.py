@@ -37,6 +37,14 @@ class MetricsLog:
                  if isinstance(record.get(name), float)}
         self.bar.set_postfix(shown, refresh=False)
 
+    def restore(self, history: list[dict], step: int) -> None:
+        """Resume: keep the history up to `step` and rewrite metrics.jsonl to match it."""
+        self.history = [r for r in history if r["step"] <= step]
+        with open(self.path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.history)
+        self.bar.reset(total=self.bar.total)
+        self.bar.update(step)
+
     def advance(self, steps: int = 1) -> None:
         self.bar.update(steps)
 

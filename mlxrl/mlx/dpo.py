@@ -27,7 +27,7 @@ from mlxrl.data.formats import Truncation, encode_preference
 from mlxrl.errors import DataError
 from mlxrl.mlx.logprobs import sequence_logps
 from mlxrl.mlx.model import adapters_disabled
-from mlxrl.mlx.trainer import IndexStream, StepBatch, bucket, pad_rows
+from mlxrl.mlx.trainer import IndexStream, StepBatch, StreamPosition, bucket, pad_rows
 
 
 class PairTerms(NamedTuple):
@@ -305,7 +305,7 @@ def preference_eval(model, tokenizer, dataset, settings, batch_size: int = 8) ->
     return {k: v / len(pairs) for k, v in totals.items()} | {"num_pairs": len(pairs)}
 
 
-class DPOMethod:
+class DPOMethod(StreamPosition):
     name = "dpo"
 
     def __init__(self, cfg, loaded, dataset, log=print):
@@ -319,10 +319,6 @@ class DPOMethod:
 
     examples_per_step = property(lambda self: self.training.per_device_train_batch_size * self.accum)
     dataset_size = property(lambda self: len(self.pairs))
-    epoch = property(lambda self: self.stream.epoch)
-
-    def state(self) -> dict:
-        return {"position": self.stream.position}
 
     def _arrays(self, indices: list[int]):
         return pair_arrays([self.pairs[i] for i in indices])

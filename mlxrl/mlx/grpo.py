@@ -34,7 +34,7 @@ from mlxrl.data.formats import encode_prompt, unwrap
 from mlxrl.errors import ConfigError
 from mlxrl.mlx.logprobs import per_token_logps
 from mlxrl.mlx.model import adapters_disabled
-from mlxrl.mlx.trainer import IndexStream, StepBatch, bucket, pad_rows
+from mlxrl.mlx.trainer import IndexStream, StepBatch, StreamPosition, bucket, pad_rows
 from mlxrl.rewards import load_rewards
 
 ADVANTAGE_EPS = 1e-4
@@ -298,7 +298,7 @@ def completion_metrics(lengths: np.ndarray, finished: np.ndarray) -> dict:
     }
 
 
-class GRPOMethod:
+class GRPOMethod(StreamPosition):
     name = "grpo"
 
     def __init__(self, cfg, loaded, dataset, log=print):
@@ -321,10 +321,12 @@ class GRPOMethod:
 
     examples_per_step = property(lambda self: self.prompts_per_step)
     dataset_size = property(lambda self: len(self.rows))
-    epoch = property(lambda self: self.stream.epoch)
 
     def state(self) -> dict:
         return {"position": self.stream.position, "step_count": self.step_count}
+
+    def restore(self, state: dict) -> None:
+        self.stream.position, self.step_count = state["position"], state["step_count"]
 
     def loss(self, input_ids, mask, advantages, ref_logps, num_items):
         s = self.settings

@@ -12,7 +12,7 @@ import mlx.core as mx
 from mlxrl.data.formats import Truncation, encode_sft
 from mlxrl.errors import DataError
 from mlxrl.mlx.logprobs import per_token_logps
-from mlxrl.mlx.trainer import IndexStream, StepBatch, bucket, pad_rows
+from mlxrl.mlx.trainer import IndexStream, StepBatch, StreamPosition, bucket, pad_rows
 
 
 def sft_loss(token_logps: mx.array, loss_mask: mx.array) -> mx.array:
@@ -21,7 +21,7 @@ def sft_loss(token_logps: mx.array, loss_mask: mx.array) -> mx.array:
     return -(token_logps * mask).sum() / mx.maximum(mask.sum(), 1.0)
 
 
-class SFTMethod:
+class SFTMethod(StreamPosition):
     name = "sft"
 
     def __init__(self, cfg, loaded, dataset, log=print):
@@ -47,13 +47,6 @@ class SFTMethod:
     @property
     def dataset_size(self) -> int:
         return len(self.rows)
-
-    @property
-    def epoch(self) -> float:
-        return self.stream.epoch
-
-    def state(self) -> dict:
-        return {"position": self.stream.position}
 
     def loss(self, input_ids, completion_mask):
         logps = per_token_logps(self.model, input_ids)

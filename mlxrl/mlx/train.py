@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
+from pathlib import Path
 
 import mlx.core as mx
 
+from mlxrl import checkpoint
 from mlxrl.data.loading import load_split
 from mlxrl.errors import ConfigError
 from mlxrl.mlx import model as mlx_model
@@ -38,13 +41,41 @@ def _notes(cfg, log) -> None:
         log("note: W&B / MLflow logging is not built in; metrics go to metrics.jsonl")
 
 
-def train(cfg, *, quiet: bool = False, log=print) -> dict:
-    """Train per `cfg` (a `TrainConfig`); returns the final trainer state."""
+def resume_folder(training, overwrite: bool = False) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run (refusing to mix two runs)."""
+    output_dir = Path(training.output_dir)
+    if training.resume_from_checkpoint:
+        folder = Path(training.resume_from_checkpoint)
+        if not (folder / checkpoint.STATE_FILE).is_file():
+            raise ConfigError(f"training.resume_from_checkpoint: {folder} is not a complete checkpoint")
+        return folder
+    existing = checkpoint.checkpoints(output_dir)
+    if training.try_resume_from_last_checkpoint:
+        return existing[-1] if existing else None
+    if existing and not overwrite:
+        raise ConfigError(f"{output_dir} already holds checkpoints of a run ({existing[-1].name}); "
+                          f"resume it with --resume, start over with --overwrite, or set "
+                          f"training.output_dir elsewhere")
+    if existing:
+        for folder in existing:
+            shutil.rmtree(folder)
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return None
+
+
+def train(cfg, *, quiet: bool = False, log=print, overwrite: bool = False) -> dict:
+    """Train per `cfg` (a `TrainConfig`); returns the final trainer state.
+
+    Resumes from `training.resume_from_checkpoint`, or from the newest complete checkpoint in
+    `output_dir` with `training.try_resume_from_last_checkpoint`. A fresh run refuses an
+    `output_dir` holding another run's checkpoints unless `overwrite`.
+    """
     if not cfg.model.model_name:
         raise ConfigError("model.model_name is required")
     if not cfg.data.train.datasets:
         raise ConfigError("data.train.datasets is empty: name at least one dataset")
     _notes(cfg, log)
+    resume = resume_folder(cfg.training, overwrite)
     mx.random.seed(cfg.training.seed)
     loaded = mlx_model.load(cfg.model, cfg.peft, for_training=True,
                             gradient_checkpointing=cfg.training.enable_gradient_checkpointing)
@@ -57,4 +88,8 @@ def train(cfg, *, quiet: bool = False, log=print) -> dict:
         f"parameters, {method.dataset_size} examples, {total} steps -> {t.output_dir}")
     extra = {"method": t.method, "config": dataclasses.asdict(cfg)}
     adapter_config = mlx_model.adapter_config_for(loaded, extra)
-    return Trainer(cfg, loaded, method, adapter_config, total, quiet=quiet).run()
+    trainer = Trainer(cfg, loaded, method, adapter_config, total, quiet=quiet)
+    if resume is not None:
+        trainer.restore(resume)
+        log(f"resumed from {resume} at step {trainer.step}")
+    return trainer.run()

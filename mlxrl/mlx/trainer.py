@@ -16,6 +16,8 @@ bucketed widths so the compiled function is traced for a handful of shapes only.
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -30,6 +32,7 @@ from mlx.utils import tree_map
 from mlxrl import checkpoint
 from mlxrl.errors import MlxrlError
 from mlxrl.logging import MetricsLog
+from mlxrl.mlx.model import ADAPTER_FILE
 
 
 class NonFiniteLoss(MlxrlError):
@@ -67,6 +70,20 @@ class IndexStream:
     @property
     def epoch(self) -> float:
         return self.position / self.size
+
+
+class StreamPosition:
+    """For methods that read their data through `self.stream`: epoch, and state to resume."""
+
+    @property
+    def epoch(self) -> float:
+        return self.stream.epoch
+
+    def state(self) -> dict:
+        return {"position": self.stream.position}
+
+    def restore(self, state: dict) -> None:
+        self.stream.position = state["position"]
 
 
 def bucket(length: int, multiple: int = 32) -> int:
@@ -139,6 +156,7 @@ class Trainer:
         self.log = MetricsLog(self.output_dir, total_steps, desc=f"{method.name} ", quiet=quiet)
         self.optimizer = make_optimizer(self.training, total_steps, log=self.log.write)
         self.step = 0
+        self.skipped_steps = 0
         self._sums: dict[str, float] = {}
         self._count = 0
         loss_and_grad = nn.value_and_grad(self.model, method.loss)
@@ -151,37 +169,54 @@ class Trainer:
 
         self._grad_step = grad_step
 
-    def train_step(self) -> dict:
-        started = time.perf_counter()
-        batch = self.method.next_step()
-        grads, losses, metric_sums = None, [], {}
+    def _gradients(self, batch: StepBatch):
+        """Summed gradients, summed losses and summed metrics over the micro-batches."""
+        grads, loss, metric_sums = None, mx.array(0.0), {}
         for arrays in batch.micro_batches:
-            loss, metrics, g = self._grad_step(*arrays)
+            micro_loss, metrics, g = self._grad_step(*arrays)
             grads = g if grads is None else tree_map(mx.add, grads, g)
-            losses.append(loss)
+            loss = loss + micro_loss  # each micro-batch loss is already scaled by its method
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + v
-            mx.eval(grads, losses, metric_sums)
-        grad_norm = mx.array(0.0)
-        if self.training.max_grad_norm:
-            grads, grad_norm = optim.clip_grad_norm(grads, self.training.max_grad_norm)
-        else:
-            grad_norm = optim.clip_grad_norm(grads, float("inf"))[1]
+            mx.eval(grads, loss, metric_sums)
+        return grads, loss, metric_sums
+
+    def train_step(self) -> dict | None:
+        """One optimizer step; None when a non-finite step was skipped."""
+        started = time.perf_counter()
+        # The RNG (dropout) is a function of (seed, step), so a resumed run draws the same numbers.
+        mx.random.seed(self.training.seed * 1_000_003 + self.step)
+        batch = self.method.next_step()
+        grads, loss, metric_sums = self._gradients(batch)
+        max_norm = self.training.max_grad_norm or float("inf")
+        grads, grad_norm = optim.clip_grad_norm(grads, max_norm)
+        mx.eval(grads, grad_norm)
+        loss_value, norm_value = float(loss), float(grad_norm)
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            return self._non_finite(loss_value, norm_value)
         self.optimizer.update(self.model, grads)
-        mx.eval(self.model.trainable_parameters(), self.optimizer.state, grad_norm)
-        n = len(batch.micro_batches)
-        loss_value = sum(float(x) for x in losses)  # each micro-batch loss is already scaled
-        if not math.isfinite(loss_value):
-            raise NonFiniteLoss(f"non-finite loss ({loss_value}) at step {self.step + 1}; the last "
-                                f"checkpoint in {self.output_dir} is intact (lower the learning rate?)")
+        mx.eval(self.model.trainable_parameters(), self.optimizer.state)
         elapsed = time.perf_counter() - started
-        out = {"loss": loss_value, "grad_norm": float(grad_norm)}
+        n = len(batch.micro_batches)
+        out = {"loss": loss_value, "grad_norm": norm_value}
         out.update({k: float(v) / n for k, v in metric_sums.items()})
         out.update(batch.metrics)
         out["learning_rate"] = float(self.optimizer.learning_rate)
         out["step_time"] = elapsed
         out["tokens_per_second"] = batch.num_tokens / elapsed if elapsed > 0 else 0.0
         return out
+
+    def _non_finite(self, loss_value: float, norm_value: float) -> None:
+        what = f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient'} " \
+               f"(loss {loss_value}, grad norm {norm_value}) at step {self.step + 1}"
+        if not self.training.skip_non_finite_steps:
+            kept = checkpoint.checkpoints(self.output_dir)
+            where = f"the last checkpoint ({kept[-1]}) is intact" if kept else "no checkpoint was written yet"
+            raise NonFiniteLoss(f"{what}; {where}. Lower the learning rate, or set "
+                                f"training.skip_non_finite_steps: true to skip such steps")
+        self.skipped_steps += 1
+        self.log.write(f"warning: {what}; step skipped (no update)")
+        return None
 
     def _accumulate(self, metrics: dict) -> None:
         for k, v in metrics.items():
@@ -200,30 +235,98 @@ class Trainer:
     def state(self) -> dict:
         return {"global_step": self.step, "max_steps": self.total_steps, "epoch": self.method.epoch,
                 "method": self.method.name, "data": self.method.state(),
+                "skipped_steps": self.skipped_steps,
                 "log_history": self.log.history}
 
+    def restore(self, folder: Path) -> None:
+        """Continue exactly from a checkpoint: adapter, optimizer, schedule, data order, logs
+        (the RNG follows from the step)."""
+        state = checkpoint.read_state(folder)
+        self.model.load_weights(str(folder / ADAPTER_FILE), strict=False)
+        saved = checkpoint.load_optimizer_state(folder)
+        if saved is not None:
+            self.optimizer.state = saved
+        self.optimizer.init(self.model.trainable_parameters())
+        self.method.restore(state["data"])
+        self.step = state["global_step"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.log.restore(state["log_history"], self.step)
+        mx.eval(self.model.parameters(), self.optimizer.state)
+
     def save_checkpoint(self) -> Path:
-        return checkpoint.write_checkpoint(self.output_dir, self.step, self.model, self.adapter_config,
-                                           self.optimizer, self.state())
+        try:
+            return checkpoint.write_checkpoint(self.output_dir, self.step, self.model,
+                                               self.adapter_config, self.optimizer, self.state())
+        except OSError as e:
+            kept = checkpoint.checkpoints(self.output_dir)
+            where = f"{kept[-1]} is intact" if kept else "no earlier checkpoint exists"
+            raise MlxrlError(f"could not save checkpoint-{self.step} in {self.output_dir}: "
+                             f"{e.strerror or e}; {where}") from None
 
     def run(self) -> dict:
         training = self.training
-        try:
-            while self.step < self.total_steps:
-                metrics = self.train_step()
-                self.step += 1
-                self._accumulate(metrics)
-                self.log.advance()
-                if self.step % training.logging_steps == 0 or self.step == self.total_steps \
-                        or (self.step == 1 and training.logging_first_step):
-                    self._flush()
-                if training.save_steps > 0 and self.step % training.save_steps == 0:
-                    self.save_checkpoint()
-            if training.save_final_model:
-                checkpoint.write_final(self.output_dir, self.model, self.adapter_config, self.state())
-        finally:
-            self.log.close()
+        with StopOnSignal() as stop:
+            try:
+                while self.step < self.total_steps:
+                    metrics = self.train_step()
+                    self.step += 1
+                    if metrics is not None:
+                        self._accumulate(metrics)
+                    self.log.advance()
+                    if self.step % training.logging_steps == 0 or self.step == self.total_steps \
+                            or (self.step == 1 and training.logging_first_step):
+                        self._flush()
+                    saved = training.save_steps > 0 and self.step % training.save_steps == 0
+                    if saved:
+                        self.save_checkpoint()
+                    if stop.signum is not None:
+                        self._stop(stop.signum, saved)
+                if training.save_final_model:
+                    checkpoint.write_final(self.output_dir, self.model, self.adapter_config, self.state())
+            finally:
+                self.log.close()
         return self.state()
+
+    def _stop(self, signum: int, saved: bool):
+        self._flush()
+        folder = self.output_dir / f"checkpoint-{self.step}"
+        if not saved:
+            folder = self.save_checkpoint()
+        name = signal.Signals(signum).name
+        raise TrainingInterrupted(f"{name} at step {self.step}/{self.total_steps}: saved {folder}; "
+                                  f"resume with the same command plus --resume", exit_code=128 + signum)
+
+
+class TrainingInterrupted(MlxrlError):
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopOnSignal:
+    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint after the current step and stops.
+
+    A second signal stops at once (the last complete checkpoint stays intact).
+    """
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def pad_rows(rows: list[list[int]], width: int, pad: int = 0) -> mx.array:

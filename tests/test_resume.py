@@ -1,0 +1,140 @@
+"""Reliability on MLX: exact resume after SIGKILL, atomic checkpoints, SIGINT, non-finite steps."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "configs/quickstart/data"
+
+
+def train_cmd(out, *extra):
+    return [sys.executable, "-m", "mlxrl.cli", "train", "-c", str(ROOT / "configs/quickstart/dpo.yaml"),
+            "--data.train.datasets[0].dataset_name", str(DATA / "preferences.jsonl"),
+            "--training.output_dir", str(out), "--training.max_steps", "16", "--training.save_steps", "4",
+            "--training.logging_steps", "2", "--peft.lora_dropout", "0.1", "--quiet", *extra]
+
+
+def adapter(folder):
+    return {k: np.array(v) for k, v in mx.load(str(folder / "adapters.safetensors")).items()}
+
+
+def assert_same_adapter(a, b, tol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.abs(a[k] - b[k]).max() <= tol, k
+
+
+def run_until(cmd, out, ready, timeout=120):
+    """Start training, SIGKILL it as soon as `ready(out)` holds."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready(out):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    subprocess.run(train_cmd(out), cwd=ROOT, check=True, capture_output=True, timeout=300)
+    return out
+
+
+def test_sigkill_then_resume_gives_the_same_adapter(uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    # killed right after checkpoint-4 lands, then again mid-run after checkpoint-8
+    run_until(train_cmd(out), out, lambda o: (o / "checkpoint-4").is_dir())
+    run_until(train_cmd(out, "--resume"), out, lambda o: (o / "checkpoint-8").is_dir())
+    # a save killed half-way: a temp folder and a checkpoint folder without its state file
+    (out / ".tmp-checkpoint-12-999").mkdir(exist_ok=True)
+    half = out / "checkpoint-12"
+    if not half.exists():
+        shutil.copytree(out / "checkpoint-8", half)
+        (half / "trainer_state.json").unlink()
+    proc = subprocess.run(train_cmd(out, "--resume"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed from" in proc.stderr
+    assert_same_adapter(adapter(uninterrupted), adapter(out))
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 16  # no duplicated or missing log lines
+
+
+def test_sigint_saves_and_says_how_to_resume(uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    cmd = train_cmd(out, "--training.save_steps", "100", "--training.max_steps", "400")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not (out / "metrics.jsonl").is_file():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT
+    assert "SIGINT at step" in err and "--resume" in err and "Traceback" not in err
+    saved = [p for p in out.iterdir() if p.name.startswith("checkpoint-")]
+    assert len(saved) == 1 and (saved[0] / "trainer_state.json").is_file()
+
+
+def test_output_dir_of_another_run_is_refused(uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    proc = subprocess.run(train_cmd(out), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "already holds checkpoints" in proc.stderr
+    proc = subprocess.run(train_cmd(out, "--overwrite", "--training.max_steps", "2"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == []
+
+
+def test_non_finite_loss_stops_with_checkpoint_intact(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(train_cmd(out, "--training.learning_rate", "1e30", "--training.max_grad_norm", "0",
+                                    "--training.lr_scheduler_type", "constant", "--training.warmup_steps", "0"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    line = [x for x in proc.stderr.splitlines() if x.startswith("error:")][0]
+    assert "non-finite" in line and "skip_non_finite_steps" in line
+    for folder in out.glob("checkpoint-*"):
+        weights = adapter(folder)
+        assert all(np.isfinite(v).all() for v in weights.values())
+    proc = subprocess.run(train_cmd(out, "--overwrite", "--training.learning_rate", "1e30",
+                                    "--training.max_grad_norm", "0", "--training.skip_non_finite_steps", "true",
+                                    "--training.lr_scheduler_type", "constant", "--training.warmup_steps", "0"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "step skipped" in proc.stderr
+    assert all(np.isfinite(v).all() for v in adapter(out).values())
+
+
+def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from mlxrl import checkpoint
+    from mlxrl.config import load_config
+    from mlxrl.errors import MlxrlError
+    from mlxrl.mlx.train import train
+
+    calls = {"n": 0}
+    real = checkpoint.save_adapter
+
+    def fill_up(model, folder, config):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, os.strerror(28))
+        real(model, folder, config)
+
+    monkeypatch.setattr(checkpoint, "save_adapter", fill_up)
+    cfg = load_config(ROOT / "configs/quickstart/dpo.yaml", [
+        "--data.train.datasets[0].dataset_name", str(DATA / "preferences.jsonl"),
+        "--training.output_dir", str(tmp_path), "--training.max_steps", "8", "--training.save_steps", "4"])
+    with pytest.raises(MlxrlError, match="No space left on device.*checkpoint-4 is intact"):
+        train(cfg, quiet=True, log=lambda m: None)
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-4"]
+    assert not list(tmp_path.glob(".tmp*"))
