@@ -180,7 +180,9 @@ class Builder:
         try:
             return cls(**kwargs)
         except (ValueError, TypeError) as e:
-            raise ConfigError(f"{self.where(path)}: {_dotted(path) or 'config'}: {e}") from None
+            named = [k for k in data if re.search(rf"\b{re.escape(str(k))}\b", str(e))]
+            where = self.where(path + (named[0],)) if named else self.where(path)
+            raise ConfigError(f"{where}: {_dotted(path) or 'config'}: {e}") from None
 
     def _unknown(self, key, valid: list[str], path: tuple):
         close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)

@@ -10,7 +10,7 @@ import mlx.core as mx
 
 from mlxrl import checkpoint
 from mlxrl.data.loading import load_split
-from mlxrl.errors import ConfigError
+from mlxrl.errors import ConfigError, DataError
 from mlxrl.mlx import model as mlx_model
 from mlxrl.mlx.trainer import Trainer, total_steps_for
 
@@ -79,8 +79,12 @@ def train(cfg, *, quiet: bool = False, log=print, overwrite: bool = False) -> di
     mx.random.seed(cfg.training.seed)
     loaded = mlx_model.load(cfg.model, cfg.peft, for_training=True,
                             gradient_checkpointing=cfg.training.enable_gradient_checkpointing)
-    dataset = load_split(cfg.data.train)
-    method = _method_class(cfg.training.method)(cfg, loaded, dataset, log=log)
+    dataset = load_split(cfg.data.train, where="data.train")
+    try:
+        method = _method_class(cfg.training.method)(cfg, loaded, dataset, log=log)
+    except DataError as e:
+        names = ", ".join(d.dataset_path or d.dataset_name for d in cfg.data.train.datasets)
+        raise DataError(f"data.train ({names}): {e}") from None
     t = cfg.training
     total = total_steps_for(t, method.examples_per_step, method.dataset_size)
     trainable, params = mlx_model.trainable_count(loaded.model)
