@@ -43,9 +43,9 @@ def hf_logits(model_dir, peft_dir=None) -> np.ndarray:
         return model.eval()(torch.tensor(IDS), use_cache=False).logits.numpy()
 
 
-def make_adapter(folder, arch, *, dora=False, q_lora=False, num_layers=None, seed=0):
+def make_adapter(folder, arch, *, dora=False, q_lora=False, num_layers=None, seed=0, base=None):
     """An mlxrl adapter with random lora_b in `folder`; returns (folder, loaded model)."""
-    args = ["--model.model_name", str(tiny_model(arch)), "--peft.lora_r", "4",
+    args = ["--model.model_name", str(base or tiny_model(arch)), "--peft.lora_r", "4",
             "--peft.lora_alpha", "16", "--peft.use_dora", str(dora).lower(),
             "--peft.q_lora", str(q_lora).lower(), *EXCLUDE.get(arch, [])]
     cfg = load_config(None, args)
@@ -220,6 +220,37 @@ def test_adapter_made_with_peft_imports(arch, targets, layers, rslora, tmp_path)
     assert diff < TOL, f"{arch}: PEFT -> MLX max abs diff {diff:.2e}"
     stock, _ = mlx_lm.load(str(tiny_model(arch)), adapter_path=str(out))  # plain mlx-lm too
     assert np.array_equal(mlx_logits(stock), mlx_logits(loaded.model))
+
+
+def tiny_qwen3(folder):
+    """mlxrl.testing has no qwen3: the tiny qwen2 without q/k/v biases, with q/k RMSNorms."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(tiny_model("qwen2"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"], attention_bias=False)
+    (folder / "config.json").write_text(json.dumps(config))
+    weights = load_file(str(folder / "model.safetensors"))
+    weights = {k: v for k, v in weights.items() if not k.endswith("proj.bias")}
+    rng = np.random.default_rng(1)
+    for i in range(config["num_hidden_layers"]):
+        for norm in ("q_norm", "k_norm"):
+            w = 1 + 0.1 * rng.standard_normal(config["head_dim"])
+            weights[f"model.layers.{i}.self_attn.{norm}.weight"] = w.astype(np.float32)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def test_qwen3_dora_export_and_fuse(tmp_path):
+    base = tiny_qwen3(tmp_path / "qwen3")
+    ckpt, model = make_adapter(tmp_path / "ckpt", "qwen3", dora=True, base=base)
+    logits = mlx_logits(model)
+    assert np.abs(mlx_logits(mlx_lm.load(str(base))[0]) - hf_logits(base)).max() < TOL
+    peft = adapters.export_peft(ckpt, tmp_path / "peft")
+    assert np.abs(logits - hf_logits(base, peft)).max() < TOL
+    assert np.abs(logits - hf_logits(adapters.fuse(ckpt, tmp_path / "fused"))).max() < TOL
 
 
 def _peft_folder(tmp_path, case, **config_changes):
