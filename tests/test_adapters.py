@@ -399,6 +399,7 @@ def test_cli_errors_are_one_line(case, cli, tmp_path):
 
 
 def test_cli_prints_conversion_notes(case, cli, tmp_path, monkeypatch):
+    ckpt = case("falcon_h1")["ckpt"]
     monkeypatch.setattr(FalconH1Map, "notes", lambda self: ["bases differ"])
-    result = cli("export", case("falcon_h1")["ckpt"], "--output", tmp_path / "peft")
+    result = cli("export", ckpt, "--output", tmp_path / "peft")
     assert result.exit_code == 0 and "note: bases differ" in result.output
