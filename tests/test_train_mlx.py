@@ -168,3 +168,10 @@ def test_walkthrough_dpo_config_runs_to_the_end(tmp_path):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["mlxrl"]["quantization"]["bits"] == 4
     assert sorted({k.split(".")[-1] for k in config["lora_parameters"]["keys"]}) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+
+
+def test_default_targets_are_every_exportable_linear_layer():
+    cfg = load_config(None, ["--model.model_name", "tiny://falcon_h1"])
+    keys = mlx_model.load(cfg.model, cfg.peft, for_training=True).lora["lora_parameters"]["keys"]
+    assert "mamba.in_proj" in keys and "self_attn.q_proj" in keys and "feed_forward.down_proj" in keys
+    assert "mamba.out_proj" not in keys  # PEFT cannot target it, so such an adapter could not be exported

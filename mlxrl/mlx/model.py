@@ -171,7 +171,9 @@ def lora_config(model: nn.Module, peft_params) -> dict:
     available = block_linear_names(model)
     targets = peft_params.lora_target_modules
     if targets in (None, [], "all-linear", ["all-linear"]):
-        keys = available
+        # Every linear layer, except Mamba's out_proj: PEFT cannot target it (the adapter could
+        # not be exported), and Falcon-H1 recipes elsewhere leave it out too.
+        keys = [k for k in available if not k.endswith("mamba.out_proj")]
     else:
         wanted = [targets] if isinstance(targets, str) else list(targets)
         keys = [k for k in available if k in wanted or k.split(".")[-1] in wanted]
