@@ -50,11 +50,21 @@ def main():
     """
 
 
-def pick_backend(requested: str) -> str:
-    """`auto`: MLX everywhere until the torch backend lands; `mlx` always forces MLX."""
+def pick_backend(requested: str, explain: bool = False):
+    """`mlx` always forces MLX; `torch` needs the torch extra; `auto`: MLX on Apple Silicon,
+    elsewhere torch when it is installed, else MLX. With `explain`: (backend, why)."""
+    from mlxrl.torch import auto_backend, missing_packages
+
     if requested == "torch":
-        raise MlxrlError("the torch backend is not available in this version; use --backend mlx")
-    return "mlx"
+        missing = missing_packages()
+        if missing:
+            raise MlxrlError(f"--backend torch needs {', '.join(missing)}: pip install 'mlxrl[torch]'")
+        choice = ("torch", "asked for with --backend torch")
+    elif requested == "mlx":
+        choice = ("mlx", "asked for with --backend mlx")
+    else:
+        choice = auto_backend()
+    return choice if explain else choice[0]
 
 
 @main.command(context_settings=OVERRIDES)
@@ -85,9 +95,10 @@ def train(ctx, config_path, backend, resume, overwrite, quiet, debug):
     if resume:
         cfg.training.try_resume_from_last_checkpoint = True
     if pick_backend(backend) == "mlx":
-        from mlxrl.mlx.train import train as mlx_train
-
-        state = mlx_train(cfg, quiet=quiet, log=lambda m: click.echo(m, err=True), overwrite=overwrite)
+        from mlxrl.mlx.train import train as run
+    else:
+        from mlxrl.torch.train import train as run
+    state = run(cfg, quiet=quiet, log=lambda m: click.echo(m, err=True), overwrite=overwrite)
     click.echo(f"done: {state['global_step']} steps; adapter in {cfg.training.output_dir}", err=True)
 
 
@@ -108,7 +119,7 @@ def env():
     except ImportError:
         lines.append("mlx device    (mlx not installed)")
     lines.append(f"BLAS          {_blas.status}")
-    lines.append(f"backend auto  -> {pick_backend('auto')} (the torch backend is not in this version)")
+    lines.append("backend auto  -> {} ({})".format(*pick_backend("auto", explain=True)))
     click.echo("\n".join(lines))
 
 

@@ -1,0 +1,81 @@
+"""What a torch run shows and writes, as an MLX run does: `metrics.jsonl` with the MLX loop's metric
+names and timing fields, a checkpoint only every `save_steps` (TRL's Trainer also saves at the
+last step), a log line at the last step, and mlxrl's progress bar.
+
+TRL already logs `loss`, `grad_norm`, `learning_rate`, `epoch` and each method's metrics under
+the names the MLX backend uses (`rewards/chosen`, `reward`, `completions/mean_length`, ...);
+this callback adds `step_time`, `tokens_per_second` and `peak_memory_gb`, averaged over the steps
+since the previous log line as on MLX, and keeps TRL's extra metrics (`entropy`, `num_tokens`, ...).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from mlxrl.logging import MetricsLog
+
+_SUMMARY_KEYS = ("train_runtime", "train_loss", "total_flos")
+
+
+def peak_memory_gb() -> float:
+    """Peak accelerator memory (CUDA / MPS), else the process's peak resident memory."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.mps.driver_allocated_memory() / 1e9
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss * (1 if sys.platform == "darwin" else 1024) / 1e9
+
+
+class MlxrlCallback(TrainerCallback):
+    def __init__(self, output_dir: str, save_steps: int, quiet: bool = False, desc: str = "train"):
+        self.output_dir, self.save_steps = Path(output_dir), save_steps
+        self.quiet, self.desc = quiet, desc
+        self.log: MetricsLog | None = None
+        self._started = 0.0
+        self._seconds: list[float] = []
+        self._tokens_seen = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.log = MetricsLog(self.output_dir, state.max_steps, initial_step=state.global_step,
+                                  desc=self.desc, quiet=self.quiet)
+        if state.log_history:  # resumed: count tokens from where the last log line left off
+            self._tokens_seen = float(state.log_history[-1].get("num_tokens", 0.0))
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._seconds.append(time.perf_counter() - self._started)
+        if self.log is not None:
+            self.log.advance()
+        if state.global_step >= state.max_steps:
+            control.should_log = True  # the MLX loop logs its last step
+            if self.save_steps <= 0 or state.global_step % self.save_steps:
+                control.should_save = False  # the final adapter goes to output_dir instead
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        if self.log is None or any(k in logs for k in _SUMMARY_KEYS) or "loss" not in logs:
+            return
+        seconds = sum(self._seconds)
+        steps = max(len(self._seconds), 1)
+        tokens = float(logs.get("num_tokens", self._tokens_seen))
+        new = tokens - self._tokens_seen if tokens >= self._tokens_seen else tokens  # DPO restarts its count
+        logs["step_time"] = seconds / steps
+        logs["tokens_per_second"] = new / seconds if seconds > 0 else 0.0
+        logs["peak_memory_gb"] = peak_memory_gb()
+        self._tokens_seen, self._seconds = tokens, []
+        self.log.log(state.global_step, logs)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.log is not None:
+            self.log.close()

@@ -1,0 +1,132 @@
+"""The three methods on TRL: mlxrl's token ids and reward functions handed to TRL's trainers.
+
+Both backends must see the same tokens, so the datasets are encoded by `mlxrl.data.formats`, as
+on MLX, and truncated by its `Truncation` (TRL's keep_start):
+- SFT: `input_ids` + `completion_mask` (SFTTrainer takes tokenized rows as they are);
+- DPO: `prompt_ids` / `chosen_ids` / `rejected_ids` (TRL 1.16's DPOTrainer has no path for
+  tokenized rows, so `_prepare_dataset` is overridden to keep them);
+- GRPO: TRL samples and tokenizes prompts itself through the chat template, so a plain-string
+  prompt becomes one user message (as `encode_prompt` does on MLX). `RewardBridge` turns
+  mlxrl's `RewardSet` into TRL reward functions that get what they get on MLX (plain strings
+  back for plain-string prompts) and writes `completions.jsonl` like the MLX loop.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+
+from mlxrl.data.formats import Truncation, encode_preference, encode_sft
+from mlxrl.errors import ConfigError, DataError
+from mlxrl.rewards import load_rewards
+
+TRL_REWARD_EXTRAS = ("trainer_state", "log_extra", "log_metric", "environments")
+
+
+def _encoded(rows: list[dict], what: str, truncation: Truncation, log) -> datasets.Dataset:
+    if truncation.message():
+        log(truncation.message())
+    if not rows:
+        raise DataError(f"no {what} left after truncation to model.model_max_length")
+    return datasets.Dataset.from_list(rows)
+
+
+def sft_dataset(dataset, tokenizer, max_length: int, log=print) -> datasets.Dataset:
+    truncation = Truncation(max_length)
+    rows = [truncation.sft(encode_sft(row, tokenizer, i)) for i, row in enumerate(dataset)]
+    return _encoded([r for r in rows if r is not None], "SFT rows", truncation, log)
+
+
+def dpo_dataset(dataset, tokenizer, max_length: int, log=print) -> datasets.Dataset:
+    truncation = Truncation(max_length)
+    rows = [truncation.preference(encode_preference(row, tokenizer, i)) for i, row in enumerate(dataset)]
+    return _encoded([r for r in rows if r is not None], "preference pairs", truncation, log)
+
+
+def grpo_dataset(dataset) -> tuple[datasets.Dataset, bool]:
+    """(dataset with message-list prompts, whether the prompts were plain strings)."""
+    if "prompt" not in dataset.column_names:
+        raise DataError(f"GRPO data needs a 'prompt' column (has {sorted(dataset.column_names)})")
+    plain = isinstance(dataset[0]["prompt"], str)
+    if plain:
+        dataset = dataset.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
+    return dataset, plain
+
+
+class RewardBridge:
+    """mlxrl's reward functions as TRL reward functions, called as on MLX.
+
+    TRL calls its reward functions one after another on the same batch; the first call scores
+    the batch with every function (`RewardSet.score`, so kwargs filtering, `reward_function_kwargs`
+    and errors are mlxrl's) and the others read their column.
+    """
+
+    def __init__(self, training, weights, plain_prompts: bool, log_path: Path | None = None):
+        if not training.reward_functions:
+            raise ConfigError("GRPO needs training.reward_functions (e.g. [count_letters])")
+        self.rewards = load_rewards(training.reward_functions, training.reward_function_kwargs,
+                                    weights=weights)
+        self.plain = plain_prompts
+        self.log_path = log_path
+        self._scores = None
+
+    def functions(self) -> list:
+        """One TRL reward function per mlxrl function; `__name__` names its metrics."""
+        fns = []
+        for j, name in enumerate(self.rewards.names):
+            def fn(prompts, completions, completion_ids=None, _j=j, **kwargs):
+                return self._column(_j, prompts, completions, completion_ids, kwargs)
+
+            fn.__name__ = name
+            fns.append(fn)
+        return fns
+
+    def _column(self, j: int, prompts, completions, completion_ids, kwargs) -> list:
+        if j == 0:
+            self._scores = self._score(prompts, completions, completion_ids, kwargs)
+        return [None if v != v else float(v) for v in self._scores[:, j]]
+
+    def _score(self, prompts, completions, completion_ids, kwargs):
+        if self.plain:  # give back what MLX gives: the string prompt and the completion text
+            prompts = [p[-1]["content"] for p in prompts]
+            completions = [c[0]["content"] for c in completions]
+        columns = {k: v for k, v in kwargs.items() if k not in TRL_REWARD_EXTRAS}
+        scores = self.rewards.score(prompts, completions, completion_ids, columns)
+        state = kwargs.get("trainer_state")
+        if self.log_path is not None and (state is None or state.is_world_process_zero):
+            self._log(state.global_step + 1 if state is not None else 0, prompts, completions, scores)
+        return scores
+
+    def _log(self, step: int, prompts, completions, scores) -> None:
+        with open(self.log_path, "a") as f:
+            for prompt, completion, score in zip(prompts, completions, scores):
+                text = completion if isinstance(completion, str) else completion[0]["content"]
+                record = {"step": step, "prompt": prompt, "completion": text,
+                          "rewards": dict(zip(self.rewards.names, map(float, score)))}
+                f.write(json.dumps(record) + "\n")
+
+
+def build_trainer(cfg, loaded, dataset, args, peft_config, callbacks, log=print):
+    """TRL's trainer for `cfg.training.method`, on mlxrl-encoded data."""
+    from trl import DPOTrainer, GRPOTrainer, SFTTrainer
+
+    method, tok = cfg.training.method, loaded.tokenizer
+    common = dict(model=loaded.model, args=args, processing_class=tok, callbacks=callbacks,
+                  peft_config=peft_config)
+    if method == "sft":
+        data = sft_dataset(dataset, tok, args.max_length, log)
+        return SFTTrainer(train_dataset=data, **common)
+    if method == "dpo":
+        data = dpo_dataset(dataset, tok, args.max_length, log)
+
+        class TokenizedDPOTrainer(DPOTrainer):
+            def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+                return dataset  # already templated, tokenized and truncated by mlxrl
+
+        return TokenizedDPOTrainer(train_dataset=data, **common)
+    data, plain = grpo_dataset(dataset)
+    log_path = Path(args.output_dir) / "completions.jsonl" if cfg.training.grpo.log_completions else None
+    bridge = RewardBridge(cfg.training, args.reward_weights, plain, log_path)
+    return GRPOTrainer(reward_funcs=bridge.functions(), train_dataset=data, **common)

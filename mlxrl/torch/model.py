@@ -1,0 +1,159 @@
+"""Models on PyTorch: the base and tokenizer through transformers, and the LoRA target modules.
+
+- A model name is a hub id, a local Hugging Face folder, `tiny://<arch>` (mlxrl's embedded tiny
+  model), or a PEFT adapter folder (a torch-backend checkpoint): its base is loaded and the
+  adapter trained further. An MLX adapter folder is refused with the command that converts it.
+- LoRA targets are computed from the model as on MLX: by default every linear layer inside the
+  transformer blocks (except Mamba's out_proj); named targets match the last part of a module's
+  name (`q_proj`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mlxrl.errors import ModelError
+
+TINY_SCHEME = "tiny://"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16}
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: object
+    base_name: str  # what the user named (hub id or path), recorded in the adapter config
+    peft_dir: Path | None = None  # a PEFT adapter to continue training
+
+
+def resolve(name: str) -> tuple[str, Path | None]:
+    """(base model name or folder, PEFT adapter folder or None)."""
+    if name.startswith(TINY_SCHEME):
+        from mlxrl.testing import ARCHS, tiny_model
+
+        arch = name[len(TINY_SCHEME):]
+        if arch not in ARCHS:
+            raise ModelError(f"unknown tiny model {name!r}; use one of {[TINY_SCHEME + a for a in ARCHS]}")
+        return str(tiny_model(arch)), None
+    path = Path(name).expanduser()
+    config_file = path / "adapter_config.json"
+    if not (path.is_dir() and config_file.is_file()):
+        if name.startswith((".", "/", "~")) and not path.is_dir():
+            raise ModelError(f"model folder not found: {name}")
+        return name, None
+    config = json.loads(config_file.read_text())
+    if "peft_type" not in config:
+        raise ModelError(f"{path} holds an MLX adapter; convert it for the torch backend with "
+                         f"`mlxrl export {path} --format peft --output DIR` and name DIR")
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise ModelError(f"{config_file} does not name its base model (base_model_name_or_path)")
+    return resolve(base)[0], path
+
+
+def load_tokenizer(model_params, base: str):
+    from transformers import AutoTokenizer
+
+    kwargs = dict(model_params.tokenizer_kwargs or {})
+    try:
+        tok = AutoTokenizer.from_pretrained(model_params.tokenizer_name or base,
+                                            trust_remote_code=model_params.trust_remote_code,
+                                            revision=model_params.model_revision, **kwargs)
+    except OSError as e:
+        raise ModelError(f"cannot load the tokenizer of {base}: {_first_line(e)}") from None
+    if model_params.chat_template:
+        tok.chat_template = model_params.chat_template
+    if not getattr(tok, "chat_template", None):
+        raise ModelError(f"the tokenizer of {base} has no chat template; set model.chat_template "
+                         f"to a Jinja template")
+    if model_params.tokenizer_pad_token:
+        tok.pad_token = model_params.tokenizer_pad_token
+    elif tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load(cfg, quantization=None) -> Loaded:
+    """Base model (fp32/bf16/fp16 per model.torch_dtype_str; 4/8-bit with `quantization`)."""
+    from transformers import AutoModelForCausalLM
+
+    mp = cfg.model
+    base, peft_dir = resolve(mp.model_name)
+    tokenizer = load_tokenizer(mp, base)
+    kwargs = {**(cfg.training.grpo.model_init_kwargs or {}), **(mp.model_kwargs or {})}
+    kwargs["dtype"] = "auto" if mp.torch_dtype_str == "auto" else DTYPES[mp.torch_dtype_str]
+    if mp.attn_implementation:
+        kwargs["attn_implementation"] = mp.attn_implementation
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            base, trust_remote_code=mp.trust_remote_code, revision=mp.model_revision, **kwargs)
+    except OSError as e:
+        raise ModelError(f"cannot load model {base!r}: {_first_line(e)} "
+                         f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')})") from None
+    if peft_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(peft_dir), is_trainable=True)
+    return Loaded(model, tokenizer, mp.model_name if peft_dir is None else base, peft_dir)
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(prefix, block) for each transformer block: the children of the model's `layers` list."""
+    for name, module in model.named_modules():
+        if name.split(".")[-1] in ("layers", "h", "blocks") and isinstance(module, nn.ModuleList):
+            return [(f"{name}.{i}", block) for i, block in enumerate(module)]
+    raise ModelError(f"cannot find the transformer blocks of {type(model).__name__}")
+
+
+def block_linear_names(model: nn.Module) -> list[str]:
+    """Block-relative names of the linear layers in the transformer blocks (as mlx-lm's)."""
+    names = set()
+    for _, block in _blocks(model):
+        for name, module in block.named_modules():
+            if isinstance(module, nn.Linear) or type(module).__name__.startswith("Linear"):
+                names.add(name)
+    return sorted(n for n in names if n)
+
+
+def lora_targets(model: nn.Module, peft_params) -> list[str]:
+    """PEFT `target_modules`: block-relative names, which PEFT matches as name suffixes."""
+    available = block_linear_names(model)
+    targets = peft_params.lora_target_modules
+    if targets in (None, [], "all-linear", ["all-linear"]):
+        # as on MLX: Mamba's out_proj is left out (its fused kernel reads the weight directly)
+        keys = [k for k in available if not k.endswith("mamba.out_proj")]
+    else:
+        wanted = [targets] if isinstance(targets, str) else list(targets)
+        keys = [k for k in available if k in wanted or k.split(".")[-1] in wanted]
+        missing = [t for t in wanted if not any(k == t or k.split(".")[-1] == t for k in available)]
+        if missing:
+            short = sorted({k.split(".")[-1] for k in available})
+            raise ModelError(f"peft.lora_target_modules {missing} not found in the model; "
+                             f"its linear layers are {short}")
+    if peft_params.lora_exclude_modules:
+        keys = [k for k in keys if k.split(".")[-1] not in peft_params.lora_exclude_modules]
+    return keys
+
+
+def device_kind() -> str:
+    """'cuda', 'mps' or 'cpu': where TRL's Trainer will place the model."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"

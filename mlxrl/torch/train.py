@@ -1,0 +1,160 @@
+"""`train(cfg)` on PyTorch/TRL: the same config, data, rewards and output layout as on MLX.
+
+    output_dir/
+      checkpoint-<step>/   adapter_model.safetensors, adapter_config.json (PEFT), trainer_state.json,
+                           plus TRL's optimizer / scheduler / RNG state for an exact resume
+      adapter_model.safetensors, adapter_config.json, trainer_state.json   (the final adapter)
+      metrics.jsonl        (completions.jsonl for GRPO with training.grpo.log_completions)
+
+Under `accelerate launch -m mlxrl.cli train ...` this runs TRL's own distributed path: each
+process loads the model and data, TRL shards the batches, only the main process writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+from mlxrl.data.loading import load_split
+from mlxrl.errors import ConfigError
+from mlxrl.torch import methods, translate
+from mlxrl.torch import model as torch_model
+from mlxrl.torch.callbacks import MlxrlCallback
+
+STATE_FILE = "trainer_state.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (with trainer_state.json), oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir()
+             if (m := _CHECKPOINT.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def resume_folder(training, overwrite: bool = False) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run (the MLX backend's rules)."""
+    output_dir = Path(training.output_dir)
+    if training.resume_from_checkpoint:
+        folder = Path(training.resume_from_checkpoint)
+        if not (folder / STATE_FILE).is_file():
+            raise ConfigError(f"training.resume_from_checkpoint: {folder} is not a complete checkpoint")
+        return folder
+    existing = checkpoints(output_dir)
+    if training.try_resume_from_last_checkpoint:
+        return existing[-1] if existing else None
+    if existing and not overwrite:
+        raise ConfigError(f"{output_dir} already holds checkpoints of a run ({existing[-1].name}); "
+                          f"resume it with --resume, start over with --overwrite, or set "
+                          f"training.output_dir elsewhere")
+    if existing and is_main_process():
+        for folder in existing:
+            shutil.rmtree(folder)
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return None
+
+
+def trl_args(cfg, loaded, device: str, use_vllm: bool, log):
+    """TRL's config for this run (translate.py does the field-by-field work)."""
+    dtype = str(getattr(loaded.model, "dtype", "float32")).removeprefix("torch.")
+    bf16, fp16 = translate.precision(cfg, dtype, device, log)
+    common = translate.common_fields(cfg, bf16, fp16, device, log)
+    method = cfg.training.method
+    if method == "sft":
+        return translate.sft_config(cfg, common)
+    if method == "dpo":
+        return translate.dpo_config(cfg, common)
+    return translate.grpo_config(cfg, common, use_vllm)
+
+
+def _quiet_library_noise() -> None:
+    """transformers 5 deprecates the `gradient_checkpointing` names TRL still uses; its weight-
+    loading bar would sit above mlxrl's. Neither is something a user can act on."""
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6.*",
+                            category=FutureWarning)
+    hf_logging.disable_progress_bar()
+
+
+def build(cfg, *, quiet: bool = False, log=print):
+    """(trainer, loaded model) for `cfg`, ready to `train()`; the notes are logged here."""
+    _quiet_library_noise()
+    device = torch_model.device_kind()
+    translate.notes(cfg, log)
+    quantization = translate.quantization_config(cfg.peft, device, log)
+    use_vllm = translate.vllm_choice(cfg, device, log)
+    loaded = torch_model.load(cfg, quantization)
+    args = trl_args(cfg, loaded, device, use_vllm, log)
+    peft_config = None
+    if loaded.peft_dir is None:  # a PEFT folder brings its own adapter
+        targets = torch_model.lora_targets(loaded.model, cfg.peft)
+        peft_config = translate.lora_config(cfg.peft, targets)
+    dataset = load_split(cfg.data.train)
+    t = cfg.training
+    callback = MlxrlCallback(t.output_dir, t.save_steps, quiet=quiet, desc=f"{t.method} ")
+    trainer = methods.build_trainer(cfg, loaded, dataset, args, peft_config, [callback], log)
+    _use_mlxrl_bar(trainer)
+    return trainer, loaded, device
+
+
+def _use_mlxrl_bar(trainer) -> None:
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+
+
+def _parameter_counts(model) -> tuple[int, int]:
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def _steps_text(training) -> str:
+    if training.max_steps > 0:
+        return f"{training.max_steps} steps"
+    return f"{training.num_train_epochs} epochs"
+
+
+def write_state(trainer, method: str) -> dict:
+    """output_dir/trainer_state.json: TRL's state plus the method and backend; returned as a dict."""
+    state = dataclasses.asdict(trainer.state)
+    state.update({"method": method, "backend": "torch"})
+    if trainer.is_world_process_zero():
+        path = Path(trainer.args.output_dir) / STATE_FILE
+        path.write_text(json.dumps(state, indent=2))
+    return state
+
+
+def train(cfg, *, quiet: bool = False, log=print, overwrite: bool = False) -> dict:
+    """Train per `cfg` (a `TrainConfig`) with TRL; returns the final trainer state."""
+    if not cfg.model.model_name:
+        raise ConfigError("model.model_name is required")
+    if not cfg.data.train.datasets:
+        raise ConfigError("data.train.datasets is empty: name at least one dataset")
+    if not is_main_process():
+        log = lambda message: None  # noqa: E731  (one copy of each line, from the main process)
+    t = cfg.training
+    resume = resume_folder(t, overwrite)
+    trainer, loaded, device = build(cfg, quiet=quiet, log=log)
+    trainable, params = _parameter_counts(trainer.model)
+    log(f"mlxrl {t.method} on torch ({device}): {loaded.base_name}, {trainable:,} trainable of "
+        f"{params:,} parameters, {len(trainer.train_dataset)} examples, {_steps_text(t)} "
+        f"-> {t.output_dir}")
+    if resume is not None:
+        log(f"resuming from {resume}")
+    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    if t.save_final_model:
+        trainer.save_model(t.output_dir)
+    return write_state(trainer, t.method)
