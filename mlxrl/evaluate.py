@@ -1,0 +1,359 @@
+"""Evaluation after training: letter counting, preference accuracy, mean rewards.
+
+    mlxrl eval --model.model_name output/learn_grpo/checkpoint-30            # letter_count
+    mlxrl eval --model.model_name output/learn_dpo --task preference --dataset pairs.jsonl
+    mlxrl eval --model.model_name CKPT --task reward --reward count_letters --output DIR
+
+Tasks (`--task`, or `tasks:` in a config, Oumi's `EvaluationConfig` shape):
+- `letter_count` (Oumi's `count_letters`): greedy answers to letter-count prompts (with the
+  `\\boxed{}` system prompt); an answer is exactly one `\\boxed{int}`. Metrics, as Oumi's:
+  `accuracy` = correct / all, `properly_extracted_accuracy` = correct / parsed (0 if none),
+  `num_samples`, `num_correct_answers`, `num_incorrect_answers`, `num_invalid_answers`.
+- `preference`: on held-out pairs, the policy against its adapter-off reference (TRL's DPO
+  metrics): `preference_accuracy` (pairs whose chosen reward beats the rejected one),
+  `mean_reward_margin`, `mean_reward_chosen`, `mean_reward_rejected`, `loss`, `num_pairs`.
+- `reward`: the mean (and std) of each reward function over the model's answers to the prompts.
+
+Datasets: a hub name or a local file (`--dataset`, `--split`); raw letter-count rows are
+transformed. Without one, a generated held-out set (seed 1234) is used, so eval runs offline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlxrl.config import DatasetParams, GenerationParams, ModelParams, load_config
+from mlxrl.errors import ConfigError
+
+TASKS = {"letter_count": "letter_count", "count_letters": "letter_count",
+         "preference": "preference", "dpo": "preference", "reward": "reward", "rewards": "reward"}
+EVAL_SEED = 1234  # generated sets: distinct from the seeds the quickstart data uses
+DEFAULT_SAMPLES = {"letter_count": 200, "preference": 64, "reward": 200}
+LETTER_COUNT_METRICS = ("accuracy", "properly_extracted_accuracy", "num_samples",
+                        "num_correct_answers", "num_incorrect_answers", "num_invalid_answers")
+
+
+@dataclass
+class EvalTaskParams:
+    task_name: str = "letter_count"
+    dataset_name: str | None = None
+    dataset_path: str | None = None
+    split: str = "train"
+    num_samples: int | None = None
+    reward_functions: list[str] | None = None
+    reward_function_kwargs: dict[str, Any] = field(default_factory=dict)
+    beta: float = 0.1
+    evaluation_backend: str | None = None  # Oumi's; every task here runs on MLX
+    eval_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.task_name not in TASKS:
+            raise ValueError(f"task_name {self.task_name!r} is not one of {sorted(TASKS)}")
+        if self.num_samples is not None and self.num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1, got {self.num_samples}")
+
+    @property
+    def task(self) -> str:
+        return TASKS[self.task_name]
+
+
+@dataclass
+class EvalConfig:
+    model: ModelParams = field(default_factory=ModelParams)
+    generation: GenerationParams = field(default_factory=GenerationParams)
+    tasks: list[EvalTaskParams] = field(default_factory=list)
+    output_dir: str | None = None
+    run_name: str | None = None
+    enable_wandb: bool = False
+    inference_engine: str | None = None
+    inference_remote_params: dict[str, Any] = field(default_factory=dict)
+
+
+def load_eval_config(path=None, overrides=None) -> EvalConfig:
+    cfg = load_config(path, overrides, cls=EvalConfig)
+    if not cfg.model.model_name:
+        raise ConfigError("model.model_name is required (-c CONFIG or --model.model_name NAME)")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def task_rows(task: EvalTaskParams, log=print) -> list[dict]:
+    """The task's rows: its dataset (first num_samples rows) or a generated held-out set."""
+    n = task.num_samples
+    if task.dataset_name or task.dataset_path:
+        from mlxrl.data.loading import load_one
+
+        params = DatasetParams(dataset_name=task.dataset_name, dataset_path=task.dataset_path,
+                               split=task.split)
+        dataset = load_one(params, where=f"{task.task_name} dataset")
+        rows = [dict(r) for r in dataset.select(range(min(n or len(dataset), len(dataset))))]
+    else:
+        n = n or DEFAULT_SAMPLES[task.task]
+        rows = _generated(task.task, n)
+        log(f"note: {task.task}: {n} generated held-out rows (seed {EVAL_SEED}); "
+            f"--dataset NAME for another set")
+    if task.task != "preference":
+        rows = [_letter_count_row(r) for r in rows]
+    return rows
+
+
+def _generated(task: str, n: int) -> list[dict]:
+    if task == "preference":
+        from mlxrl.data.synthetic import preference_rows
+
+        return preference_rows(n, seed=EVAL_SEED)
+    from mlxrl.data.letter_count import make_rows
+
+    return make_rows(n, seed=EVAL_SEED)
+
+
+def _letter_count_row(row: dict) -> dict:
+    """Raw oumi-letter-count rows (messages + metadata) get Oumi's transform."""
+    if "prompt" not in row and "metadata" in row and "messages" in row:
+        from mlxrl.data.letter_count import transform
+
+        return transform(row)
+    return row
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def letter_count_metrics(responses: list[str], targets: list[int]) -> dict:
+    """Oumi's `count_letters` metrics for responses and their true counts."""
+    from mlxrl.rewards import _extract_prediction  # Oumi's rule: exactly one \boxed{int}
+
+    predictions = [_extract_prediction(r) for r in responses]
+    total = len(responses)
+    valid = sum(p is not None for p in predictions)
+    correct = sum(p is not None and p == int(t) for p, t in zip(predictions, targets))
+    return {"accuracy": correct / total if total else 0.0,
+            "properly_extracted_accuracy": correct / valid if valid else 0.0,
+            "num_samples": total, "num_correct_answers": correct,
+            "num_incorrect_answers": valid - correct, "num_invalid_answers": total - valid}
+
+
+def reward_metrics(task: EvalTaskParams, rows: list[dict], responses: list[str], tokenizer) -> dict:
+    """Mean and std of each reward function over the responses (TRL's reward contract)."""
+    from mlxrl.rewards import load_rewards
+
+    names = task.reward_functions or ["count_letters", "letter_count"]
+    rewards = load_rewards(names, task.reward_function_kwargs)
+    conversational = isinstance(rows[0].get("prompt"), list)
+    completions = [[{"role": "assistant", "content": r}] for r in responses] if conversational \
+        else responses
+    ids = [tokenizer.encode(r, add_special_tokens=False) for r in responses]
+    columns = {k: [row.get(k) for row in rows] for k in rows[0] if k not in ("prompt", "completion")}
+    scores = rewards.score([row.get("prompt") for row in rows], completions, ids, columns)
+    out = {}
+    for j, name in enumerate(rewards.names):
+        column = scores[:, j]
+        out[f"rewards/{name}/mean"] = float(np.nanmean(column)) if np.isfinite(column).any() else float("nan")
+        out[f"rewards/{name}/std"] = float(np.nanstd(column)) if np.isfinite(column).any() else float("nan")
+    out["reward"] = float(np.nanmean(rewards.total(scores)))
+    out["num_samples"] = len(rows)
+    return out
+
+
+def preference_metrics(engine, task: EvalTaskParams, rows: list[dict], log=print) -> dict:
+    """Held-out pairs: the model against the same model with its adapter off."""
+    import datasets
+
+    from mlxrl.config import DpoSettings
+    from mlxrl.mlx.dpo import preference_eval
+
+    if engine.loaded.adapter_path is None:
+        log(f"note: {engine.name} has no adapter: policy == reference, so margins are 0")
+    settings = DpoSettings(beta=task.beta, max_length=engine.model_params.model_max_length or 1024)
+    m = preference_eval(engine.loaded.model, engine.tokenizer, datasets.Dataset.from_list(rows), settings)
+    return {"preference_accuracy": m["rewards/accuracies"], "mean_reward_margin": m["rewards/margins"],
+            "mean_reward_chosen": m["rewards/chosen"], "mean_reward_rejected": m["rewards/rejected"],
+            "loss": m["loss"], "num_pairs": m["num_pairs"]}
+
+
+# ----------------------------------------------------------------------------- running
+
+
+class Evaluator:
+    """Runs tasks on one model; answers to the same prompts are generated once."""
+
+    def __init__(self, cfg: EvalConfig, log=print, engine=None):
+        from mlxrl.infer import Engine
+
+        self.cfg, self.log = cfg, log
+        self.engine = engine or Engine(cfg.model, cfg.generation)
+        self._answers: dict[str, tuple[list[dict], list[str]]] = {}
+
+    def answers(self, task: EvalTaskParams) -> tuple[list[dict], list[str]]:
+        from mlxrl.infer import as_messages
+
+        key = json.dumps([task.dataset_name, task.dataset_path, task.split, task.num_samples])
+        if key not in self._answers:
+            rows = task_rows(task, self.log)
+            conversations = [as_messages(r, where=f"row {i}") for i, r in enumerate(rows)]
+            self._answers[key] = (rows, self.engine.generate(conversations, progress=True))
+        return self._answers[key]
+
+    def run_task(self, task: EvalTaskParams) -> tuple[dict, list[dict]]:
+        """(metrics, per-row samples) of one task."""
+        if task.task == "preference":
+            return preference_metrics(self.engine, task, task_rows(task, self.log), self.log), []
+        rows, responses = self.answers(task)
+        if task.task == "reward":
+            return reward_metrics(task, rows, responses, self.engine.hf_tokenizer), []
+        targets = [int(r["letter_count"]) for r in rows]
+        metrics = letter_count_metrics(responses, targets)
+        samples = [{"prompt": r["prompt"][-1]["content"], "response": s, "target": t}
+                   for r, s, t in zip(rows, responses, targets)]
+        return metrics, samples
+
+    def run(self) -> dict:
+        tasks = self.cfg.tasks or [EvalTaskParams()]
+        results: dict[str, dict] = {}
+        samples: dict[str, list] = {}
+        started = time.perf_counter()
+        for task in tasks:
+            metrics, rows = self.run_task(task)
+            name = task.task if task.task not in results else f"{task.task}_{len(results)}"
+            results[name], samples[name] = metrics, rows
+        out = {"model": self.cfg.model.model_name, "tasks": results,
+               "generation": dataclasses.asdict(self.cfg.generation),
+               "seconds": round(time.perf_counter() - started, 2)}
+        if self.cfg.output_dir:
+            write_results(Path(self.cfg.output_dir), out, samples)
+        return out
+
+
+def write_results(folder: Path, results: dict, samples: dict[str, list]) -> Path:
+    """`eval_results.json` and `<task>_samples.jsonl` in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "eval_results.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    for name, rows in samples.items():
+        if rows:
+            (folder / f"{name}_samples.jsonl").write_text(
+                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def format_table(results: list[dict], labels: list[str] | None = None) -> str:
+    """Metrics of one or more models, one column each, one row per task/metric."""
+    labels = labels or [r["model"] for r in results]
+    keys: list[tuple[str, str]] = []
+    for r in results:
+        for task, metrics in r["tasks"].items():
+            keys += [(task, m) for m in metrics if (task, m) not in keys]
+    width = max([len(f"{t}  {m}") for t, m in keys] + [6])
+    cols = [max(10, len(label)) for label in labels]
+    lines = [f"{'metric':<{width}}  " + "  ".join(f"{lb:>{c}}" for lb, c in zip(labels, cols))]
+    for task, metric in keys:
+        cells = [_cell(r["tasks"].get(task, {}).get(metric)) for r in results]
+        lines.append(f"{task + '  ' + metric:<{width}}  " +
+                     "  ".join(f"{v:>{c}}" for v, c in zip(cells, cols)))
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def make_tasks(tasks=("letter_count",), *, dataset=None, dataset_path=None, split=None,
+               num_samples=None, reward_functions=None) -> list[EvalTaskParams]:
+    """EvalTaskParams for task names with shared dataset options."""
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    out = []
+    for name in tasks:
+        try:
+            out.append(EvalTaskParams(task_name=name, dataset_name=dataset, dataset_path=dataset_path,
+                                      split=split or "train", num_samples=num_samples,
+                                      reward_functions=list(reward_functions) if reward_functions else None))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return out
+
+
+def evaluate(model: str | None = None, tasks=("letter_count",), *, config=None, dataset=None,
+             dataset_path=None, split=None, num_samples=None, reward_functions=None,
+             output_dir=None, overrides=None, log=None, **generation) -> dict:
+    """Evaluate `model` (hub id, folder, checkpoint or tiny://) on `tasks`; returns
+    `{"model", "tasks": {task: metrics}, ...}` and writes it to `output_dir` when given.
+
+    `tasks`: names from `letter_count`, `preference`, `reward` (used when `config` has none);
+    `config`: an EvalConfig or YAML path; `**generation`: `GenerationParams` fields.
+    """
+    cfg = config if isinstance(config, EvalConfig) else load_eval_config(
+        config, (["--model.model_name", model] if model else []) + list(overrides or []))
+    if model:
+        cfg.model = dataclasses.replace(cfg.model, model_name=model)
+    if not cfg.tasks:
+        cfg.tasks = make_tasks(tasks, dataset=dataset, dataset_path=dataset_path, split=split,
+                               num_samples=num_samples, reward_functions=reward_functions)
+    cfg.generation = dataclasses.replace(cfg.generation, **generation)
+    if output_dir:
+        cfg.output_dir = str(output_dir)
+    return Evaluator(cfg, log=log or (lambda m: print(m, file=sys.stderr))).run()
+
+
+def compare_models(models: list[str], prompts: list, *, overrides=None, system_prompt=None,
+                   tasks=(), num_samples=None, output=None, echo=print, log=print) -> dict:
+    """Each model's replies to the same prompts (and its eval metrics), printed side by side."""
+    from mlxrl.infer import (
+        Engine,
+        as_messages,
+        load_inference_config,
+        load_model,
+        system_prompt_text,
+    )
+
+    system = system_prompt_text(system_prompt)
+    conversations = [as_messages(p, system, f"prompt {i}") for i, p in enumerate(prompts)]
+    labels = [f"{chr(65 + i)}" if i < 26 else str(i) for i in range(len(models))]
+    answers, results = [], []
+    for label, name in zip(labels, models):
+        cfg, notes = load_inference_config(None, ["--model.model_name", name, *(overrides or [])])
+        log(f"[{label}] {name}")
+        engine = Engine(cfg.model, cfg.generation, loaded=load_model(cfg.model, cache=False))
+        answers.append(engine.generate(conversations))
+        if tasks:
+            eval_cfg = EvalConfig(model=cfg.model, generation=cfg.generation,
+                                  tasks=make_tasks(tasks, num_samples=num_samples))
+            results.append(Evaluator(eval_cfg, log=log, engine=engine).run())
+    for i, messages in enumerate(conversations):
+        echo(f"=== prompt {i + 1}: {messages[-1]['content']}")
+        for label, name, replies in zip(labels, models, answers):
+            echo(f"[{label}] {name}:\n    " + replies[i].strip().replace("\n", "\n    "))
+    if results:
+        echo(format_table(results, [f"[{lb}]" for lb in labels]))
+    out = {"models": list(models), "prompts": [c[-1]["content"] for c in conversations],
+           "answers": {name: a for name, a in zip(models, answers)}, "metrics": results}
+    if output:
+        Path(output).mkdir(parents=True, exist_ok=True)
+        (Path(output) / "compare.json").write_text(json.dumps(out, indent=2) + "\n")
+        log(f"wrote {Path(output) / 'compare.json'}")
+    return out
+
+
+class _CallableModule(types.ModuleType):
+    """`from mlxrl import evaluate` stays callable after `mlxrl.evaluate` is imported."""
+
+    def __call__(self, *args, **kwargs):
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
