@@ -11,10 +11,17 @@ How it runs:
   are never evaluated here, so the LM head does not run over the prompt.
 - Prefix sharing: each prompt's cache is computed once and repeated to its G rows (fresh arrays:
   rows never share a mutable cache, and a Mamba state is per row from then on).
-- Decode: all N = B*G rows step together through one `mx.compile`d step over fixed-size,
-  left-padded KV buffers written at a column index held in an array, so the trace is reused for
-  every step and, per model and settings, across calls. Steps are queued lazily and evaluated
-  every `CHUNK` steps, which is also when the host checks whether every row is done.
+- Decode: all N = B*G rows step together through one `mx.compile`d step over left-padded KV
+  buffers written at a column index held in an array (`cache_utils.py`), so one trace serves
+  every step and, per model and settings, later calls. The buffers grow `BUCKET` columns at a
+  time (attention cost follows the columns in use; each width is traced once). Steps are queued
+  lazily and evaluated every `CHUNK` steps, which is also when the host checks whether all rows
+  are done (evaluating every step would also stop MLX from updating the buffers in place).
+- Small matmuls (Linux CPU with OpenBLAS): at decode's few rows, OpenBLAS's threaded GEMM spends
+  most of its time packing the weights and waiting on its threads; split into pieces of at most
+  ~1200 outputs x rows (and 1e6 multiply-adds) each piece takes OpenBLAS's small-matrix kernel,
+  which streams the weights once on one core: about 3x faster per weight byte at 8 rows. The
+  split is used during decode only, and only where a one-off timing shows it is faster.
 - Sampling on the device: temperature, then top-k, top-p, min-p as one logit threshold per row
   (the Hugging Face order), then inverse-CDF sampling with one uniform per row and step. T = 0 is
   greedy (log-probs then use T = 1).
@@ -27,6 +34,7 @@ How it runs:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -34,10 +42,12 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import ArraysCache, BatchKVCache, CacheList, make_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache
+
+from mlxrl.mlx.cache_utils import CacheLayout, left_padding, repeat_rows
 
 CHUNK = 8  # decode steps queued between host syncs
-BUCKET = 64  # KV buffers are rounded up to this many columns, so calls reuse the trace
+BUCKET = 32  # KV buffers grow by this many columns
 PAD_ID = 0
 _MAX_TRACES = 8
 
@@ -77,12 +87,12 @@ def sample(model: nn.Module, prompts: list[list[int]], *, num_generations: int =
     start = time.perf_counter()
     G, N = num_generations, len(prompts) * num_generations
     caches, width = _prefill(model, prompts)
-    state = [_decode_cache(c, G) for c in caches]
-    left_padding = mx.repeat(_left_padding(caches, len(prompts)), G)
     first = mx.array([p[-1] for p in prompts for _ in range(G)], dtype=mx.int32)
-    uniforms = mx.array(_uniforms(seed, N, max_tokens))
-    tokens, logprobs, alive, done = _decode(model, cfg, state, first, left_padding, width,
-                                            uniforms, max_tokens)
+    with _small_matmuls(model, N):
+        tokens, logprobs, alive, done = _decode(
+            model, cfg, [repeat_rows(c, G) for c in caches], first,
+            mx.repeat(left_padding(caches, len(prompts)), G), width,
+            mx.array(_uniforms(seed, N, max_tokens)), max_tokens)
     lengths = alive.sum(axis=1)
     width_out = int(lengths.max())
     seconds = time.perf_counter() - start
@@ -109,11 +119,8 @@ def _uniforms(seed: int | None, rows: int, steps: int) -> np.ndarray:
     return np.stack(u, axis=1).astype(np.float32)
 
 
-# ----------------------------------------------------------------------------- prefill
-
-
 def _prefill(model: nn.Module, prompts: list[list[int]]):
-    """Batch caches holding `prompt[:-1]` of every prompt, left-padded; and their width."""
+    """mlx-lm batch caches holding `prompt[:-1]` of every prompt, left-padded; and their width."""
     heads = [p[:-1] for p in prompts]
     lengths = [len(h) for h in heads]
     width = max(lengths)
@@ -133,102 +140,40 @@ def _prefill(model: nn.Module, prompts: list[list[int]]):
     return caches, width
 
 
-def _left_padding(caches, batch: int) -> mx.array:
-    for c in caches:
-        for leaf in c.caches if isinstance(c, CacheList) else (c,):
-            if isinstance(leaf, BatchKVCache):
-                return leaf.left_padding.astype(mx.int32)
-    return mx.zeros((batch,), dtype=mx.int32)  # no attention layers (pure SSM)
+# ----------------------------------------------------------------------------- decode
 
 
-# ----------------------------------------------------------------------------- decode caches
+def _decode(model, cfg, caches, first, left_pad, width, uniforms, max_tokens):
+    """Run up to `max_tokens` steps; numpy tokens, log-probs, alive flags [N, steps], done [N]."""
+    layout = CacheLayout.of(caches)
+    state = layout.flatten(caches)
+    token, done = first, mx.zeros(first.shape, dtype=mx.bool_)
+    size, out = width, []
+    for t in range(max_tokens):
+        column = width + t
+        if column >= size:
+            size = -(-(column + 1) // BUCKET) * BUCKET
+            state = layout.grow(state, size)
+        if any(a is None for a in state):  # empty prefill: the eager step allocates the state
+            step = partial(_step, model, layout, cfg, size=size)
+        else:
+            step = _compiled_step(model, layout, cfg)
+        idx = mx.array(column, dtype=mx.int32)
+        token, logp, alive, done, state = step(token, state, left_pad, idx, uniforms[t], done)
+        out.append((token, logp, alive))
+        if (t + 1) % CHUNK == 0 or t + 1 == max_tokens:
+            mx.eval(out[-CHUNK:], done, state)
+            if done.all().item():
+                break
+    tokens, logps, alive = (np.array(mx.stack(col, axis=1)) for col in zip(*out))
+    return tokens, logps, alive, np.array(done)
 
 
-class _DecodeKVCache:
-    """Left-padded KV buffer `[N, H, size, D]` written at column `idx` (an array, not an int).
-
-    Row r's token in column c sits at position `c - left_padding[r]`. The attention mask hides the
-    left padding and the columns not written yet, so the buffer never changes shape.
-    """
-
-    def __init__(self, keys, values, left_padding, idx, size):
-        self.keys, self.values, self.size = keys, values, size
-        self.left_padding, self.idx = left_padding, idx
-
-    @property
-    def offset(self):
-        return self.idx - self.left_padding
-
-    def update_and_fetch(self, keys, values):
-        if self.keys is None:  # first step after an empty prefill: allocate
-            shape = keys.shape[:2] + (self.size,)
-            self.keys = mx.zeros(shape + keys.shape[3:], keys.dtype)
-            self.values = mx.zeros(shape + values.shape[3:], values.dtype)
-        self.keys = mx.slice_update(self.keys, keys, self.idx[None], axes=(2,))
-        self.values = mx.slice_update(self.values, values, self.idx[None], axes=(2,))
-        return self.keys, self.values
-
-    def make_mask(self, n, window_size=None, **kwargs):
-        if n != 1 or window_size is not None:
-            raise NotImplementedError("sampling decodes one token per step without windows")
-        col = mx.arange(self.size)
-        visible = (col >= self.left_padding[:, None]) & (col <= self.idx)
-        return visible[:, None, None, :]
-
-
-def _decode_cache(cache, G: int):
-    """One layer's batch cache, each row repeated G times, as a decode cache."""
-    if isinstance(cache, CacheList):
-        return CacheList(*(_decode_cache(c, G) for c in cache.caches))
-    if isinstance(cache, ArraysCache):
-        out = ArraysCache(len(cache.cache))
-        out.cache = [None if a is None else mx.repeat(a, G, axis=0) for a in cache.cache]
-        return out
-    if isinstance(cache, BatchKVCache):
-        if cache.keys is None:
-            return _DecodeKVCache(None, None, None, None, 0)
-        kv = [mx.repeat(a[..., : cache.size(), :], G, axis=0) for a in (cache.keys, cache.values)]
-        return _DecodeKVCache(*kv, None, None, cache.size())
-    raise NotImplementedError(f"sampling does not support {type(cache).__name__} layers yet")
-
-
-def _spec(cache):
-    """The structure of one layer's decode cache (part of the trace key)."""
-    if isinstance(cache, CacheList):
-        return ("list", tuple(_spec(c) for c in cache.caches))
-    if isinstance(cache, ArraysCache):
-        return ("arrays", len(cache.cache))
-    return ("kv",)
-
-
-def _arrays(cache) -> list:
-    if isinstance(cache, CacheList):
-        return [a for c in cache.caches for a in _arrays(c)]
-    if isinstance(cache, ArraysCache):
-        return list(cache.cache)
-    return [cache.keys, cache.values]
-
-
-def _build(spec, arrays, left_padding, idx, size):
-    """A decode cache of structure `spec` over the arrays taken from the iterator `arrays`."""
-    if spec[0] == "list":
-        return CacheList(*(_build(s, arrays, left_padding, idx, size) for s in spec[1]))
-    if spec[0] == "arrays":
-        out = ArraysCache(spec[1])
-        out.cache = [next(arrays) for _ in range(spec[1])]
-        return out
-    keys, values = next(arrays), next(arrays)
-    return _DecodeKVCache(keys, values, left_padding, idx, size if keys is None else keys.shape[2])
-
-
-# ----------------------------------------------------------------------------- decode step
-
-
-def _step(model, specs, cfg: _Settings, tokens, state, left_padding, idx, u, done, size=None):
+def _step(model, layout: CacheLayout, cfg: _Settings, tokens, state, left_pad, idx, u, done,
+          size=None):
     """One decode step for all rows, writing column `idx`: returns the sampled tokens, their
     log-probs, which rows were still alive, the new done flags and the new cache arrays."""
-    arrays = iter(state)
-    caches = [_build(s, arrays, left_padding, idx, size) for s in specs]
+    caches = layout.build(state, left_pad, idx, size)
     logits = model(tokens[:, None], cache=caches)[:, -1, :].astype(mx.float32)
     token, logp = _sample_token(logits, u, cfg)
     alive = mx.logical_not(done)
@@ -236,8 +181,30 @@ def _step(model, specs, cfg: _Settings, tokens, state, left_padding, idx, u, don
     logp = mx.where(alive, logp, 0.0)
     if cfg.eos:
         done = done | (token[:, None] == mx.array(cfg.eos, dtype=token.dtype)).any(axis=1)
-    state = [a for c in caches for a in _arrays(c)]
-    return token, logp, alive, done, state
+    return token, logp, alive, done, layout.flatten(caches)
+
+
+_TRACES: dict = {}
+
+
+def _compiled_step(model, layout: CacheLayout, cfg: _Settings):
+    """The compiled step for this model, cache layout and settings, traced once and kept.
+
+    A trace bakes in Python values (module classes, a LoRA `scale`, `training`), so they are part
+    of the key; the weights are implicit inputs, so optimizer updates need no retrace.
+    """
+    modules = tuple((name, type(m), m.training, _python_scalar(getattr(m, "scale", None)))
+                    for name, m in model.named_modules())
+    key = (id(model), layout, cfg, modules)
+    if key not in _TRACES:
+        if len(_TRACES) >= _MAX_TRACES:
+            _TRACES.pop(next(iter(_TRACES)))
+        _TRACES[key] = mx.compile(partial(_step, model, layout, cfg), inputs=model.state)
+    return _TRACES[key]
+
+
+def _python_scalar(value):
+    return value if isinstance(value, (int, float)) else None
 
 
 def _sample_token(logits, u, cfg: _Settings):
@@ -282,60 +249,65 @@ def _keep_threshold(z, cfg: _Settings):
     return threshold
 
 
-_TRACES: dict = {}
+
+# ----------------------------------------------------------------------------- small matmuls
 
 
-def _compiled_step(model, specs, cfg: _Settings):
-    """The compiled step for this model, cache structure and settings, traced once and kept.
-
-    A trace bakes in Python values (module classes, a LoRA `scale`, `training`), so they are part
-    of the key; the weights are implicit inputs, so optimizer updates need no retrace.
-    """
-    modules = tuple((name, type(m), m.training, getattr(m, "scale", None))
-                    for name, m in model.named_modules()
-                    if not isinstance(getattr(m, "scale", 0.0), mx.array))
-    key = (id(model), specs, cfg, modules)
-    if key not in _TRACES:
-        if len(_TRACES) >= _MAX_TRACES:
-            _TRACES.pop(next(iter(_TRACES)))
-        _TRACES[key] = mx.compile(partial(_step, model, specs, cfg), inputs=model.state)
-    return _TRACES[key]
+def _split_matmul(x, w):
+    """`x @ w.T` in pieces of w's rows small enough for OpenBLAS's small-matrix kernel."""
+    rows, k = x.size // x.shape[-1], w.shape[1]
+    piece = max(16, min(1200 // rows, 1_000_000 // (rows * k)) // 16 * 16)
+    if piece >= w.shape[0]:
+        return x @ w.T
+    return mx.concatenate([x @ w[i: i + piece].T for i in range(0, w.shape[0], piece)], axis=-1)
 
 
-def _decode(model, cfg, caches, first, left_padding, width, uniforms, max_tokens):
-    """Run up to `max_tokens` steps; numpy tokens, log-probs, alive flags [N, steps], done [N]."""
-    specs = tuple(_spec(c) for c in caches)
-    is_kv = [kind == "kv" for s in specs for kind in _leaf_kinds(s)]
-    state = [a for c in caches for a in _arrays(c)]
-    token, done = first, mx.zeros(first.shape, dtype=mx.bool_)
-    size, out = width, []
-    for t in range(max_tokens):
-        column = width + t
-        if column >= size:  # grow the KV buffers: attention cost follows the columns in use
-            size = -(-(column + 1) // BUCKET) * BUCKET
-            state = [_pad_columns(a, size) if kv else a for a, kv in zip(state, is_kv)]
-        idx = mx.array(column, dtype=mx.int32)
-        if t == 0:  # eager: may allocate buffers (empty prefill) or initialise SSM states
-            step = partial(_step, model, specs, cfg, size=size)
-        else:
-            step = _compiled_step(model, specs, cfg)
-        token, logp, alive, done, state = step(token, state, left_padding, idx, uniforms[t], done)
-        out.append((token, logp, alive))
-        if (t + 1) % CHUNK == 0 or t + 1 == max_tokens:
-            mx.eval(out[-CHUNK:], done, state)
-            if done.all().item():
-                break
-    tokens, logps, alive = (np.array(mx.stack(col, axis=1)) for col in zip(*out))
-    return tokens, logps, alive, np.array(done)
+class _SplitLinear(nn.Linear):
+    def __call__(self, x):
+        y = _split_matmul(x, self.weight)
+        return y + self.bias if "bias" in self else y
 
 
-def _leaf_kinds(spec) -> list[str]:
-    if spec[0] == "list":
-        return [k for s in spec[1] for k in _leaf_kinds(s)]
-    return ["arrays"] * spec[1] if spec[0] == "arrays" else ["kv", "kv"]
+class _SplitEmbedding(nn.Embedding):
+    def as_linear(self, x):
+        return _split_matmul(x, self.weight)
 
 
-def _pad_columns(a, size):
-    if a is None:
-        return None
-    return mx.pad(a, [(0, 0), (0, 0), (0, size - a.shape[2]), (0, 0)])
+_SPLIT_CLASSES = {nn.Linear: _SplitLinear, nn.Embedding: _SplitEmbedding}
+_SPLIT_FASTER: dict[int, bool] = {}  # rows -> measured verdict
+
+
+@contextlib.contextmanager
+def _small_matmuls(model: nn.Module, rows: int):
+    """Within the block, the model's Linear layers and tied LM head split their matmuls when that
+    is faster at `rows` rows on this machine."""
+    swapped = []
+    if _split_is_faster(rows):
+        swapped = [(m, type(m)) for _, m in model.named_modules() if type(m) in _SPLIT_CLASSES]
+    for m, cls in swapped:
+        m.__class__ = _SPLIT_CLASSES[cls]
+    try:
+        yield
+    finally:
+        for m, cls in swapped:
+            m.__class__ = cls
+
+
+def _split_is_faster(rows: int) -> bool:
+    if mx.default_device() != mx.cpu or rows > 32:
+        return False
+    if rows not in _SPLIT_FASTER:
+        x, w = mx.full((rows, 512), 0.5), mx.full((1536, 512), 0.01)
+        whole = _best_seconds(lambda: x @ w.T)
+        _SPLIT_FASTER[rows] = _best_seconds(lambda: _split_matmul(x, w)) < 0.8 * whole
+    return _SPLIT_FASTER[rows]
+
+
+def _best_seconds(fn, repeats: int = 5, calls: int = 8) -> float:
+    mx.eval(fn())
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval([fn() for _ in range(calls)])
+        best = min(best, time.perf_counter() - start)
+    return best
