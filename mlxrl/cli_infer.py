@@ -219,6 +219,9 @@ def compare(ctx, models, prompts, input_path, system_prompt, tasks, num_samples,
     from mlxrl.evaluate import compare_models
 
     _quiet_datasets()
+    models, overrides = _split_models(list(models) + list(ctx.args))
+    if not models:
+        raise MlxrlError("compare: name at least one model")
     if len(models) < 2:
         _note("note: one model given; showing its answers alone")
     items = list(prompts)
@@ -227,9 +230,27 @@ def compare(ctx, models, prompts, input_path, system_prompt, tasks, num_samples,
 
         items += read_rows(input_path)
     result = compare_models(list(models), items or list(_DEFAULT_COMPARE_PROMPTS),
-                            overrides=list(ctx.args), system_prompt=system_prompt, tasks=tasks,
+                            overrides=overrides, system_prompt=system_prompt, tasks=tasks,
                             num_samples=num_samples, output=output, echo=click.echo, log=_note)
     return result
+
+
+def _split_models(words: list[str]) -> tuple[list[str], list[str]]:
+    """Model names, and the `--a.b VALUE` / `a.b=VALUE` overrides click left among them."""
+    models, overrides, i = [], [], 0
+    while i < len(words):
+        word = words[i]
+        if word.startswith("--"):
+            take = 1 if "=" in word else 2
+            overrides += words[i:i + take]
+            i += take
+            continue
+        if "=" in word and "." in word.split("=", 1)[0] and not word.startswith((".", "/")):
+            overrides.append(word)
+        else:
+            models.append(word)
+        i += 1
+    return models, overrides
 
 
 @click.command("inspect")

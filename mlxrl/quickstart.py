@@ -121,6 +121,7 @@ def run_quickstart(output="output/quickstart", *, scale: float = 1.0, model: str
         results[stage.name] = _evaluate(str(stage.output_dir), scale, log)
     plots = _plots(out, stages)
     summary = summarize(results, stages, model, time.perf_counter() - started)
+    summary["majority_baseline"] = majority_baseline(max(16, round(100 * scale)))
     (out / "quickstart_results.json").write_text(json.dumps(summary, indent=2) + "\n")
     report = out / "report.md"
     report.write_text(render_report(summary, plots))
@@ -176,6 +177,18 @@ def summarize(results: dict, stages: list[Stage], model: str, seconds: float) ->
             "evals": {name: r["tasks"] for name, r in results.items()}}
 
 
+def majority_baseline(n: int) -> dict:
+    """The accuracy of always answering the commonest count of the held-out letter-count set."""
+    from collections import Counter
+
+    from mlxrl.data.letter_count import make_rows
+    from mlxrl.evaluate import EVAL_SEED
+
+    counts = Counter(r["metadata"]["letter_count_integer"] for r in make_rows(n, seed=EVAL_SEED))
+    answer, hits = counts.most_common(1)[0]
+    return {"answer": answer, "accuracy": hits / n}
+
+
 def _mean(rows: list[dict], key: str) -> float:
     values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
     return sum(values) / len(values) if values else float("nan")
@@ -217,7 +230,10 @@ def _findings(s: dict) -> list[str]:
     acc, invalid = t["letter-count accuracy (greedy)"], t["answers without one \\boxed{int}"]
     sampled = t["letter_count reward (sampled, T=1)"]
     pref, margin = t["held-out preference accuracy"], t["held-out mean reward margin"]
+    base = s["majority_baseline"]
     return [
+        f"- Always answering \\boxed{{{base['answer']}}} scores {base['accuracy']:.3f} on the "
+        "held-out letter-count set: the bar a model that does not count can reach.",
         f"- SFT: loss {_fmt(runs['SFT']['first'])} -> {_fmt(runs['SFT']['last'])}; answers "
         f"without a boxed integer {invalid['base']} -> {invalid['SFT']}; greedy letter-count "
         f"accuracy {_fmt(acc['base'])} -> {_fmt(acc['SFT'])}.",
@@ -227,8 +243,8 @@ def _findings(s: dict) -> list[str]:
         f"{_fmt(runs['GRPO']['last'])} (last quarter); sampled letter_count reward on held-out "
         f"prompts {_fmt(sampled['SFT'])} -> {_fmt(sampled['GRPO'])}; greedy accuracy "
         f"{_fmt(acc['SFT'])} -> {_fmt(acc['GRPO'])}.",
-        "- The tiny model has random frozen weights and a LoRA adapter: it learns the answer "
-        "format and the answer distribution, not to count letters. Real models: the "
+        "- The tiny model is random frozen weights plus a LoRA adapter: it can learn the answer "
+        "format and which answers are common, not how to count letters. Real models: the "
         "walkthrough (docs/walkthrough.md).",
     ]
 
