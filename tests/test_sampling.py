@@ -5,6 +5,7 @@ import mlx_lm
 import numpy as np
 import pytest
 from mlx_lm.generate import generate_step
+from mlx_lm.tuner.lora import LoRALinear
 
 from mlxrl.mlx.logprobs import per_token_logps
 from mlxrl.mlx.sampling import sample
@@ -106,16 +107,42 @@ def test_max_tokens_truncates_without_finishing(models):
     assert (r.lengths == 9).all() and not r.finished.any() and r.mask.all()
 
 
+def greedy_reference(model, prompt, n):
+    """mlx-lm's greedy `generate_step`: tokens and their (untempered) log-probs."""
+    steps = list(generate_step(mx.array(prompt), model, max_tokens=n))
+    return [int(tok) for tok, _ in steps], [float(logprobs[tok]) for tok, logprobs in steps]
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "falcon_h1"])
 def test_greedy_equals_mlx_lm_generate_step(models, arch):
     model = models[arch]
     r = sample(model, PROMPTS, num_generations=2, max_tokens=10, temperature=0.0,
                eos_token_ids=never(model))
     for i, prompt, completion in rows(r):
-        steps = list(generate_step(mx.array(prompt), model, max_tokens=10))
-        assert completion == [int(tok) for tok, _ in steps]
-        expected = [float(logprobs[tok]) for tok, logprobs in steps]  # untempered: T = 1
-        np.testing.assert_allclose(r.logprobs[i], expected, atol=1e-4)
+        tokens, logprobs = greedy_reference(model, prompt, 10)
+        assert completion == tokens
+        np.testing.assert_allclose(r.logprobs[i], logprobs, atol=1e-4)
+
+
+def test_compiled_step_follows_weight_updates_and_lora_scale():
+    """The decode trace is kept across calls: it must read the current weights (an optimizer
+    step) and retrace when a Python float it baked in changes (adapters switched off)."""
+    model = mlx_lm.load(str(tiny_model("qwen2")))[0]  # its own copy: LoRA is added below
+    lora = []
+    for layer in model.layers:
+        layer.mlp.up_proj = LoRALinear.from_base(layer.mlp.up_proj, r=4, scale=2.0)
+        lora.append(layer.mlp.up_proj)
+    kw = dict(max_tokens=8, temperature=0.0, eos_token_ids=never(model))
+    before = sample(model, PROMPTS, **kw)  # lora_b = 0: the base model's tokens
+    for i, m in enumerate(lora):  # what an optimizer step does: new arrays, same modules
+        m.lora_b = mx.random.normal(m.lora_b.shape, key=mx.random.key(i))
+    after = sample(model, PROMPTS, **kw)
+    assert after.tokens.shape != before.tokens.shape or (after.tokens != before.tokens).any()
+    for _, prompt, completion in rows(after):
+        assert completion == greedy_reference(model, prompt, 8)[0]
+    for m in lora:
+        m.scale = 0.0
+    np.testing.assert_array_equal(sample(model, PROMPTS, **kw).tokens, before.tokens)
 
 
 def test_top_k_1_equals_greedy(models):
