@@ -50,7 +50,6 @@ CHUNK = 8  # decode steps queued between host syncs
 BUCKET = 32  # KV buffers grow by this many columns
 PAD_ID = 0
 _MAX_TRACES = 8
-PIPELINE = False
 
 
 @dataclass
@@ -150,7 +149,7 @@ def _decode(model, cfg, caches, first, left_pad, width, uniforms, max_tokens):
     state = layout.flatten(caches)
     token, done = first, mx.zeros(first.shape, dtype=mx.bool_)
     compiled = _compiled_step(model, layout, cfg)
-    size, out, queued = width, [], None
+    size, out = width, []
     for t in range(max_tokens):
         column = width + t
         if column >= size:
@@ -162,16 +161,10 @@ def _decode(model, cfg, caches, first, left_pad, width, uniforms, max_tokens):
         idx = mx.array(column, dtype=mx.int32)
         token, logp, alive, done, state = step(token, state, left_pad, idx, uniforms[t], done)
         out.append((token, logp, alive))
-        if (t + 1) % CHUNK == 0 and PIPELINE:
-            mx.async_eval(out[-CHUNK:], done, state)
-            if queued is not None and queued.all().item():
-                break
-            queued = done
-        elif (t + 1) % CHUNK == 0 or t + 1 == max_tokens:
+        if (t + 1) % CHUNK == 0 or t + 1 == max_tokens:
             mx.eval(out[-CHUNK:], done, state)
             if done.all().item():
                 break
-    mx.eval(out, done)
     tokens, logps, alive = (np.array(mx.stack(col, axis=1)) for col in zip(*out))
     return tokens, logps, alive, np.array(done)
 
