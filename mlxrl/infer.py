@@ -123,7 +123,9 @@ def load_model(model_params: ModelParams, cache: bool = True):
 
     name = _mlx_checkpoint(resolve_model_name(model_params.adapter_model or model_params.model_name))
     params = dataclasses.replace(model_params, model_name=name)
-    key = json.dumps(dataclasses.asdict(params), sort_keys=True, default=str)
+    adapter = Path(name) / "adapters.safetensors"  # a retrained checkpoint is loaded afresh
+    stamp = adapter.stat().st_mtime_ns if adapter.is_file() else 0
+    key = json.dumps([dataclasses.asdict(params), stamp], sort_keys=True, default=str)
     if cache and key in _LOADED:
         return _LOADED[key]
     loaded = mlx_model.load(params)

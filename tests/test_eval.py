@@ -144,6 +144,19 @@ def test_preference_metrics_match_a_hand_computation(checkpoint, tmp_path):
     assert abs(got["mean_reward_margin"]) > 1e-3  # the adapter does change the model
 
 
+def test_a_peft_checkpoint_answers_as_the_mlx_one(checkpoint, tmp_path):
+    """A `--backend torch` checkpoint is a PEFT folder: it is converted once and loaded."""
+    from mlxrl import infer
+    from mlxrl.adapters import export_peft
+
+    peft = export_peft(checkpoint, tmp_path / "peft")
+    assert (peft / "adapter_model.safetensors").is_file()
+    prompts = ["hello", "How many 'l's are in 'hello'?"]
+    mlx_replies = infer(prompts, str(checkpoint), max_new_tokens=8)
+    assert infer(prompts, str(peft), max_new_tokens=8) == mlx_replies
+    assert infer(prompts, TINY, max_new_tokens=8) != mlx_replies  # the adapter matters
+
+
 def test_base_model_preference_is_zero_and_says_why():
     notes = []
     from mlxrl.evaluate import evaluate
