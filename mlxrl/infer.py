@@ -35,7 +35,8 @@ from mlxrl.config import GenerationParams, ModelParams
 from mlxrl.config_parse import Builder, apply_override, key_path, load_yaml, split_overrides
 from mlxrl.errors import ConfigError, DataError, ModelError
 
-_LEGACY_SECTIONS = ("data", "evaluation", "inference")  # eval_dpo_results.yaml's extra sections
+# eval_dpo_results.yaml's extra sections, and a training config's (so `-c train.yaml` works)
+_LEGACY_SECTIONS = ("data", "evaluation", "inference", "training", "peft", "fsdp", "deepspeed")
 _ENGINES = (None, "NATIVE", "MLX", "OUMI")
 _TINY_SIZES = ("hidden_size", "num_layers", "intermediate_size", "num_heads", "num_kv_heads", "seed")
 DEFAULT_BATCH = 16  # rows per sampler call when generation.batch_size is 1 (Oumi's default)
@@ -75,7 +76,8 @@ def load_inference_config(path=None, overrides=None) -> tuple[InferenceConfig, l
 
 
 def _fold_legacy_sections(data: dict, source: str) -> list[str]:
-    """eval_dpo_results.yaml: `inference.*` -> `generation.*`, drop `data` and `evaluation`."""
+    """eval_dpo_results.yaml: `inference.*` -> `generation.*`; `data`, `evaluation` and a
+    training config's `training`, `peft`, ... are dropped with one note."""
     legacy = {k: data.pop(k) for k in _LEGACY_SECTIONS if k in data}
     if not legacy:
         return []
@@ -90,9 +92,9 @@ def _fold_legacy_sections(data: dict, source: str) -> list[str]:
         generation.setdefault(key, inference[key])
     ignored = [k for k in legacy if k != "inference"] + [f"inference.{k}" for k in inference
                                                          if k not in names]
-    text = f"note: {Path(source).name}: inference.{{{','.join(moved)}}} -> generation"
-    if ignored:
-        text += f"; ignoring {', '.join(ignored)} (metrics: `mlxrl eval`)"
+    parts = [f"inference.{{{','.join(moved)}}} -> generation"] if moved else []
+    parts += [f"ignoring {', '.join(ignored)} (metrics: `mlxrl eval`)"] if ignored else []
+    text = f"note: {Path(source).name}: {'; '.join(parts)}"
     return [text]
 
 
@@ -167,7 +169,6 @@ class Engine:
         self.hf_tokenizer = unwrap(self.tokenizer)
         stops = end_of_turn_ids(self.tokenizer) | set(generation.stop_token_ids or [])
         self.eos_ids = sorted(set(self.tokenizer.eos_token_ids) | stops)
-        self.tokenizer.eos_token_ids = set(self.eos_ids)  # stream_generate stops on these
 
     @property
     def name(self) -> str:
@@ -195,6 +196,7 @@ class Engine:
             mx.random.seed(g.seed)
         sampler = make_sampler(temp=g.temperature, top_p=g.top_p if g.top_p < 1.0 else 0.0,
                                min_p=g.min_p, top_k=g.top_k)
+        self.tokenizer.eos_token_ids = set(self.eos_ids)  # stream_generate stops on these
         text = ""
         for response in stream_generate(self.loaded.model, self.tokenizer, prompt_ids,
                                         max_tokens=g.max_new_tokens, sampler=sampler):

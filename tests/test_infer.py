@@ -130,6 +130,8 @@ def test_the_walkthroughs_eval_config_loads_as_it_is():
     assert len(notes) == 1 and "ignoring data, evaluation" in notes[0]
     cfg, _ = load_inference_config(path, ["--generation.temperature", "0"])
     assert cfg.generation.temperature == 0.0  # an override beats inference.temperature
+    cfg, notes = load_inference_config(ROOT / "configs/quickstart/sft.yaml", [])  # a training config
+    assert cfg.model.model_name == TINY and "ignoring data, training, peft" in notes[0]
 
 
 def test_infer_needs_a_model_and_names_unknown_keys():
