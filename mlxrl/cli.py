@@ -99,7 +99,8 @@ def train(ctx, config_path, backend, resume, overwrite, quiet, debug):
     else:
         from mlxrl.torch.train import train as run
     state = run(cfg, quiet=quiet, log=lambda m: click.echo(m, err=True), overwrite=overwrite)
-    click.echo(f"done: {state['global_step']} steps; adapter in {cfg.training.output_dir}", err=True)
+    if os.environ.get("RANK", "0") == "0":  # once under `accelerate launch`
+        click.echo(f"done: {state['global_step']} steps; adapter in {cfg.training.output_dir}", err=True)
 
 
 @main.command()

@@ -109,7 +109,7 @@ def common_fields(cfg, bf16: bool, fp16: bool, device: str, log) -> dict:
         dataloader_persistent_workers=t.dataloader_persistent_workers,
         dataloader_prefetch_factor=t.dataloader_prefetch_factor, dataloader_drop_last=False,
         dataloader_pin_memory=device == "cuda", use_cpu=device == "cpu",
-        ddp_find_unused_parameters=t.ddp_find_unused_parameters,
+        ddp_find_unused_parameters=bool(t.ddp_find_unused_parameters),  # LoRA uses every adapter
         torch_empty_cache_steps=t.empty_device_cache_steps, average_tokens_across_devices=True,
         push_to_hub=False, label_smoothing_factor=0.0, auto_find_batch_size=False,
         model_init_kwargs=None, trust_remote_code=cfg.model.trust_remote_code,
