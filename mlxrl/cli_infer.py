@@ -275,16 +275,19 @@ def inspect(name, split, dataset_path, chars, debug):
 @click.option("--output", default="output/quickstart", show_default=True, type=click.Path(),
               help="Folder for the runs, the report and the plots.")
 @click.option("--scale", default=1.0, show_default=True,
-              help="Multiply every step count (0.2 for a smoke test).")
+              help="Multiply every step count and eval size (0.1 for a smoke test).")
+@click.option("--model", default="tiny://qwen2", show_default=True,
+              help="Base model, e.g. tiny://qwen2?hidden_size=128&num_layers=4 (bigger, slower).")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @_friendly_errors
-def quickstart(output, scale, debug):
+def quickstart(output, scale, model, debug):
     """Offline, on the embedded tiny model: SFT, then DPO and GRPO from the SFT adapter, then
     eval and compare before/after; writes report.md and PNG plots to --output."""
     from mlxrl.quickstart import run_quickstart
 
     _quiet_datasets()
-    report = run_quickstart(output, scale=scale, quiet=not sys.stderr.isatty(), log=_note)
+    report = run_quickstart(output, scale=scale, model=model, quiet=not sys.stderr.isatty(),
+                            log=_note)
     click.echo(f"report: {report}")
 
 
