@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from mlxrl.config import DatasetParams, GenerationParams, ModelParams, load_config
-from mlxrl.errors import ConfigError
+from mlxrl.errors import ConfigError, DataError
 
 TASKS = {"letter_count": "letter_count", "count_letters": "letter_count",
          "preference": "preference", "dpo": "preference", "reward": "reward", "rewards": "reward"}
@@ -207,14 +207,19 @@ class Evaluator:
 
     def run_task(self, task: EvalTaskParams) -> tuple[dict, list[dict]]:
         """(metrics, per-row samples) of one task."""
+        from mlxrl.infer import as_messages
+
         if task.task == "preference":
             return preference_metrics(self.engine, task, task_rows(task, self.log), self.log), []
         rows, responses = self.answers(task)
         if task.task == "reward":
             return reward_metrics(task, rows, responses, self.engine.hf_tokenizer), []
+        if "letter_count" not in rows[0]:
+            raise DataError(f"letter_count task: rows need a 'letter_count' column (or raw "
+                            f"oumi-letter-count rows); this dataset has {sorted(rows[0])}")
         targets = [int(r["letter_count"]) for r in rows]
         metrics = letter_count_metrics(responses, targets)
-        samples = [{"prompt": r["prompt"][-1]["content"], "response": s, "target": t}
+        samples = [{"prompt": as_messages(r)[-1]["content"], "response": s, "target": t}
                    for r, s, t in zip(rows, responses, targets)]
         return metrics, samples
 
