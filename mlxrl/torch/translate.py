@@ -140,7 +140,7 @@ def dpo_config(cfg, common: dict):
     return _build(DPOConfig, common, dict(
         beta=s.beta, loss_type=loss_type, loss_weights=s.loss_weights,
         label_smoothing=s.label_smoothing, max_length=s.max_length,
-        truncation_mode=s.truncation_mode, precompute_ref_log_probs=s.precompute_ref_log_probs,
+        truncation_mode="keep_start", precompute_ref_log_probs=s.precompute_ref_log_probs,
         precompute_ref_batch_size=None, padding_free=False,
         disable_dropout=bool(kw.get("disable_dropout", False)),
         f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, ld_alpha=None,
@@ -190,7 +190,10 @@ def check_fields(cls, fields: dict) -> None:
 def _build(cls, common: dict, specific: dict):
     fields = {**common, **specific}
     check_fields(cls, fields)
-    return cls(**fields)
+    try:
+        return cls(**fields)
+    except ValueError as e:  # TRL / transformers validation (an unknown optimizer name, ...)
+        raise ConfigError(f"{cls.__name__}: {str(e).splitlines()[0]}") from None
 
 
 # ----------------------------------------------------------------------------- PEFT, quantization
@@ -273,6 +276,8 @@ def notes(cfg, log) -> None:
     if cfg.fsdp or cfg.deepspeed:
         log("note: fsdp / deepspeed sections are not read; configure them with `accelerate config` "
             "and run `accelerate launch -m mlxrl.cli train ...`")
+    if t.method == "dpo" and cfg.dpo_settings().truncation_mode != "keep_start":
+        log("note: training.trainer_kwargs.truncation_mode: sequences are truncated keep_start, as on MLX")
     if cfg.model.enable_liger_kernel:
         log("note: model.enable_liger_kernel is not supported (TRL deprecated it)")
     if getattr(t, "skip_non_finite_steps", False):
