@@ -91,6 +91,26 @@ def test_first_dpo_step_loss_and_rewards_match_mlx(tmp_path):
         assert abs(float(mlx_metrics[name]) - torch_metrics[name]) < 1e-4 * abs(torch_metrics[name]), name
 
 
+def test_sft_loss_matches_mlx(tmp_path):
+    from mlxrl.data.formats import encode_sft
+    from mlxrl.mlx.sft import sft_loss
+
+    cfg = quickstart("sft", tmp_path, "--model.model_max_length", "256")
+    trainer, _, _ = torch_train.build(cfg, **QUIET)
+    mlx_loaded = mlx_model.load(cfg.model, cfg.peft, for_training=True)
+    copy_lora(trainer.model, mlx_loaded, seed=4)
+    rows = [encode_sft(r, mlx_loaded.tokenizer) for r in load_split(cfg.data.train).select(range(4))]
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = mx.array([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in rows])
+    mask = mx.array([r["completion_mask"] + [0] * (width - len(r["input_ids"])) for r in rows])
+    mlx_loss = float(sft_loss(per_token_logps(mlx_loaded.model, ids), mask[:, 1:]))
+    by_ids = {tuple(r["input_ids"]): r for r in trainer.train_dataset}  # TRL shuffles nothing, but be sure
+    batch = trainer.data_collator([by_ids[tuple(r["input_ids"])] for r in rows])
+    trainer.model.train()
+    torch_loss = float(trainer.compute_loss(trainer.model, batch).detach())
+    assert abs(mlx_loss - torch_loss) < 1e-4, (mlx_loss, torch_loss)
+
+
 def _fixed_rollouts(tokenizer, rows, G, seed=0):
     """Prompt ids, completions (some ending at EOS, some cut), rewards: fixed, not sampled."""
     rng = np.random.default_rng(seed)
