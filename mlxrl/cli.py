@@ -51,10 +51,15 @@ def main():
 
 
 def pick_backend(requested: str, explain: bool = False):
-    """`mlx` always forces MLX; `torch` needs the torch extra; `auto`: MLX on Apple Silicon,
-    elsewhere torch when it is installed, else MLX. With `explain`: (backend, why)."""
+    """`mlx` always forces MLX; `torch` needs the torch extra; `auto`: $MLXRL_BACKEND (mlx|torch)
+    when set, else MLX on Apple Silicon, elsewhere torch when it is installed, else MLX.
+    With `explain`: (backend, why)."""
     from mlxrl.torch import auto_backend, missing_packages
 
+    env = os.environ.get("MLXRL_BACKEND", "").lower()
+    if requested == "auto" and env in ("mlx", "torch"):
+        backend = pick_backend(env)
+        return (backend, f"MLXRL_BACKEND={env}") if explain else backend
     if requested == "torch":
         missing = missing_packages()
         if missing:

@@ -279,12 +279,13 @@ def _cli(*args):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
-def test_backend_mlx_forces_mlx_and_auto_picks_torch_here(tmp_path):
+def test_backend_mlx_forces_mlx_and_auto_picks_torch_here(tmp_path, monkeypatch):
     one_step = ["-c", str(ROOT / "configs/quickstart/dpo.yaml"), "--quiet", "--training.max_steps", "1",
                 "--training.save_steps", "0"]
     forced = _cli("train", "--backend", "mlx", *one_step, "--training.output_dir", str(tmp_path / "mlx"))
     assert forced.exit_code == 0, forced.output
     assert "on MLX" in forced.stderr and (tmp_path / "mlx" / ADAPTER["mlx"]).is_file()
+    monkeypatch.delenv("MLXRL_BACKEND", raising=False)
     auto = _cli("train", *one_step, "--training.output_dir", str(tmp_path / "auto"))
     assert auto.exit_code == 0, auto.output
     assert "on torch" in auto.stderr and (tmp_path / "auto" / ADAPTER["torch"]).is_file()
@@ -295,6 +296,7 @@ def test_auto_backend_rules(monkeypatch):
     from mlxrl.cli import pick_backend
     from mlxrl.errors import MlxrlError
 
+    monkeypatch.delenv("MLXRL_BACKEND", raising=False)
     assert pick_backend("auto") == "torch"  # Linux with the torch extra installed
     assert "backend auto  -> torch (" in _cli("env").output
     monkeypatch.setattr(backend, "missing_packages", lambda: ["trl"])
@@ -306,3 +308,6 @@ def test_auto_backend_rules(monkeypatch):
     monkeypatch.setattr(backend, "missing_packages", lambda: [])
     assert pick_backend("auto", explain=True) == ("mlx", "Apple Silicon: MLX runs on its GPU")
     assert pick_backend("mlx") == "mlx" and pick_backend("torch") == "torch"
+    monkeypatch.setenv("MLXRL_BACKEND", "torch")
+    assert pick_backend("auto", explain=True) == ("torch", "MLXRL_BACKEND=torch")
+    assert pick_backend("mlx") == "mlx"  # --backend mlx always forces MLX
