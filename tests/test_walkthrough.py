@@ -182,3 +182,20 @@ def test_the_walkthrough_end_to_end(tmp_path, monkeypatch):
     for command in walkthrough_commands():
         out = run(command, tmp_path)
         check(command, out, tmp_path)
+
+
+@pytest.mark.slow
+def test_full_quickstart_learns_what_the_page_says(tmp_path):
+    """The full-size quickstart (a few minutes): the claims of the page's "Combine all three"."""
+    from mlxrl.quickstart import run_quickstart
+
+    run_quickstart(tmp_path, quiet=True, log=lambda m: None)
+    s = json.loads((tmp_path / "quickstart_results.json").read_text())
+    lc = {name: e["letter_count"] for name, e in s["evals"].items()}
+    sampled = {name: e["sampled_reward"]["rewards/letter_count/mean"] for name, e in s["evals"].items()}
+    assert lc["base"]["num_invalid_answers"] == lc["base"]["num_samples"]
+    assert lc["SFT"]["num_invalid_answers"] <= 0.1 * lc["SFT"]["num_samples"]
+    assert s["evals"]["DPO"]["preference"]["preference_accuracy"] >= 0.9
+    assert s["runs"]["GRPO"]["last"] > s["runs"]["GRPO"]["first"]
+    assert sampled["GRPO"] > sampled["SFT"]
+    assert lc["GRPO"]["accuracy"] >= s["majority_baseline"]["accuracy"] - 0.05
