@@ -72,7 +72,7 @@ CASES = {
 def test_bad_input_gives_one_line(case, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     config, extra, needle = CASES[case]
-    args = ["train", "-c", config, "--training.output_dir", str(tmp_path / "out"), "--quiet", *extra(tmp_path)]
+    args = ["train", "--backend", "mlx", "-c", config, "--training.output_dir", str(tmp_path / "out"), "--quiet", *extra(tmp_path)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1, (result.output, result.exception)
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]

@@ -18,7 +18,7 @@ DATA = ROOT / "configs/quickstart/data"
 
 
 def train_cmd(out, *extra):
-    return [sys.executable, "-m", "mlxrl.cli", "train", "-c", str(ROOT / "configs/quickstart/dpo.yaml"),
+    return [sys.executable, "-m", "mlxrl.cli", "train", "--backend", "mlx", "-c", str(ROOT / "configs/quickstart/dpo.yaml"),
             "--data.train.datasets[0].dataset_name", str(DATA / "preferences.jsonl"),
             "--training.output_dir", str(out), "--training.max_steps", "16", "--training.save_steps", "4",
             "--training.logging_steps", "2", "--peft.lora_dropout", "0.1", "--quiet", *extra]

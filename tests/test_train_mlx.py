@@ -146,7 +146,7 @@ def test_qlora_base_is_quantized_and_frozen(tmp_path):
     (["--data.train.datasets[0].dataset_name", "missing.jsonl"], "missing.jsonl"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, overrides, needle):
-    cmd = [sys.executable, "-m", "mlxrl.cli", "train", "-c", str(ROOT / "configs/quickstart/dpo.yaml"),
+    cmd = [sys.executable, "-m", "mlxrl.cli", "train", "--backend", "mlx", "-c", str(ROOT / "configs/quickstart/dpo.yaml"),
            "--training.output_dir", str(tmp_path), *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode != 0
@@ -157,7 +157,7 @@ def test_cli_bad_input_is_one_line(tmp_path, overrides, needle):
 
 def test_walkthrough_dpo_config_runs_to_the_end(tmp_path):
     """`mlxrl train -c configs/examples/learn_dpo_laptop.yaml` with a tiny model and local data."""
-    cmd = [sys.executable, "-m", "mlxrl.cli", "train", "-c", "configs/examples/learn_dpo_laptop.yaml",
+    cmd = [sys.executable, "-m", "mlxrl.cli", "train", "--backend", "mlx", "-c", "configs/examples/learn_dpo_laptop.yaml",
            "--model.model_name", "tiny://qwen2", "--model.torch_dtype_str", "float32",
            "--data.train.datasets[0].dataset_name", str(DATA / "preferences.jsonl"),
            "--training.output_dir", str(tmp_path), "--quiet"]
