@@ -119,7 +119,7 @@ def test_grpo_learns_a_reward_the_tiny_model_can_reach(tmp_path, reward_file):
     train(cfg, quiet=True, log=lambda m: None)
     rewards = [json.loads(line)["reward"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     first, last = np.mean(rewards[:8]), np.mean(rewards[-8:])
-    # measured here: first ~0.05, last ~0.5 (digits take over the completions)
+    # measured here: first 8 steps 0.002, last 8 steps 1.0 (digits take over the completions)
     assert last > first + 0.15, (first, last)
     logged = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     for name in ("reward", "reward_std", "rewards/digit_fraction/mean", "rewards/digit_fraction/std",
