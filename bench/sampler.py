@@ -46,11 +46,18 @@ class NoStopTokenizer:
         return self.tokenizer.decode(ids)
 
 
-def run_mlxrl(model, prompts, G, tokens, eos):
-    from mlxrl.mlx.sampling import sample
+def run_mlxrl(model, prompts, G, tokens, eos, split=None):
+    """`split` False: without the split matmuls (to show what they bring); None: as measured."""
+    from mlxrl.mlx import sampling
 
-    r = sample(model, prompts, num_generations=G, max_tokens=tokens, temperature=1.0,
-               eos_token_ids=[eos], seed=0)
+    rows = len(prompts) * G
+    verdict = sampling._split_is_faster(rows)
+    sampling._SPLIT_FASTER[rows] = verdict if split is None else split
+    try:
+        r = sampling.sample(model, prompts, num_generations=G, max_tokens=tokens,
+                            temperature=1.0, eos_token_ids=[eos], seed=0)
+    finally:
+        sampling._SPLIT_FASTER[rows] = verdict
     return int(r.lengths.sum())
 
 
@@ -93,13 +100,16 @@ def compare(model, tokenizer, B, G, tokens, repeats):
     eos = model.args.vocab_size  # an id the model cannot sample
     prompts = [tokenizer.encode(t) for t in TEXTS[:B]]
     no_stop = NoStopTokenizer(tokenizer, eos)
+    from mlxrl.mlx.sampling import _split_is_faster
+
     methods = {
         "mlxrl sample": lambda: run_mlxrl(model, prompts, G, tokens, eos),
+        "  ... without split matmuls": lambda: run_mlxrl(model, prompts, G, tokens, eos, False),
         "mlx-lm batch_generate": lambda: run_batch_generate(model, no_stop, prompts, G, tokens),
         "plain loop (BatchKVCache)": lambda: run_plain_loop(model, prompts, G, tokens),
     }
+    first = {name: 1 / tokens_per_second(fn) * B * G * tokens for name, fn in methods.items()}
     for fn in methods.values():
-        fn()
         fn()
     rates = {name: [] for name in methods}
     for _ in range(repeats):
@@ -107,11 +117,14 @@ def compare(model, tokenizer, B, G, tokens, repeats):
             rates[name].append(tokens_per_second(fn))
     base = statistics.median(rates["mlx-lm batch_generate"])
     print(f"\n{B} prompts x {G} completions x {tokens} tokens, prompt lengths "
-          f"{[len(p) for p in prompts]}, {repeats} rounds:")
+          f"{[len(p) for p in prompts]}, {repeats} rounds (split matmuls measured faster at "
+          f"{B * G} rows: {_split_is_faster(B * G)}):")
     for name, r in rates.items():
         med = statistics.median(r)
-        print(f"  {name:26s} median {med:6.1f} tok/s ({1000 * B * G / med:5.1f} ms/step)  "
-              f"best {max(r):6.1f} tok/s  median x{med / base:.2f} vs batch_generate")
+        print(f"  {name:28s} median {med:6.1f} tok/s ({1000 * B * G / med:5.1f} ms/step)  "
+              f"best {max(r):6.1f}  x{med / base:.2f} vs batch_generate (median), "
+              f"x{max(r) / max(rates['mlx-lm batch_generate']):.2f} (best); "
+              f"first call {first[name]:.2f} s")
 
 
 def main():
