@@ -44,13 +44,13 @@ def rows(r):
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "falcon_h1"])
 def test_logprobs_equal_teacher_forced_recompute(models, arch):
     model = models[arch]
-    r = sample(model, PROMPTS, num_generations=3, max_tokens=12, temperature=0.7, top_p=0.95,
+    r = sample(model, PROMPTS, num_generations=3, max_tokens=12, temperature=1.5, top_p=0.95,
                eos_token_ids=[EOS_ID], seed=3)
     assert r.tokens.shape == r.logprobs.shape == (12, r.lengths.max())
     assert r.tokens.dtype == np.int32 and r.logprobs.dtype == np.float32
     assert r.prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
     for i, prompt, completion in rows(r):
-        expected = teacher_forced(model, prompt, completion, 0.7)
+        expected = teacher_forced(model, prompt, completion, 1.5)
         np.testing.assert_allclose(r.logprobs[i, : r.lengths[i]], expected, atol=1e-4)
     assert (r.tokens[~r.mask] == 0).all() and (r.logprobs[~r.mask] == 0).all()
     assert r.seconds > 0 and r.tokens_per_second > 0
@@ -149,7 +149,7 @@ def test_top_k_1_equals_greedy(models):
     model = models["qwen2"]
     kw = dict(num_generations=2, max_tokens=10, eos_token_ids=never(model))
     greedy = sample(model, PROMPTS, temperature=0.0, **kw)
-    top1 = sample(model, PROMPTS, temperature=1.3, top_k=1, seed=9, **kw)
+    top1 = sample(model, PROMPTS, temperature=1.5, top_k=1, seed=9, **kw)
     np.testing.assert_array_equal(top1.tokens, greedy.tokens)
 
 
