@@ -175,3 +175,15 @@ def test_default_targets_are_every_exportable_linear_layer():
     keys = mlx_model.load(cfg.model, cfg.peft, for_training=True).lora["lora_parameters"]["keys"]
     assert "mamba.in_proj" in keys and "self_attn.q_proj" in keys and "feed_forward.down_proj" in keys
     assert "mamba.out_proj" not in keys  # PEFT cannot target it, so such an adapter could not be exported
+
+
+def test_dpo_from_a_trained_adapter_uses_it_as_reference(dpo_run, tmp_path):
+    """DPO after SFT: the reference is the starting adapter (TRL's frozen ref copy), not the base."""
+    _, out, *_ = dpo_run
+    cfg = dpo_config(tmp_path, "--model.model_name", str(out))
+    loaded = mlx_model.load(cfg.model, cfg.peft, for_training=True)
+    method = DPOMethod(cfg, loaded, load_split(cfg.data.train), log=lambda m: None)
+    (ids, mask, ref), = method.next_step().micro_batches
+    loss, metrics = method.loss(ids, mask, ref)
+    assert abs(float(loss) - math.log(2)) < 1e-5  # policy == reference at the start
+    assert float(metrics["rewards/margins"]) == 0.0

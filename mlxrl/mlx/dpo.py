@@ -16,6 +16,7 @@ Where TRL departs from the DPO paper (and so do we):
   pairs with `reward_c > reward_r` (per pair, not on batch means).
 """
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -282,9 +283,9 @@ def settings_loss(settings, logps, ref_logps, mask):
                     chosen_lengths=lc, rejected_lengths=lr)
 
 
-def reference_logps(model, input_ids, mask) -> mx.array:
-    """Summed completion log-probs with the adapters off (the reference policy)."""
-    with adapters_disabled(model):
+def reference_logps(model, input_ids, mask, adapters_off: bool = True) -> mx.array:
+    """Summed completion log-probs of the reference policy: by default the adapter-off model."""
+    with adapters_disabled(model) if adapters_off else contextlib.nullcontext():
         logps = sequence_logps(model, input_ids, mask)
     mx.eval(logps)
     return logps
@@ -315,7 +316,13 @@ class DPOMethod(StreamPosition):
         self.pairs = encode_pairs(dataset, loaded.tokenizer, self.settings.max_length, log)
         self.accum = self.training.gradient_accumulation_steps
         self.stream = IndexStream(len(self.pairs), self.training.seed)
-        self.ref_cache = self._precompute_reference() if self.settings.precompute_ref_log_probs else None
+        # Starting from a trained adapter (e.g. DPO after SFT), the reference is that starting
+        # policy, as TRL's frozen "ref" adapter copy: its log-probs are computed once, up front.
+        self.reference_is_start = loaded.adapter_path is not None
+        if self.reference_is_start:
+            log(f"note: the DPO reference is the starting adapter ({loaded.adapter_path}), precomputed")
+        precompute = self.settings.precompute_ref_log_probs or self.reference_is_start
+        self.ref_cache = self._precompute_reference() if precompute else None
 
     examples_per_step = property(lambda self: self.training.per_device_train_batch_size * self.accum)
     dataset_size = property(lambda self: len(self.pairs))
@@ -329,7 +336,7 @@ class DPOMethod(StreamPosition):
         for start in range(0, len(self.pairs), batch):
             indices = list(range(start, min(start + batch, len(self.pairs))))
             ids, mask, _ = self._arrays(indices)
-            logps = reference_logps(self.model, ids, mask).tolist()
+            logps = reference_logps(self.model, ids, mask, not self.reference_is_start).tolist()
             n = len(indices)
             cache += list(zip(logps[:n], logps[n:]))
         return cache
