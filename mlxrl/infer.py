@@ -29,16 +29,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
 
 from mlxrl.config import GenerationParams, ModelParams
 from mlxrl.config_parse import Builder, apply_override, key_path, load_yaml, split_overrides
-from mlxrl.errors import ConfigError, DataError, ModelError
+from mlxrl.errors import ConfigError, DataError
 
 # eval_dpo_results.yaml's extra sections, and a training config's (so `-c train.yaml` works)
 _LEGACY_SECTIONS = ("data", "evaluation", "inference", "training", "peft", "fsdp", "deepspeed")
 _ENGINES = (None, "NATIVE", "MLX", "OUMI")
-_TINY_SIZES = ("hidden_size", "num_layers", "intermediate_size", "num_heads", "num_kv_heads", "seed")
 DEFAULT_BATCH = 16  # rows per sampler call when generation.batch_size is 1 (Oumi's default)
 
 
@@ -105,15 +103,9 @@ def resolve_model_name(name: str) -> str:
     """`tiny://arch?hidden_size=128&num_layers=4` -> the cached folder; other names unchanged."""
     if not name.startswith("tiny://") or "?" not in name:
         return name
-    from mlxrl.testing import ARCHS, tiny_model
+    from mlxrl.mlx.model import tiny_path
 
-    arch, query = name[len("tiny://"):].split("?", 1)
-    sizes = dict(parse_qsl(query, keep_blank_values=True))
-    bad = [k for k, v in sizes.items() if k not in _TINY_SIZES or not v.isdigit()]
-    if arch not in ARCHS or bad:
-        raise ModelError(f"cannot read tiny model {name!r}: arch one of {ARCHS}, sizes "
-                         f"k=<int> with k in {_TINY_SIZES}")
-    return str(tiny_model(arch, **{k: int(v) for k, v in sizes.items()}))
+    return str(tiny_path(name))
 
 
 _LOADED: dict[str, Any] = {}  # the last models loaded, by their parameters (for infer())

@@ -58,18 +58,31 @@ def resolve_model(name: str) -> tuple[str, Path | None]:
 TINY_SCHEME = "tiny://"
 
 
+TINY_SIZES = ("hidden_size", "num_layers", "intermediate_size", "num_heads", "num_kv_heads", "seed")
+
+
+def tiny_path(name: str) -> Path:
+    """`tiny://qwen2` or `tiny://qwen2?hidden_size=128&num_layers=4`: the embedded tiny model."""
+    from urllib.parse import parse_qsl
+
+    from mlxrl.testing import ARCHS, tiny_model
+
+    arch, _, query = name[len(TINY_SCHEME):].partition("?")
+    sizes = dict(parse_qsl(query, keep_blank_values=True))
+    bad = [k for k, v in sizes.items() if k not in TINY_SIZES or not v.isdigit()]
+    if arch not in ARCHS or bad:
+        raise ModelError(f"cannot read tiny model {name!r}: use tiny://ARCH with ARCH one of {list(ARCHS)}, "
+                         f"optionally ?k=<int>&... with k in {list(TINY_SIZES)}")
+    return tiny_model(arch, **{k: int(v) for k, v in sizes.items()})
+
+
 def local_model_path(name: str, revision: str | None = None) -> Path:
     """A local folder for a hub id or path; fails fast with a clear message when offline.
 
     `tiny://qwen2` (or `llama`, `falcon_h1`) names mlxrl's embedded tiny model, built on the spot.
     """
     if name.startswith(TINY_SCHEME):
-        from mlxrl.testing import ARCHS, tiny_model
-
-        arch = name[len(TINY_SCHEME):]
-        if arch not in ARCHS:
-            raise ModelError(f"unknown tiny model {name!r}; use one of {[TINY_SCHEME + a for a in ARCHS]}")
-        return tiny_model(arch)
+        return tiny_path(name)
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
