@@ -36,9 +36,10 @@ def full_logits(model, prompt, completion):
     return np.array(model(ids)[0, len(prompt) - 1: len(prompt) - 1 + len(completion)])
 
 
-def rows(r):
+def rows(r, prompts=PROMPTS):
+    """(row, its prompt, its completion) for each row of rollout r."""
     for i in range(len(r.lengths)):
-        yield i, PROMPTS[r.prompt_index[i]], r.tokens[i, : r.lengths[i]].tolist()
+        yield i, prompts[r.prompt_index[i]], r.tokens[i, : r.lengths[i]].tolist()
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "falcon_h1"])
@@ -54,6 +55,16 @@ def test_logprobs_equal_teacher_forced_recompute(models, arch):
         np.testing.assert_allclose(r.logprobs[i, : r.lengths[i]], expected, atol=1e-4)
     assert (r.tokens[~r.mask] == 0).all() and (r.logprobs[~r.mask] == 0).all()
     assert r.seconds > 0 and r.tokens_per_second > 0
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "falcon_h1"])
+def test_single_token_prompts_nothing_to_prefill(models, arch):
+    model, prompts = models[arch], [[5], [9]]
+    r = sample(model, prompts, num_generations=2, max_tokens=6, temperature=1.5,
+               eos_token_ids=never(model), seed=4)
+    for i, prompt, completion in rows(r, prompts):
+        expected = teacher_forced(model, prompt, completion, 1.5)
+        np.testing.assert_allclose(r.logprobs[i], expected, atol=1e-4)
 
 
 def test_fixed_seed_reproduces_and_seeds_differ(models):
