@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -23,10 +22,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxrl.mlx.model import save_adapter
+from mlxrl.run_dir import STATE_FILE
 
-STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def write_checkpoint(output_dir: Path, step: int, model, adapter_config: dict, optimizer,
@@ -69,15 +67,6 @@ def _write_json(path: Path, data: dict) -> None:
         json.dump(data, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
-
-
-def checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    if not output_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir()
-             if (m := _CHECKPOINT.match(p.name)) and (p / STATE_FILE).is_file()]
-    return [p for _, p in sorted(found)]
 
 
 def read_state(folder: Path) -> dict:

@@ -23,6 +23,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlxrl.errors import ModelError
+from mlxrl.lora_targets import select_lora_targets
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -181,22 +182,7 @@ def block_linear_names(model: nn.Module) -> list[str]:
 
 def lora_config(model: nn.Module, peft_params) -> dict:
     """mlx-lm's adapter_config for the `peft` section (scale = alpha / r)."""
-    available = block_linear_names(model)
-    targets = peft_params.lora_target_modules
-    if targets in (None, [], "all-linear", ["all-linear"]):
-        # Every linear layer, except Mamba's out_proj: PEFT cannot target it (the adapter could
-        # not be exported), and Falcon-H1 recipes elsewhere leave it out too.
-        keys = [k for k in available if not k.endswith("mamba.out_proj")]
-    else:
-        wanted = [targets] if isinstance(targets, str) else list(targets)
-        keys = [k for k in available if k in wanted or k.split(".")[-1] in wanted]
-        missing = [t for t in wanted if not any(k == t or k.split(".")[-1] == t for k in available)]
-        if missing:
-            short = sorted({k.split(".")[-1] for k in available})
-            raise ModelError(f"peft.lora_target_modules {missing} not found in the model; "
-                             f"its linear layers are {short}")
-    if peft_params.lora_exclude_modules:
-        keys = [k for k in keys if k.split(".")[-1] not in peft_params.lora_exclude_modules]
+    keys = select_lora_targets(block_linear_names(model), peft_params)
     if peft_params.use_dora and peft_params.lora_dropout > 0:
         raise ModelError("DoRA with lora_dropout > 0 is not supported (dropout semantics differ "
                          "from PEFT's); set peft.lora_dropout: 0")

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
-from pathlib import Path
 
 import mlx.core as mx
 
-from mlxrl import checkpoint
 from mlxrl.data.loading import load_split
 from mlxrl.errors import ConfigError, DataError
 from mlxrl.mlx import model as mlx_model
 from mlxrl.mlx.trainer import Trainer, total_steps_for
+from mlxrl.run_dir import resume_folder
 
 
 def _method_class(name: str):
@@ -39,28 +37,6 @@ def _notes(cfg, log) -> None:
             "(bitsandbytes settings do not apply)")
     if t.enable_wandb or t.enable_mlflow:
         log("note: W&B / MLflow logging is not built in; metrics go to metrics.jsonl")
-
-
-def resume_folder(training, overwrite: bool = False) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run (refusing to mix two runs)."""
-    output_dir = Path(training.output_dir)
-    if training.resume_from_checkpoint:
-        folder = Path(training.resume_from_checkpoint)
-        if not (folder / checkpoint.STATE_FILE).is_file():
-            raise ConfigError(f"training.resume_from_checkpoint: {folder} is not a complete checkpoint")
-        return folder
-    existing = checkpoint.checkpoints(output_dir)
-    if training.try_resume_from_last_checkpoint:
-        return existing[-1] if existing else None
-    if existing and not overwrite:
-        raise ConfigError(f"{output_dir} already holds checkpoints of a run ({existing[-1].name}); "
-                          f"resume it with --resume, start over with --overwrite, or set "
-                          f"training.output_dir elsewhere")
-    if existing:
-        for folder in existing:
-            shutil.rmtree(folder)
-        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
-    return None
 
 
 def train(cfg, *, quiet: bool = False, log=print, overwrite: bool = False) -> dict:

@@ -33,6 +33,7 @@ from mlxrl import checkpoint
 from mlxrl.errors import MlxrlError
 from mlxrl.logging import MetricsLog
 from mlxrl.mlx.model import ADAPTER_FILE
+from mlxrl.run_dir import checkpoints
 
 
 class NonFiniteLoss(MlxrlError):
@@ -210,7 +211,7 @@ class Trainer:
         what = f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient'} " \
                f"(loss {loss_value}, grad norm {norm_value}) at step {self.step + 1}"
         if not self.training.skip_non_finite_steps:
-            kept = checkpoint.checkpoints(self.output_dir)
+            kept = checkpoints(self.output_dir)
             where = f"the last checkpoint ({kept[-1]}) is intact" if kept else "no checkpoint was written yet"
             raise NonFiniteLoss(f"{what}; {where}. Lower the learning rate, or set "
                                 f"training.skip_non_finite_steps: true to skip such steps")
@@ -258,7 +259,7 @@ class Trainer:
             return checkpoint.write_checkpoint(self.output_dir, self.step, self.model,
                                                self.adapter_config, self.optimizer, self.state())
         except OSError as e:
-            kept = checkpoint.checkpoints(self.output_dir)
+            kept = checkpoints(self.output_dir)
             where = f"{kept[-1]} is intact" if kept else "no earlier checkpoint exists"
             raise MlxrlError(f"could not save checkpoint-{self.step} in {self.output_dir}: "
                              f"{e.strerror or e}; {where}") from None

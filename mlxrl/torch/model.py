@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from mlxrl.errors import ModelError
+from mlxrl.lora_targets import select_lora_targets
 
 TINY_SCHEME = "tiny://"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -132,22 +133,7 @@ def block_linear_names(model: nn.Module) -> list[str]:
 
 def lora_targets(model: nn.Module, peft_params) -> list[str]:
     """PEFT `target_modules`: block-relative names, which PEFT matches as name suffixes."""
-    available = block_linear_names(model)
-    targets = peft_params.lora_target_modules
-    if targets in (None, [], "all-linear", ["all-linear"]):
-        # as on MLX: Mamba's out_proj is left out (its fused kernel reads the weight directly)
-        keys = [k for k in available if not k.endswith("mamba.out_proj")]
-    else:
-        wanted = [targets] if isinstance(targets, str) else list(targets)
-        keys = [k for k in available if k in wanted or k.split(".")[-1] in wanted]
-        missing = [t for t in wanted if not any(k == t or k.split(".")[-1] == t for k in available)]
-        if missing:
-            short = sorted({k.split(".")[-1] for k in available})
-            raise ModelError(f"peft.lora_target_modules {missing} not found in the model; "
-                             f"its linear layers are {short}")
-    if peft_params.lora_exclude_modules:
-        keys = [k for k in keys if k.split(".")[-1] not in peft_params.lora_exclude_modules]
-    return keys
+    return select_lora_targets(block_linear_names(model), peft_params)
 
 
 def device_kind() -> str:

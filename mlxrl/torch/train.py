@@ -15,54 +15,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
-import shutil
 import warnings
 from pathlib import Path
 
 from mlxrl.data.loading import load_split
 from mlxrl.errors import ConfigError
+from mlxrl.run_dir import STATE_FILE, resume_folder
 from mlxrl.torch import methods, translate
 from mlxrl.torch import model as torch_model
 from mlxrl.torch.callbacks import MlxrlCallback
 
-STATE_FILE = "trainer_state.json"
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints (with trainer_state.json), oldest first."""
-    if not output_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir()
-             if (m := _CHECKPOINT.match(p.name)) and (p / STATE_FILE).is_file()]
-    return [p for _, p in sorted(found)]
-
-
-def resume_folder(training, overwrite: bool = False) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run (the MLX backend's rules)."""
-    output_dir = Path(training.output_dir)
-    if training.resume_from_checkpoint:
-        folder = Path(training.resume_from_checkpoint)
-        if not (folder / STATE_FILE).is_file():
-            raise ConfigError(f"training.resume_from_checkpoint: {folder} is not a complete checkpoint")
-        return folder
-    existing = checkpoints(output_dir)
-    if training.try_resume_from_last_checkpoint:
-        return existing[-1] if existing else None
-    if existing and not overwrite:
-        raise ConfigError(f"{output_dir} already holds checkpoints of a run ({existing[-1].name}); "
-                          f"resume it with --resume, start over with --overwrite, or set "
-                          f"training.output_dir elsewhere")
-    if existing and is_main_process():
-        for folder in existing:
-            shutil.rmtree(folder)
-        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
-    return None
 
 
 def trl_args(cfg, loaded, device: str, use_vllm: bool, log):
@@ -158,7 +123,7 @@ def train(cfg, *, quiet: bool = False, log=print, overwrite: bool = False) -> di
     if not is_main_process():
         log = lambda message: None  # noqa: E731  (one copy of each line, from the main process)
     t = cfg.training
-    resume = resume_folder(t, overwrite)
+    resume = resume_folder(t, overwrite, may_delete=is_main_process())
     trainer, loaded, device = build(cfg, quiet=quiet, log=log)
     trainable, params = _parameter_counts(trainer.model)
     log(f"mlxrl {t.method} on torch ({device}): {loaded.base_name}, {trainable:,} trainable of "
