@@ -318,7 +318,9 @@ class GrpoSettings:
     min_p: float = 0.0
     epsilon: float = 0.2
     epsilon_high: float | None = None
+    delta: float | None = None  # two-sided clip of the ratio (INTELLECT-2)
     beta: float = 0.0
+    use_bias_correction_kl: bool = False  # TRL 1.16 defaults it on; mlxrl keeps plain k3
     loss_type: str = "dapo"
     scale_rewards: str | bool = "group"
     importance_sampling_level: str = "token"

@@ -336,7 +336,7 @@ class GRPOMethod(StreamPosition):
                          beta=s.beta, epsilon=s.epsilon, epsilon_high=s.epsilon_high,
                          loss_type=s.loss_type, importance_sampling_level=s.importance_sampling_level,
                          max_completion_length=s.max_completion_length, num_items_in_batch=num_items,
-                         grad_accum=self.accum)
+                         grad_accum=self.accum, delta=s.delta, use_bias_correction_kl=s.use_bias_correction_kl)
 
     def _rollout(self, indices: list[int]):
         from mlxrl.mlx.sampling import sample

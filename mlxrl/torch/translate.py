@@ -7,7 +7,7 @@ defaults, which change between releases (reference/trl-semantics.md), never deci
 `check_fields` refuses a TRL release that lacks one of them.
 
 Where the two backends' defaults differ, this module follows mlxrl's (= the MLX backend's):
-- GRPO `use_bias_correction_kl` False (TRL 1.16 defaults it to True);
+- GRPO `use_bias_correction_kl` from the settings, False by default (TRL 1.16 defaults it to True);
 - DPO `disable_dropout` False: `peft.lora_dropout` applies as on MLX (TRL's DPO default is True;
   `training.trainer_kwargs.disable_dropout` still sets it);
 - `gradient_checkpointing` from `training.enable_gradient_checkpointing` (TRL: on by default);
@@ -158,13 +158,13 @@ def grpo_config(cfg, common: dict, use_vllm: bool):
         num_generations=s.num_generations, max_completion_length=s.max_completion_length,
         temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p or None,
         repetition_penalty=g.repetition_penalty or 1.0, generation_kwargs=kw.get("generation_kwargs"),
-        beta=s.beta, epsilon=s.epsilon, epsilon_high=s.epsilon_high, delta=None,
+        beta=s.beta, epsilon=s.epsilon, epsilon_high=s.epsilon_high, delta=s.delta,
         loss_type=s.loss_type, scale_rewards=s.scale_rewards,
         importance_sampling_level=s.importance_sampling_level,
         mask_truncated_completions=s.mask_truncated_completions, reward_weights=s.reward_weights,
         multi_objective_aggregation="sum_then_normalize", num_iterations=s.num_iterations,
         steps_per_generation=cfg.training.gradient_accumulation_steps, generation_batch_size=None,
-        use_bias_correction_kl=False, top_entropy_quantile=1.0, entropy_coef=0.0,
+        use_bias_correction_kl=s.use_bias_correction_kl, top_entropy_quantile=1.0, entropy_coef=0.0,
         off_policy_mask_threshold=None, cast_lm_head_to_fp32=False,
         disable_dropout=bool(kw.get("disable_dropout", False)),
         shuffle_dataset=bool(kw.get("shuffle_dataset", True)), remove_unused_columns=False,
