@@ -1,0 +1,299 @@
+"""Shared pieces of the side-by-side benchmarks (`bench/dpo.py`, `bench/grpo.py`).
+
+- The model: mlxrl's 25M-parameter Qwen2-architecture tiny model (hidden 512, 8 layers, fp32), an
+  HF folder that mlx-lm and transformers both load.
+- The data: letter-count rows made longer (the answer spells the word out) so DPO sequences come
+  close to 128 tokens; the same rows go to every implementation.
+- The runner: every implementation trains in its own subprocess (`python bench/X.py --worker
+  IMPL ...`), which prints one `BENCH_RESULT {json}` line: seconds spent in the training call and
+  its own peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss`). Steady-state time per step is
+  `(T(n2) - T(n1)) / (n2 - n1)` over two whole runs, so start-up, tracing and compilation cancel.
+- Every MLX implementation gets the same BLAS: `import mlxrl` (which binds the system OpenBLAS)
+  comes before the first `import mlx.core` in every worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHAPE = dict(hidden_size=512, num_layers=8, intermediate_size=1536, num_heads=8, num_kv_heads=2)
+RESULT_TAG = "BENCH_RESULT "
+LORA_R, LORA_ALPHA = 8, 16  # MLX scale alpha / r = 2.0 everywhere
+LEARNING_RATE = 1e-4
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def model_path() -> Path:
+    from mlxrl.testing import tiny_model
+
+    return tiny_model("qwen2", **SHAPE)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _letter_rows(n: int, seed: int):
+    from mlxrl.data.letter_count import make_rows
+
+    for raw in make_rows(n, seed):
+        meta = raw["metadata"]
+        yield raw["messages"][0]["content"], meta["word"], meta["letter"], meta["letter_count_integer"]
+
+
+def long_preference_rows(n: int, max_tokens: int = 124, seed: int = 0) -> list[dict]:
+    """`n` string preference rows whose chat-templated prompt + answer fit in `max_tokens`.
+
+    Chosen spells the word out and counts; rejected guesses at similar length. With the tiny
+    model's tokenizer most rows are 95-124 tokens, so a batch of 4 pairs pads to ~120-128.
+    """
+    from mlx_lm.utils import load_tokenizer
+
+    from mlxrl.data.formats import encode_preference
+
+    tokenizer = load_tokenizer(model_path())
+    rng = random.Random(seed)
+    rows = []
+    for question, word, letter, count in _letter_rows(4 * n, seed):
+        wrong = count + rng.choice([1, 2, 3])
+        row = {
+            "prompt": question,
+            "chosen": (f"Let me think. I spell the word one letter at a time: {', '.join(word)}. "
+                       f"Now I count each {letter!r}: there are {count}. "
+                       f"So the answer is \\boxed{{{count}}}."),
+            "rejected": (f"Let me think. I will guess without spelling it out. The word {word!r} "
+                         f"looks long, so maybe the letter {letter!r} shows up {wrong} times. "
+                         f"My guess is {wrong}, but I am not sure."),
+        }
+        ids = encode_preference(row, tokenizer, len(rows))
+        longest = len(ids["prompt_ids"]) + max(len(ids["chosen_ids"]), len(ids["rejected_ids"]))
+        if longest <= max_tokens:
+            rows.append(row)
+        if len(rows) == n:
+            return rows
+    raise RuntimeError(f"only {len(rows)} rows fit in {max_tokens} tokens")
+
+
+def prompt_rows(n: int, seed: int = 0) -> list[dict]:
+    """GRPO prompts: the letter-count question as a user message (string prompt)."""
+    return [{"prompt": q, "answer": str(c)} for q, _, _, c in _letter_rows(n, seed)]
+
+
+def write_jsonl(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def bind_openblas() -> str:
+    """`import mlxrl` binds the system OpenBLAS; it must run before the first `import mlx.core`."""
+    import mlxrl  # noqa: F401
+    from mlxrl import _blas
+
+    return _blas.status
+
+
+def patch_mlx_for_mlx_lm_lora() -> None:
+    """mlx-lm-lora reads `mx.device_info()["max_recommended_working_set_size"]` and calls
+    `mx.set_wired_limit`; the Linux CPU build has neither the key nor wired memory."""
+    bind_openblas()
+    import mlx.core as mx
+
+    info = mx.device_info()
+    if "max_recommended_working_set_size" not in info:
+        info = dict(info, max_recommended_working_set_size=0)
+        mx.device_info = lambda: info
+    mx.set_wired_limit = lambda *args, **kwargs: 0
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Timer:
+    """Wall and CPU (user + sys, all threads) seconds since it was made."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), _cpu_seconds()
+
+    def elapsed(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, _cpu_seconds() - self.cpu
+
+
+def report(timer: Timer, steps: int, **extra) -> None:
+    """The worker's result line: the training call's wall and CPU seconds (since `timer` was
+    made), and this process's peak RSS."""
+    seconds, cpu = timer.elapsed()
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = {"seconds": seconds, "cpu_seconds": cpu, "steps": steps, "peak_rss_mb": rss_mb,
+              "loadavg": os.getloadavg()[0], **extra}
+    if "mlx.core" in sys.modules:
+        from mlxrl import _blas
+
+        result["blas"] = _blas.status
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def threads() -> int:
+    """Threads each worker may use (`--threads`; default all cores): OpenBLAS for MLX, torch."""
+    return int(os.environ.get("BENCH_THREADS", os.cpu_count()))
+
+
+def thread_env(n: int | None) -> dict[str, str]:
+    if not n:
+        return {}
+    n = str(n)
+    return {"BENCH_THREADS": n, "OPENBLAS_NUM_THREADS": n, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+
+
+def run_worker(script: str, impl: str, steps: int, workdir: Path, extra: list[str] = (),
+               timeout: float = 3600, num_threads: int | None = None,
+               python: str = sys.executable) -> dict:
+    """Run `python script --worker impl --n N --workdir DIR` and return its result dict."""
+    cmd = [python, script, "--worker", impl, "--n", str(steps), "--workdir", str(workdir),
+           *extra]
+    env = dict(os.environ, **OFFLINE, **thread_env(num_threads))
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    wall = time.perf_counter() - start
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
+        raise RuntimeError(f"{impl} worker failed (rc {proc.returncode}):\n{tail}")
+    result = json.loads(lines[-1][len(RESULT_TAG):])
+    result["wall"] = wall
+    return result
+
+
+def cpu_idle_fraction(window: float = 2.0) -> float:
+    """Fraction of all cores' time idle during the next `window` seconds (/proc/stat)."""
+    def sample():
+        fields = [float(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+
+    idle0, total0 = sample()
+    time.sleep(window)
+    idle1, total1 = sample()
+    return (idle1 - idle0) / max(total1 - total0, 1e-9)
+
+
+def wait_for_idle(min_idle: float, timeout: float = 900, log=print) -> float:
+    """Wait (up to `timeout` s) until the machine is at least `min_idle` idle; returns the last
+    idle fraction seen. Other people's jobs share the CPU: starting each run in a quiet moment
+    keeps the two runs of a pair comparable."""
+    if not min_idle or not Path("/proc/stat").exists():
+        return float("nan")
+    deadline = time.monotonic() + timeout
+    idle = cpu_idle_fraction()
+    while idle < min_idle and time.monotonic() < deadline:
+        time.sleep(5)
+        idle = cpu_idle_fraction()
+    if idle < min_idle:
+        log(f"  (machine still only {idle:.0%} idle after {timeout:.0f} s; running anyway)")
+    return idle
+
+
+def steady_state(script: str, impls: list[str], n1: int, n2: int, repeats: int, workdir: Path,
+                 extra: dict | None = None, num_threads: int | None = None,
+                 python: dict | None = None, min_idle: float = 0.0,
+                 log=print) -> dict[str, dict]:
+    """Per implementation: the median over `repeats` of (T(n2) - T(n1)) / (n2 - n1), the peak RSS
+    of the n2 runs, and the raw runs. Implementations take turns within each repeat, so load from
+    other processes on the machine falls on all of them alike."""
+    runs = {impl: [] for impl in impls}
+    for r in range(repeats):
+        for impl in impls:
+            args = (extra or {}).get(impl, [])
+            exe = (python or {}).get(impl, sys.executable)
+            wait_for_idle(min_idle, log=log)
+            short = run_worker(script, impl, n1, workdir, args, num_threads=num_threads, python=exe)
+            wait_for_idle(min_idle, log=log)
+            long = run_worker(script, impl, n2, workdir, args, num_threads=num_threads, python=exe)
+            per_step = (long["seconds"] - short["seconds"]) / (n2 - n1)
+            cpu_per_step = (long["cpu_seconds"] - short["cpu_seconds"]) / (n2 - n1)
+            runs[impl].append({"per_step": per_step, "cpu_per_step": cpu_per_step,
+                               "short": short, "long": long})
+            log(f"  [{r + 1}/{repeats}] {impl:12s} T({n1})={short['seconds']:6.2f}s "
+                f"T({n2})={long['seconds']:6.2f}s -> {per_step:6.3f} s/step "
+                f"({cpu_per_step:6.3f} CPU-s/step), peak RSS {long['peak_rss_mb']:5.0f} MB, "
+                f"load {long['loadavg']:.1f}")
+    out = {}
+    for impl, rs in runs.items():
+        out[impl] = {
+            "per_step": statistics.median(r["per_step"] for r in rs),
+            "per_step_all": [r["per_step"] for r in rs],
+            "cpu_per_step": statistics.median(r["cpu_per_step"] for r in rs),
+            "peak_rss_mb": statistics.median(r["long"]["peak_rss_mb"] for r in rs),
+            "runs": rs,
+        }
+    return out
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        cpu = re.search(r"model name\s*:\s*(.*)", text).group(1)
+    except (OSError, AttributeError):
+        pass
+    return f"{os.cpu_count()}-core {cpu}, {platform.system()} {platform.release()}"
+
+
+def versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = []
+    for name in ("mlx", "mlx-lm", "mlx-lm-lora", "torch", "transformers", "peft", "trl"):
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            parts.append(f"{name} -")
+    return ", ".join(parts)
+
+
+def print_table(title: str, results: dict[str, dict], reference: str = "mlxrl", rss: bool = True,
+                extra_cols: dict[str, dict[str, str]] | None = None) -> None:
+    print(f"\n{title}")
+    head = (f"  {'implementation':14s} {'s/step median':>13s} {'best':>6s} {'runs':>24s} "
+            f"{'CPU-s/step':>10s}")
+    if rss:
+        head += f" {'peak RSS MB':>12s}"
+    head += f" {'mlxrl speed-up':>15s}"
+    if rss:
+        head += f" {'RSS ratio':>10s}"
+    print(head)
+    ref = results.get(reference)
+    for impl, r in results.items():
+        runs = ", ".join(f"{x:.3f}" for x in r["per_step_all"])
+        line = (f"  {impl:14s} {r['per_step']:13.3f} {min(r['per_step_all']):6.3f} {runs:>24s} "
+                f"{r['cpu_per_step']:10.3f}")
+        if rss:
+            line += f" {r['peak_rss_mb']:12.0f}"
+        if ref is not None:
+            line += f" {r['per_step'] / ref['per_step']:14.2f}x"
+            if rss:
+                line += f" {ref['peak_rss_mb'] / r['peak_rss_mb']:10.2f}"
+        for name, col in (extra_cols or {}).items():
+            line += f"  {name} {col.get(impl, '')}"
+        print(line)
+    print("  (speed-up: implementation s/step / mlxrl s/step, medians; RSS ratio: mlxrl RSS /\n"
+          "   implementation RSS; best: the lowest of the repeats, the least disturbed by other jobs;\n"
+          "   CPU-s/step: user + sys seconds of all the process's threads, same two-run difference)")

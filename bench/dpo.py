@@ -1,0 +1,187 @@
+"""DPO, side by side: mlxrl vs mlx-lm-lora (MLX, same OpenBLAS) vs TRL's DPOTrainer (torch CPU).
+
+Workload (DESIGN.md section 8): the 25M-parameter Qwen2-architecture tiny model, fp32, LoRA r 8
+(alpha 16) on every linear layer of every block, 4 pairs a step, sequences <= 128 tokens (the
+same generated letter-count pairs for all, chat-templated by each implementation, most 95-124
+tokens), sigmoid loss, beta 0.1, AdamW, the reference = the base model (mlxrl and TRL: the adapter
+switched off; mlx-lm-lora: its second model copy, as its own `train.py` loads it).
+
+Each implementation trains in its own subprocess, n1 and then n2 steps; the steady-state time per
+step is (T(n2) - T(n1)) / (n2 - n1) over the two whole training calls (model load, data encoding,
+tracing and compilation cancel). Peak RSS is the n2 process's own `ru_maxrss` (imports included:
+mlx-lm-lora and TRL import torch). Implementations take turns within each repeat; the median over
+repeats is printed. The CPU is shared, so expect run-to-run spread. Reports, never asserts.
+
+    python bench/dpo.py [--steps 4 16] [--repeats 3] [--threads N] [--rows long|short]
+                        [--impls mlxrl,mlx-lm-lora,trl] [--mlxrl-python PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import _common as common
+
+IMPLS = ("mlxrl", "mlx-lm-lora", "trl")
+PAIRS = 4
+MAX_LENGTH = 128
+BETA = 0.1
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def worker_mlxrl(steps: int, workdir: Path) -> None:
+    common.bind_openblas()
+    from mlxrl.config import load_config
+    from mlxrl.mlx.train import train
+
+    out = Path(tempfile.mkdtemp(dir=workdir, prefix="mlxrl-dpo-"))
+    config = out / "dpo.yaml"
+    config.write_text(f"""
+model: {{model_name: "{common.model_path()}", model_max_length: {MAX_LENGTH}, torch_dtype_str: float32}}
+data: {{train: {{datasets: [{{dataset_name: "{workdir / 'pairs.jsonl'}"}}]}}}}
+training:
+  trainer_type: TRL_DPO
+  max_steps: {steps}
+  per_device_train_batch_size: {PAIRS}
+  learning_rate: {common.LEARNING_RATE}
+  lr_scheduler_type: constant
+  logging_steps: 1000000
+  save_steps: 0
+  save_final_model: false
+  output_dir: "{out}"
+  trainer_kwargs: {{beta: {BETA}, loss_type: sigmoid}}
+peft: {{lora_r: {common.LORA_R}, lora_alpha: {common.LORA_ALPHA}, lora_dropout: 0.0}}
+""")
+    cfg = load_config(str(config), [])
+    timer = common.Timer()
+    train(cfg, quiet=True, log=lambda *_: None)
+    common.report(timer, steps)
+
+
+def worker_mlx_lm_lora(steps: int, workdir: Path) -> None:
+    common.patch_mlx_for_mlx_lm_lora()  # also binds the same OpenBLAS
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    import numpy as np
+    from mlx_lm.utils import load
+    from mlx_lm_lora.trainer.datasets import CacheDataset, DPODataset
+    from mlx_lm_lora.trainer.dpo_trainer import DPOTrainingArgs, train_dpo
+    from mlx_lm_lora.utils import from_pretrained
+
+    np.random.seed(0)
+    mx.random.seed(0)
+    path = str(common.model_path())
+    out = Path(tempfile.mkdtemp(dir=workdir, prefix="mll-dpo-"))
+    timer = common.Timer()
+    lora = {"rank": common.LORA_R, "dropout": 0.0, "scale": common.LORA_ALPHA / common.LORA_R,
+            "num_layers": -1}
+    model, tokenizer, _ = from_pretrained(path, lora_config=lora)
+    reference, _ = load(path)  # what mlx_lm_lora.train.load_reference_model does
+    reference.freeze()
+    train_set = CacheDataset(DPODataset(common.read_jsonl(workdir / "pairs.jsonl"), tokenizer))
+    args = DPOTrainingArgs(batch_size=PAIRS, iters=steps, val_batches=0, steps_per_report=10**9,
+                           steps_per_eval=10**9, steps_per_save=10**9,
+                           adapter_file=str(out / "adapters.safetensors"),
+                           max_seq_length=MAX_LENGTH, beta=BETA, loss_type="sigmoid")
+    train_dpo(model=model, ref_model=reference, optimizer=optim.AdamW(learning_rate=common.LEARNING_RATE),
+              train_dataset=train_set, val_dataset=None, args=args, loss_type="sigmoid")
+    common.report(timer, steps)
+
+
+def worker_trl(steps: int, workdir: Path) -> None:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    torch.set_num_threads(common.threads())
+    torch.manual_seed(0)
+    path = str(common.model_path())
+    rows = common.read_jsonl(workdir / "pairs.jsonl")
+    data = Dataset.from_list([
+        {"prompt": [{"role": "user", "content": r["prompt"]}],
+         "chosen": [{"role": "assistant", "content": r["chosen"]}],
+         "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    peft = LoraConfig(r=common.LORA_R, lora_alpha=common.LORA_ALPHA, lora_dropout=0.0,
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+    args = DPOConfig(output_dir=str(workdir / "trl-dpo"), max_steps=steps,
+                     per_device_train_batch_size=PAIRS, learning_rate=common.LEARNING_RATE,
+                     lr_scheduler_type="constant", max_length=MAX_LENGTH, beta=BETA,
+                     gradient_checkpointing=False,
+                     loss_type=["sigmoid"], logging_steps=10**6, save_strategy="no",
+                     report_to="none", use_cpu=True, bf16=False, fp16=False,
+                     dataloader_num_workers=0, disable_tqdm=True, seed=0)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                         peft_config=peft)
+    timer = common.Timer()
+    trainer.train()
+    common.report(timer, steps)
+
+
+WORKERS = {"mlxrl": worker_mlxrl, "mlx-lm-lora": worker_mlx_lm_lora, "trl": worker_trl}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, nargs=2, default=[4, 16], metavar=("N1", "N2"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--impls", default=",".join(IMPLS))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads per implementation (OpenBLAS / torch); default all cores")
+    parser.add_argument("--min-idle", type=float, default=0.0,
+                        help="before each run wait (up to 15 min) until the CPUs are this idle, "
+                             "e.g. 0.8 on a shared machine (default 0: do not wait)")
+    parser.add_argument("--pairs", type=int, default=256, help="rows in the generated dataset")
+    parser.add_argument("--rows", choices=("long", "short"), default="long",
+                        help="long: answers spelled out, 95-124 tokens (default); short: "
+                             "mlxrl.data.synthetic.preference_rows, the quickstart pairs, ~40-65 tokens")
+    parser.add_argument("--mlxrl-python", default=sys.executable,
+                        help="interpreter for the mlxrl worker (e.g. a venv without torch, to see "
+                             "mlxrl's RSS as a `pip install mlxrl[cpu]` user gets it)")
+    parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        WORKERS[args.worker](args.n, args.workdir)
+        return
+    common.bind_openblas()
+
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    n1, n2 = args.steps
+    with tempfile.TemporaryDirectory(prefix="mlxrl-bench-dpo-") as tmp:
+        workdir = Path(tmp)
+        if args.rows == "long":
+            rows = common.long_preference_rows(args.pairs)
+        else:
+            from mlxrl.data.synthetic import preference_rows
+
+            rows = preference_rows(args.pairs)
+        common.write_jsonl(rows, workdir / "pairs.jsonl")
+        print(f"DPO benchmark {datetime.date.today()} on {common.machine()}")
+        print(f"  {common.versions()}")
+        print(f"  model {common.model_path().name} (25M, fp32), LoRA r {common.LORA_R} all linear, "
+              f"{PAIRS} pairs/step, {len(rows)} {args.rows} pairs; steps {n1} and {n2}, "
+              f"{args.repeats} repeats, {args.threads or os.cpu_count()} threads each")
+        results = common.steady_state(__file__, impls, n1, n2, args.repeats, workdir,
+                                      num_threads=args.threads, min_idle=args.min_idle,
+                                      python={"mlxrl": args.mlxrl_python})
+    common.print_table(f"DPO steady-state time per step (median of {args.repeats})", results)
+    print("\ntargets (DESIGN.md 8): mlxrl <= 0.45 s/step, peak RSS <= 540 MB")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
