@@ -321,11 +321,19 @@ class DPOMethod(StreamPosition):
         self.reference_is_start = loaded.adapter_path is not None
         if self.reference_is_start:
             log(f"note: the DPO reference is the starting adapter ({loaded.adapter_path}), precomputed")
-        precompute = self.settings.precompute_ref_log_probs or self.reference_is_start
+        precompute = self.settings.precompute_ref_log_probs or self.reference_is_start or self._visits_all()
         self.ref_cache = self._precompute_reference() if precompute else None
 
     examples_per_step = property(lambda self: self.training.per_device_train_batch_size * self.accum)
     dataset_size = property(lambda self: len(self.pairs))
+
+    def _visits_all(self) -> bool:
+        """Will the run see every pair at least once? Then one reference forward per pair up front
+        costs no more than one per step, and the step drops its reference forward (same values:
+        the reference is the frozen adapter-off model)."""
+        if self.training.max_steps <= 0:
+            return True
+        return self.training.max_steps * self.examples_per_step >= len(self.pairs)
 
     def _arrays(self, indices: list[int]):
         return pair_arrays([self.pairs[i] for i in indices])
