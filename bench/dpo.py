@@ -6,6 +6,12 @@ same generated letter-count pairs for all, chat-templated by each implementation
 tokens), sigmoid loss, beta 0.1, AdamW, the reference = the base model (mlxrl and TRL: the adapter
 switched off; mlx-lm-lora: its second model copy, as its own `train.py` loads it).
 
+mlxrl precomputes the reference log-probs up front when a run visits every pair (max_steps x 4 >=
+pairs); with the default 256 pairs and <= 16 steps it does not, so every implementation runs a
+reference forward each step. `--pairs 16` shows the other case: mlxrl's up-front reference pass
+is then in both runs and cancels, and its steps have no reference forward (TRL and mlx-lm-lora
+still run one per step: TRL's precompute_ref_log_probs is off by default).
+
 Each implementation trains in its own subprocess, n1 and then n2 steps; the steady-state time per
 step is (T(n2) - T(n1)) / (n2 - n1) over the two whole training calls (model load, data encoding,
 tracing and compilation cancel). Peak RSS is the n2 process's own `ru_maxrss` (imports included:
@@ -176,6 +182,8 @@ def main() -> None:
         print(f"  model {common.model_path().name} (25M, fp32), LoRA r {common.LORA_R} all linear, "
               f"{PAIRS} pairs/step, {len(rows)} {args.rows} pairs; steps {n1} and {n2}, "
               f"{args.repeats} repeats, {args.threads or os.cpu_count()} threads each")
+        if n1 * PAIRS >= len(rows):
+            print(f"  both runs visit all {len(rows)} pairs: mlxrl precomputes the reference up front")
         results = common.steady_state(__file__, impls, n1, n2, args.repeats, workdir,
                                       num_threads=args.threads, min_idle=args.min_idle,
                                       python={"mlxrl": args.mlxrl_python})

@@ -14,10 +14,13 @@ Qwen2-architecture model, fp32, LoRA r 8 on all linears, 4 pairs = 8 rows of 128
    `ptanh_float` coefficients, |error| < 2e-6) with a hand-written VJP, patched into mlx-lm's
    Qwen2 MLP (`mlx_lm.models.qwen2.swiglu`). It uses only multiply/add/divide/clip, which the
    CPU vectorizes; the loss changes by ~1e-6.
+4. Padding: the compiled forward + backward of the same 4 pairs padded to their longest row and
+   to multiples of 8, 16 and 32 (mlxrl's bucket), with the one-off cost of tracing a new width.
 
-Timings are medians over --repeats of CPU time (user + sys, all threads) with wall time beside:
-on a shared CPU the CPU time of a single-threaded run (`--threads 1`, the default) is the stable
-measure; compare rows of one run.
+Timings are medians over --repeats. With `--threads 1` (the default) the figure is CPU time (user +
+sys, all threads), wall time beside: on a shared CPU the CPU time of a single-threaded run is the
+stable measure. With more threads it is wall time (idle OpenBLAS threads spin, so CPU time is
+about threads x wall); use that on a quiet machine. Compare rows of one run.
 
     python bench/profile_dpo.py [--repeats 7] [--threads 1]
 """
@@ -62,8 +65,10 @@ ORIGINAL_SWIGLU = qwen2.swiglu
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
-    """Median (CPU, wall) milliseconds of `fn()` after one warm-up call. CPU time is user + sys
-    of the whole process (every thread): on a shared machine it moves far less than wall time."""
+    """Median (primary, other) milliseconds of `fn()` after one warm-up call: (CPU, wall) with one
+    thread, where CPU time (user + sys, all threads) moves far less than wall time on a shared
+    machine; (wall, CPU) with more threads, where idle OpenBLAS threads spin and CPU time is about
+    threads x wall whatever runs."""
     fn()
     cpu, wall = [], []
     for _ in range(repeats):
@@ -71,12 +76,22 @@ def timed(fn, repeats: int) -> tuple[float, float]:
         fn()
         cpu.append(time.process_time() - c)
         wall.append(time.perf_counter() - w)
-    return 1000 * statistics.median(cpu), 1000 * statistics.median(wall)
+    cpu_ms, wall_ms = 1000 * statistics.median(cpu), 1000 * statistics.median(wall)
+    return (cpu_ms, wall_ms) if _single_thread() else (wall_ms, cpu_ms)
+
+
+def _single_thread() -> bool:
+    return os.environ.get("OPENBLAS_NUM_THREADS") == "1"
+
+
+def unit() -> str:
+    return "CPU-ms" if _single_thread() else "ms"
 
 
 def row(name: str, ms: tuple[float, float], total: float | None = None) -> None:
     share = f"{100 * ms[0] / total:5.1f}%" if total else "      "
-    print(f"  {name:46s} {ms[0]:8.1f} CPU-ms {share}   (wall {ms[1]:7.1f} ms)")
+    other = "wall" if _single_thread() else "CPU"
+    print(f"  {name:46s} {ms[0]:8.1f} {unit():6s} {share}   ({other} {ms[1]:7.1f} ms)")
 
 
 # ----------------------------------------------------------------------------- fast SiLU
@@ -135,11 +150,13 @@ def build(workdir: Path):
     config.write_text(f"""
 model: {{model_name: "{common.model_path()}", model_max_length: 128, torch_dtype_str: float32}}
 data: {{train: {{datasets: [{{dataset_name: "{data}"}}]}}}}
-training: {{trainer_type: TRL_DPO, max_steps: 1000, per_device_train_batch_size: 4,
+training: {{trainer_type: TRL_DPO, max_steps: 4, per_device_train_batch_size: 4,
   learning_rate: 1e-4, lr_scheduler_type: constant, logging_steps: 1000000, save_steps: 0,
   save_final_model: false, output_dir: "{workdir / 'out'}"}}
 peft: {{lora_r: {common.LORA_R}, lora_alpha: {common.LORA_ALPHA}}}
 """)
+    # max_steps 4 x 4 pairs < 64 pairs: the run does not visit every pair, so DPOMethod does not
+    # precompute the reference and each step runs its reference forward (the bench's case)
     cfg = load_config(str(config), [])
     loaded = mlx_model.load(cfg.model, cfg.peft, for_training=True)
     method = DPOMethod(cfg, loaded, load_split(cfg.data.train), log=lambda *_: None)
@@ -272,6 +289,34 @@ def ablation(cfg, loaded, method, ids, mask, repeats: int, label: str, swiglu) -
         qwen2.swiglu = ORIGINAL_SWIGLU
 
 
+def padding(cfg, loaded, method, repeats: int) -> list[tuple[int, float, float]]:
+    """(width, first call, later calls) of a fresh Trainer's compiled grad step on the same 4
+    pairs padded to each width: what a bucket costs per step, and what a new width costs once
+    (tracing + compiling; the fused kernels are cached on disk, so this is a warm-cache figure)."""
+    from mlxrl.mlx.trainer import pad_rows
+
+    order = sorted(range(len(method.pairs)), key=lambda i: max(len(method.pairs[i][0]), len(method.pairs[i][2])))
+    middle = len(order) // 2  # 4 pairs of median length, so the widths differ
+    pairs = [method.pairs[i] for i in order[middle - 2:middle + 2]]
+    rows = [p[0] for p in pairs] + [p[2] for p in pairs]
+    masks = [p[1] for p in pairs] + [p[3] for p in pairs]
+    longest = max(map(len, rows))
+    trainer = make_trainer(cfg, loaded, method)
+    out = []
+    for width in sorted({longest, -(-longest // 8) * 8, -(-longest // 16) * 16, -(-longest // 32) * 32}):
+        ids, mask = pad_rows(rows, width), pad_rows(masks, width)
+        ref = reference_logps(loaded.model, ids, mask)
+
+        def step(ids=ids, mask=mask, ref=ref):
+            mx.eval(trainer._grad_step(ids, mask, ref))
+
+        start = time.perf_counter()
+        step()
+        first = 1000 * (time.perf_counter() - start)
+        out.append((width, first, timed(step, repeats)[0]))
+    return out
+
+
 def main() -> None:
     args = _parser().parse_args()
     with tempfile.TemporaryDirectory(prefix="mlxrl-profile-dpo-") as tmp:
@@ -295,8 +340,8 @@ def main() -> None:
                 continue
             row(name, ms, whole if not name.startswith("  ") else None)
         n = f["  (elements per array)"][0]
-        print(f"  exp: {1e6 * f['  exp on one SwiGLU-sized array'][0] / n:.1f} CPU-ns/element, multiply "
-              f"{1e6 * f['  multiply on the same array'][0] / n:.2f} ({int(n):,} elements)")
+        print(f"  exp: {1e6 * f['  exp on one SwiGLU-sized array'][0] / n:.1f} ns/element, multiply "
+              f"{1e6 * f['  multiply on the same array'][0] / n:.2f} ({int(n):,} elements; {unit()})")
 
         print("\n3. SiLU: ablation and a vectorizable replacement (whole step = ref fwd + fwd + bwd)")
         results = [ablation(cfg, loaded, method, ids, mask, args.repeats, label, fn) for label, fn in (
@@ -307,10 +352,17 @@ def main() -> None:
         for r in results:
             saved = base["ref + fwd + bwd"][0] - r["ref + fwd + bwd"][0]
             print(f"  {r['label']:44s} forward {r['forward'][0]:7.1f}, ref+fwd+bwd "
-                  f"{r['ref + fwd + bwd'][0]:7.1f} CPU-ms (saves {saved:6.1f}), loss {r['loss']:.7f}")
+                  f"{r['ref + fwd + bwd'][0]:7.1f} {unit()} (saves {saved:6.1f}), loss {r['loss']:.7f}")
         x = mx.random.normal((1 << 20,)) * 4
         error = mx.abs(fast_silu(x) - nn.silu(x)).max().item()
         print(f"  rational SiLU max |error| vs nn.silu on N(0, 16) samples: {error:.2e}")
+
+        print("\n4. padding: the compiled policy forward + backward of the same 4 pairs at each width")
+        for width, first, later in padding(cfg, loaded, method, args.repeats):
+            print(f"  width {width:4d}: {later:7.1f} {unit()} a step; first call {first:7.1f} ms wall "
+                  f"(a new width's trace + compile ~ {first - later:6.1f} ms)")
+        print("  (mlxrl pads to multiples of 32 (`trainer.bucket`); mlx-lm-lora and TRL to the batch's "
+              "longest row)")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ update (the Trainer's compiled forward + backward over the 8 prompt+completion r
 AdamW). For scale: one plain forward of the same 8 rows, and the decode floor of reading every
 weight once per token (100 MB at fp32) at the memory bandwidth numpy's sum reaches here.
 
-Medians over --repeats of CPU time (user + sys, all threads) with wall time beside; single-threaded
-OpenBLAS by default (`--threads 1`), the stable measure on a shared machine.
+Medians over --repeats: CPU time with `--threads 1` (the default; the stable measure on a shared
+machine), wall time with more threads (on a quiet machine), as in `bench/profile_dpo.py`.
 
     python bench/profile_grpo.py [--repeats 5] [--threads 1]
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from grpo import GENERATIONS, NEVER, PROMPTS, TOKENS, messages  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
+from profile_dpo import row, timed, unit  # noqa: E402  (the same timing conventions)
 
 from mlxrl.config import load_config  # noqa: E402
 from mlxrl.data.loading import load_split  # noqa: E402
@@ -55,23 +55,6 @@ class NoEOSGRPO(GRPOMethod):
     def _rollout(self, indices):
         self.eos_ids = [NEVER]
         return super()._rollout(indices)
-
-
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """Median (CPU, wall) milliseconds of `fn()` after one warm-up call."""
-    fn()
-    cpu, wall = [], []
-    for _ in range(repeats):
-        c, w = time.process_time(), time.perf_counter()
-        fn()
-        cpu.append(time.process_time() - c)
-        wall.append(time.perf_counter() - w)
-    return 1000 * statistics.median(cpu), 1000 * statistics.median(wall)
-
-
-def row(name: str, ms: tuple[float, float], total: float | None = None) -> None:
-    share = f"{100 * ms[0] / total:5.1f}%" if total else "      "
-    print(f"  {name:46s} {ms[0]:8.1f} CPU-ms {share}   (wall {ms[1]:7.1f} ms)")
 
 
 def build(workdir: Path):
@@ -146,7 +129,7 @@ def main() -> None:
         for name, ms in phases.items():
             row(name, ms, total if name != "Trainer.train_step" else None)
         rest = phases["whole next_step (rollout + rewards + batches)"][0] - phases["rollout (sample 8 x 64 tokens)"][0]
-        print(f"  (rewards + advantages + arrays ~ {rest:.1f} CPU-ms; AdamW + host syncs ~ "
+        print(f"  (rewards + advantages + arrays ~ {rest:.1f} {unit()}; AdamW + host syncs ~ "
               f"{total - phases['whole next_step (rollout + rewards + batches)'][0] - phases['update: compiled forward + backward'][0]:.1f})")
 
         print(f"\n2. for scale (rows of {ids.shape[1]} tokens: prompt + 64, bucketed)")
@@ -154,8 +137,8 @@ def main() -> None:
         row(f"one forward of the {ids.shape[0]} x {ids.shape[1]} update batch",
             timed(lambda: mx.eval(forward(ids)), args.repeats))
         rollout_ms = phases["rollout (sample 8 x 64 tokens)"]
-        print(f"  rollout per decode step: {rollout_ms[0] / TOKENS:.1f} CPU-ms "
-              f"({rollout_ms[1] / TOKENS:.1f} ms wall), {PROMPTS * GENERATIONS} rows each")
+        print(f"  rollout per decode step: {rollout_ms[0] / TOKENS:.1f} {unit()}, "
+              f"{PROMPTS * GENERATIONS} rows each (prefill included)")
         n_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
         print(f"  floor: reading the {n_bytes / 1e6:.0f} MB of weights once (numpy sum): "
               f"{memory_floor_ms(n_bytes):.1f} ms per decode step")

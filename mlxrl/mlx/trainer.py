@@ -10,7 +10,7 @@ metrics such as rewards). The loop:
         log every logging_steps, checkpoint every save_steps
 
 The gradient function is `nn.value_and_grad` inside `mx.compile`; methods pad their arrays to
-bucketed widths so the compiled function is traced for a handful of shapes only.
+bucketed widths (multiples of 8) so the compiled function is traced for a bounded set of shapes.
 """
 
 from __future__ import annotations
@@ -87,8 +87,14 @@ class StreamPosition:
         self.stream.position = state["position"]
 
 
-def bucket(length: int, multiple: int = 32) -> int:
-    """Pad widths up to a multiple of 32 so the compiled step sees few shapes."""
+def bucket(length: int, multiple: int = 8) -> int:
+    """Pad widths up to a multiple of 8 so the compiled step sees a bounded set of shapes.
+
+    Padding costs in proportion (a step's time is linear in width: +20% at 128 vs 110 columns on
+    the 25M bench model), while a new width costs one retrace (50-90 ms there; the fused kernels
+    do not depend on the width). Multiples of 32 padded bench batches ~10-14% past their longest
+    row; multiples of 8, ~3%.
+    """
     return max(multiple, multiple * math.ceil(length / multiple))
 
 
