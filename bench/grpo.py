@@ -16,6 +16,7 @@ steps after the first two). Implementations take turns within a repeat; medians 
 The CPU is shared, so expect run-to-run spread. Reports, never asserts.
 
     python bench/grpo.py [--steps 2 6] [--repeats 3] [--threads N] [--impls mlxrl,mlx-lm-lora,trl]
+                         [--mlxrl-python PATH]
 """
 
 from __future__ import annotations
@@ -219,6 +220,9 @@ def main() -> None:
     parser.add_argument("--min-idle", type=float, default=0.0,
                         help="before each run wait (up to 15 min) until the CPUs are this idle, "
                              "e.g. 0.8 on a shared machine (default 0: do not wait)")
+    parser.add_argument("--mlxrl-python", default=sys.executable,
+                        help="interpreter for the mlxrl worker (e.g. another checkout's mlxrl on "
+                             "its PYTHONPATH, for an A/B run)")
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -241,7 +245,8 @@ def main() -> None:
               f"steps {n1} and {n2}, {args.repeats} repeats, "
               f"{args.threads or os.cpu_count()} threads each")
         results = common.steady_state(__file__, impls, n1, n2, args.repeats, workdir,
-                                      num_threads=args.threads, min_idle=args.min_idle)
+                                      num_threads=args.threads, min_idle=args.min_idle,
+                                      python={"mlxrl": args.mlxrl_python})
     common.print_table(f"GRPO steady-state time per step (median of {args.repeats})", results,
                        rss=False)
     if "mlxrl" in results and (split := mlxrl_split(results["mlxrl"])):
