@@ -24,7 +24,8 @@ import mlx.core as mx
 
 from mlxrl.adapter_hub import model_card, push_to_hub
 from mlxrl.adapter_maps import LAYER_PATH, AdapterError, AdapterNote, arch_map, from_hf, to_hf
-from mlxrl.mlx.model import ADAPTER_CONFIG, ADAPTER_FILE, local_model_path, resolve_model
+from mlxrl.mlx.model import ADAPTER_CONFIG, ADAPTER_FILE, resolve_model
+from mlxrl.model_names import local_model_path
 
 __all__ = ["AdapterError", "AdapterNote", "export_peft", "import_peft", "fuse", "push_to_hub"]
 

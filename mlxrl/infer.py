@@ -103,7 +103,7 @@ def resolve_model_name(name: str) -> str:
     """`tiny://arch?hidden_size=128&num_layers=4` -> the cached folder; other names unchanged."""
     if not name.startswith("tiny://") or "?" not in name:
         return name
-    from mlxrl.mlx.model import tiny_path
+    from mlxrl.model_names import tiny_path
 
     return str(tiny_path(name))
 

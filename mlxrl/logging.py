@@ -56,7 +56,14 @@ class MetricsLog:
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
+    """The records of metrics.jsonl; a last line cut off by a killed run is left out."""
     path = Path(output_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines[:-1]]
+    try:
+        records += [json.loads(line) for line in lines[-1:]]
+    except json.JSONDecodeError:
+        pass
+    return records

@@ -1,11 +1,17 @@
-"""What both backends share about an output_dir: finding complete checkpoints, and deciding
-whether a run resumes, starts fresh, or must not mix with another run's checkpoints.
+"""What both backends share about an output_dir: finding complete checkpoints, writing them
+atomically, and deciding whether a run resumes, starts fresh, or must not mix with another run's
+checkpoints.
+
+A checkpoint is written into a hidden temporary folder (`staging_folder`) and renamed into place
+when complete (`publish_folder`), so a killed run never leaves a half-written `checkpoint-<step>`.
 
 Backend-neutral (no mlx or torch import), so the torch backend can use it without MLX.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -32,8 +38,12 @@ def resume_folder(training, overwrite: bool = False, may_delete: bool = True) ->
     `resume_from_checkpoint` names one; `try_resume_from_last_checkpoint` takes the newest
     complete one in output_dir. A fresh run refuses an output_dir with checkpoints unless
     `overwrite`, which deletes them (when `may_delete`: the main process only, under accelerate).
+    Staging folders that a killed save left behind are removed.
     """
     output_dir = Path(training.output_dir)
+    if may_delete and output_dir.is_dir():  # what a killed save left: never a complete checkpoint
+        for leftover in [*output_dir.glob(".tmp-*"), *output_dir.glob(".old-*")]:
+            shutil.rmtree(leftover, ignore_errors=True)
     if training.resume_from_checkpoint:
         folder = Path(training.resume_from_checkpoint)
         if not (folder / STATE_FILE).is_file():
@@ -51,3 +61,38 @@ def resume_folder(training, overwrite: bool = False, may_delete: bool = True) ->
             shutil.rmtree(folder)
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
     return None
+
+
+def staging_folder(output_dir: Path, name: str) -> Path:
+    """An empty hidden folder in output_dir to write `name` into before `publish_folder`.
+
+    Its name is fixed (no pid) so that every process of a distributed run writes into the same one.
+    """
+    tmp = Path(output_dir) / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish_folder(tmp: Path, final: Path) -> None:
+    """Rename a complete folder into place, replacing an older one of the same name."""
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def publish_files(tmp: Path, dest: Path) -> None:
+    """Move each file of `tmp` into `dest` (each replaced atomically), then remove `tmp`."""
+    for f in tmp.iterdir():
+        os.replace(f, dest / f.name)
+    tmp.rmdir()
+
+
+def write_json(path: Path, data) -> None:
+    """JSON written and fsynced, so a following rename never publishes an empty file."""
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())

@@ -68,11 +68,12 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_gives_one_line(case, tmp_path, monkeypatch):
+def test_bad_input_gives_one_line(case, backend, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     config, extra, needle = CASES[case]
-    args = ["train", "--backend", "mlx", "-c", config, "--training.output_dir", str(tmp_path / "out"), "--quiet", *extra(tmp_path)]
+    args = ["train", "--backend", backend, "-c", config, "--training.output_dir", str(tmp_path / "out"), "--quiet", *extra(tmp_path)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1, (result.output, result.exception)
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -84,5 +85,5 @@ def test_bad_input_gives_one_line(case, tmp_path, monkeypatch):
 def test_docs_table_lists_every_case():
     doc = (ROOT / "docs/errors.md").read_text()
     ids = set(re.findall(r"^\| `([a-z-]+)` \|", doc, re.M))
-    tested_elsewhere = {"output-dir-in-use", "disk-full", "non-finite", "interrupted"}
+    tested_elsewhere = {"output-dir-in-use", "disk-full", "non-finite", "interrupted", "pickle-checkpoint"}
     assert ids == set(CASES) | tested_elsewhere

@@ -1,4 +1,5 @@
-"""Reliability on MLX: exact resume after SIGKILL, atomic checkpoints, SIGINT, non-finite steps."""
+"""Reliability on both backends: exact resume after SIGKILL, atomic checkpoints, SIGINT,
+non-finite steps, another run's output_dir, disk full, no pickle read back."""
 
 import json
 import os
@@ -9,23 +10,28 @@ import sys
 import time
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "configs/quickstart/data"
 
 
-def train_cmd(out, *extra):
-    return [sys.executable, "-m", "mlxrl.cli", "train", "--backend", "mlx", "-c", str(ROOT / "configs/quickstart/dpo.yaml"),
+BACKENDS = ["mlx", "torch"]
+
+
+def train_cmd(backend, out, *extra):
+    return [sys.executable, "-m", "mlxrl.cli", "train", "--backend", backend, "-c", str(ROOT / "configs/quickstart/dpo.yaml"),
             "--data.train.datasets[0].dataset_name", str(DATA / "preferences.jsonl"),
             "--training.output_dir", str(out), "--training.max_steps", "16", "--training.save_steps", "4",
             "--training.logging_steps", "2", "--peft.lora_dropout", "0.1", "--quiet", *extra]
 
 
 def adapter(folder):
-    return {k: np.array(v) for k, v in mx.load(str(folder / "adapters.safetensors")).items()}
+    """The adapter's tensors, in either backend's file."""
+    mlx_file = folder / "adapters.safetensors"
+    return load_file(str(mlx_file if mlx_file.is_file() else folder / "adapter_model.safetensors"))
 
 
 def assert_same_adapter(a, b, tol=1e-6):
@@ -44,35 +50,41 @@ def run_until(cmd, out, ready, timeout=120):
     proc.wait()
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("straight")
-    subprocess.run(train_cmd(out), cwd=ROOT, check=True, capture_output=True, timeout=300)
-    return out
+@pytest.fixture(scope="module", params=BACKENDS)
+def uninterrupted(request, tmp_path_factory):
+    """(backend, output_dir of a 16-step run that nothing interrupted)."""
+    out = tmp_path_factory.mktemp(f"straight-{request.param}")
+    subprocess.run(train_cmd(request.param, out), cwd=ROOT, check=True, capture_output=True, timeout=300)
+    return request.param, out
 
 
 def test_sigkill_then_resume_gives_the_same_adapter(uninterrupted, tmp_path):
+    backend, straight = uninterrupted
     out = tmp_path / "run"
     # killed right after checkpoint-4 lands, then again mid-run after checkpoint-8
-    run_until(train_cmd(out), out, lambda o: (o / "checkpoint-4").is_dir())
-    run_until(train_cmd(out, "--resume"), out, lambda o: (o / "checkpoint-8").is_dir())
-    # a save killed half-way: a temp folder and a checkpoint folder without its state file
-    (out / ".tmp-checkpoint-12-999").mkdir(exist_ok=True)
+    run_until(train_cmd(backend, out), out, lambda o: (o / "checkpoint-4").is_dir())
+    run_until(train_cmd(backend, out, "--resume"), out, lambda o: (o / "checkpoint-8").is_dir())
+    # killed as soon as checkpoint-12's staging folder appears (mid-save, or just after it)
+    run_until(train_cmd(backend, out, "--resume"), out,
+              lambda o: (o / ".tmp-checkpoint-12").exists() or (o / "checkpoint-12").exists())
+    # and a save killed half-way by a writer that was not atomic: no state file
     half = out / "checkpoint-12"
     if not half.exists():
         shutil.copytree(out / "checkpoint-8", half)
         (half / "trainer_state.json").unlink()
-    proc = subprocess.run(train_cmd(out, "--resume"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(train_cmd(backend, out, "--resume"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "resumed from" in proc.stderr
-    assert_same_adapter(adapter(uninterrupted), adapter(out))
+    assert_same_adapter(adapter(straight), adapter(out))
+    assert not list(out.glob(".tmp-*"))  # staging left by the kills is cleaned up
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 16  # no duplicated or missing log lines
 
 
 def test_sigint_saves_and_says_how_to_resume(uninterrupted, tmp_path):
     out = tmp_path / "run"
-    cmd = train_cmd(out, "--training.save_steps", "100", "--training.max_steps", "400")
+    cmd = train_cmd(uninterrupted[0], out, "--training.save_steps", "100", "--training.max_steps", "400")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while not (out / "metrics.jsonl").is_file():
         time.sleep(0.01)
@@ -85,19 +97,21 @@ def test_sigint_saves_and_says_how_to_resume(uninterrupted, tmp_path):
 
 
 def test_output_dir_of_another_run_is_refused(uninterrupted, tmp_path):
+    backend, straight = uninterrupted
     out = tmp_path / "run"
-    shutil.copytree(uninterrupted, out)
-    proc = subprocess.run(train_cmd(out), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    shutil.copytree(straight, out)
+    proc = subprocess.run(train_cmd(backend, out), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "already holds checkpoints" in proc.stderr
-    proc = subprocess.run(train_cmd(out, "--overwrite", "--training.max_steps", "2"), cwd=ROOT,
+    proc = subprocess.run(train_cmd(backend, out, "--overwrite", "--training.max_steps", "2"), cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.glob("checkpoint-*")) == []
 
 
-def test_non_finite_loss_stops_with_checkpoint_intact(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_loss_stops_with_checkpoint_intact(backend, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run(train_cmd(out, "--training.learning_rate", "1e30", "--training.max_grad_norm", "0",
+    proc = subprocess.run(train_cmd(backend, out, "--training.learning_rate", "1e30", "--training.max_grad_norm", "0",
                                     "--training.lr_scheduler_type", "constant", "--training.warmup_steps", "0"),
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
@@ -106,7 +120,7 @@ def test_non_finite_loss_stops_with_checkpoint_intact(tmp_path):
     for folder in out.glob("checkpoint-*"):
         weights = adapter(folder)
         assert all(np.isfinite(v).all() for v in weights.values())
-    proc = subprocess.run(train_cmd(out, "--overwrite", "--training.learning_rate", "1e30",
+    proc = subprocess.run(train_cmd(backend, out, "--overwrite", "--training.learning_rate", "1e30",
                                     "--training.max_grad_norm", "0", "--training.skip_non_finite_steps", "true",
                                     "--training.lr_scheduler_type", "constant", "--training.warmup_steps", "0"),
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -138,3 +152,49 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         train(cfg, quiet=True, log=lambda m: None)
     assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-4"]
     assert not list(tmp_path.glob(".tmp*"))
+
+
+def test_torch_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from mlxrl.config import load_config
+    from mlxrl.errors import MlxrlError
+    from mlxrl.torch import checkpoints
+    from mlxrl.torch.train import train
+
+    calls = {"n": 0}
+    real = checkpoints.save_optimizer_state
+
+    def fill_up(state, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, os.strerror(28))
+        real(state, path)
+
+    monkeypatch.setattr(checkpoints, "save_optimizer_state", fill_up)
+    cfg = load_config(ROOT / "configs/quickstart/dpo.yaml", [
+        "--data.train.datasets[0].dataset_name", str(DATA / "preferences.jsonl"),
+        "--training.output_dir", str(tmp_path), "--training.max_steps", "8", "--training.save_steps", "4"])
+    with pytest.raises(MlxrlError, match="No space left on device.*checkpoint-4 is intact"):
+        train(cfg, quiet=True, log=lambda m: None)
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-4"]
+    assert not list(tmp_path.glob(".tmp*"))
+
+
+def test_checkpoints_hold_no_pickle(uninterrupted):
+    backend, straight = uninterrupted
+    written = {p.suffix for p in straight.rglob("*") if p.is_file()}
+    assert not written & {".pt", ".pth", ".bin", ".pkl"}, written
+    state_files = {"mlx": {"optimizer.safetensors"},
+                   "torch": {"optimizer.safetensors", "rng_state.safetensors", "scheduler.json"}}[backend]
+    assert state_files <= {p.name for p in (straight / "checkpoint-8").iterdir()}
+
+
+@pytest.mark.parametrize("uninterrupted", ["torch"], indirect=True)
+def test_torch_refuses_a_checkpoint_with_pickle_files(uninterrupted, tmp_path):
+    backend, straight = uninterrupted
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    (out / "checkpoint-16" / "optimizer.pt").write_bytes(b"\x80\x04not read")
+    proc = subprocess.run(train_cmd(backend, out, "--resume", "--training.max_steps", "20"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "optimizer.pt (pickle files" in proc.stderr and "Traceback" not in proc.stderr

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from mlx.utils import tree_flatten
 
 from mlxrl.errors import ModelError
 from mlxrl.lora_targets import select_lora_targets
+from mlxrl.model_names import local_model_path
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -54,55 +54,6 @@ def resolve_model(name: str) -> tuple[str, Path | None]:
             raise ModelError(f"{config_file} does not name its base model ('model' key)")
         return base, path
     return name, None
-
-
-TINY_SCHEME = "tiny://"
-
-
-TINY_SIZES = ("hidden_size", "num_layers", "intermediate_size", "num_heads", "num_kv_heads", "seed")
-
-
-def tiny_path(name: str) -> Path:
-    """`tiny://qwen2` or `tiny://qwen2?hidden_size=128&num_layers=4`: the embedded tiny model."""
-    from urllib.parse import parse_qsl
-
-    from mlxrl.testing import ARCHS, tiny_model
-
-    arch, _, query = name[len(TINY_SCHEME):].partition("?")
-    sizes = dict(parse_qsl(query, keep_blank_values=True))
-    bad = [k for k, v in sizes.items() if k not in TINY_SIZES or not v.isdigit()]
-    if arch not in ARCHS or bad:
-        raise ModelError(f"cannot read tiny model {name!r}: use tiny://ARCH with ARCH one of {list(ARCHS)}, "
-                         f"optionally ?k=<int>&... with k in {list(TINY_SIZES)}")
-    return tiny_model(arch, **{k: int(v) for k, v in sizes.items()})
-
-
-def local_model_path(name: str, revision: str | None = None) -> Path:
-    """A local folder for a hub id or path; fails fast with a clear message when offline.
-
-    `tiny://qwen2` (or `llama`, `falcon_h1`) names mlxrl's embedded tiny model, built on the spot.
-    """
-    if name.startswith(TINY_SCHEME):
-        return tiny_path(name)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{path} is not a model folder (no config.json)")
-        return path
-    if path.suffix in (".json", ".safetensors") or name.startswith((".", "/", "~")):
-        raise ModelError(f"model folder not found: {name}")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    patterns = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
-    try:
-        return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
-    except LocalEntryNotFoundError:
-        raise ModelError(f"model {name!r} is not in the local Hugging Face cache and the hub cannot be "
-                         f"reached (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}); download it "
-                         f"first or give a local folder") from None
-    except Exception as e:  # noqa: BLE001 - hub errors come in many types; report them in one line
-        raise ModelError(f"cannot fetch model {name!r} from the hub: {type(e).__name__}: {e}") from None
 
 
 def load(model_params, peft_params=None, *, for_training: bool = False, gradient_checkpointing=False):

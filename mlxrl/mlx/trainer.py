@@ -16,8 +16,6 @@ bucketed widths (multiples of 8) so the compiled function is traced for a bounde
 from __future__ import annotations
 
 import math
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,11 +31,7 @@ from mlxrl import checkpoint
 from mlxrl.errors import MlxrlError
 from mlxrl.logging import MetricsLog
 from mlxrl.mlx.model import ADAPTER_FILE
-from mlxrl.run_dir import checkpoints
-
-
-class NonFiniteLoss(MlxrlError):
-    pass
+from mlxrl.stopping import StopOnSignal, interrupted, non_finite, save_failed
 
 
 @dataclass
@@ -217,10 +211,7 @@ class Trainer:
         what = f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient'} " \
                f"(loss {loss_value}, grad norm {norm_value}) at step {self.step + 1}"
         if not self.training.skip_non_finite_steps:
-            kept = checkpoints(self.output_dir)
-            where = f"the last checkpoint ({kept[-1]}) is intact" if kept else "no checkpoint was written yet"
-            raise NonFiniteLoss(f"{what}; {where}. Lower the learning rate, or set "
-                                f"training.skip_non_finite_steps: true to skip such steps")
+            raise non_finite(what, self.output_dir)
         self.skipped_steps += 1
         self.log.write(f"warning: {what}; step skipped (no update)")
         return None
@@ -265,10 +256,7 @@ class Trainer:
             return checkpoint.write_checkpoint(self.output_dir, self.step, self.model,
                                                self.adapter_config, self.optimizer, self.state())
         except OSError as e:
-            kept = checkpoints(self.output_dir)
-            where = f"{kept[-1]} is intact" if kept else "no earlier checkpoint exists"
-            raise MlxrlError(f"could not save checkpoint-{self.step} in {self.output_dir}: "
-                             f"{e.strerror or e}; {where}") from None
+            raise save_failed(self.output_dir, self.step, e) from None
 
     def run(self) -> dict:
         training = self.training
@@ -299,41 +287,7 @@ class Trainer:
         folder = self.output_dir / f"checkpoint-{self.step}"
         if not saved:
             folder = self.save_checkpoint()
-        name = signal.Signals(signum).name
-        raise TrainingInterrupted(f"{name} at step {self.step}/{self.total_steps}: saved {folder}; "
-                                  f"resume with the same command plus --resume", exit_code=128 + signum)
-
-
-class TrainingInterrupted(MlxrlError):
-    def __init__(self, message: str, exit_code: int = 130):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class StopOnSignal:
-    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint after the current step and stops.
-
-    A second signal stops at once (the last complete checkpoint stays intact).
-    """
-
-    def __init__(self):
-        self.signum = None
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        raise interrupted(signum, self.step, self.total_steps, folder)
 
 
 def pad_rows(rows: list[list[int]], width: int, pad: int = 0) -> mx.array:

@@ -6,6 +6,9 @@ TRL already logs `loss`, `grad_norm`, `learning_rate`, `epoch` and each method's
 the names the MLX backend uses (`rewards/chosen`, `reward`, `completions/mean_length`, ...);
 this callback adds `step_time`, `tokens_per_second` and `peak_memory_gb`, averaged over the steps
 since the previous log line as on MLX, and keeps TRL's extra metrics (`entropy`, `num_tokens`, ...).
+
+With a `StopOnSignal` attached (`stop`), a SIGINT / SIGTERM makes the step that is running the last:
+it is logged and saved, and `interrupted_at` says which step that was.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from mlxrl.logging import MetricsLog
+from mlxrl.logging import MetricsLog, read_metrics
 
 _SUMMARY_KEYS = ("train_runtime", "train_loss", "total_flos")
 
@@ -41,12 +44,16 @@ class MlxrlCallback(TrainerCallback):
         self._started = 0.0
         self._seconds: list[float] = []
         self._tokens_seen = 0.0
+        self.stop = None  # a StopOnSignal
+        self.interrupted_at: int | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self.log = MetricsLog(self.output_dir, state.max_steps, initial_step=state.global_step,
                                   desc=self.desc, quiet=self.quiet)
+            if state.global_step:  # resumed: drop the lines logged after the checkpoint
+                self.log.restore(read_metrics(self.output_dir), state.global_step)
         if state.log_history:  # resumed: count tokens from where the last log line left off
             self._tokens_seen = float(state.log_history[-1].get("num_tokens", 0.0))
 
@@ -61,6 +68,9 @@ class MlxrlCallback(TrainerCallback):
             control.should_log = True  # the MLX loop logs its last step
             if self.save_steps <= 0 or state.global_step % self.save_steps:
                 control.should_save = False  # the final adapter goes to output_dir instead
+        elif self.stop is not None and self.stop.signum is not None:
+            control.should_log = control.should_save = control.should_training_stop = True
+            self.interrupted_at = state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})

@@ -21,6 +21,7 @@ import datasets
 from mlxrl.data.formats import Truncation, encode_preference, encode_sft
 from mlxrl.errors import ConfigError, DataError
 from mlxrl.rewards import load_rewards
+from mlxrl.torch.checkpoints import safe_trainer_class
 
 TRL_REWARD_EXTRAS = ("trainer_state", "log_extra", "log_metric", "environments")
 
@@ -113,6 +114,8 @@ def build_trainer(cfg, loaded, dataset, args, peft_config, callbacks, log=print)
     from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
     method, tok = cfg.training.method, loaded.tokenizer
+    DPOTrainer, GRPOTrainer, SFTTrainer = (
+        safe_trainer_class(c, cfg.training.skip_non_finite_steps, log) for c in (DPOTrainer, GRPOTrainer, SFTTrainer))
     common = dict(model=loaded.model, args=args, processing_class=tok, callbacks=callbacks,
                   peft_config=peft_config)
     if method == "sft":

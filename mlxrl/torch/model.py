@@ -20,8 +20,8 @@ from torch import nn
 
 from mlxrl.errors import ModelError
 from mlxrl.lora_targets import select_lora_targets
+from mlxrl.model_names import TINY_SCHEME, local_model_path, tiny_path
 
-TINY_SCHEME = "tiny://"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16}
@@ -35,21 +35,14 @@ class Loaded:
     peft_dir: Path | None = None  # a PEFT adapter to continue training
 
 
-def resolve(name: str) -> tuple[str, Path | None]:
-    """(base model name or folder, PEFT adapter folder or None)."""
+def resolve(name: str, revision: str | None = None) -> tuple[str, Path | None]:
+    """(local base model folder, PEFT adapter folder or None) for a model name."""
     if name.startswith(TINY_SCHEME):
-        from mlxrl.testing import ARCHS, tiny_model
-
-        arch = name[len(TINY_SCHEME):]
-        if arch not in ARCHS:
-            raise ModelError(f"unknown tiny model {name!r}; use one of {[TINY_SCHEME + a for a in ARCHS]}")
-        return str(tiny_model(arch)), None
+        return str(tiny_path(name)), None
     path = Path(name).expanduser()
     config_file = path / "adapter_config.json"
     if not (path.is_dir() and config_file.is_file()):
-        if name.startswith((".", "/", "~")) and not path.is_dir():
-            raise ModelError(f"model folder not found: {name}")
-        return name, None
+        return str(local_model_path(name, revision)), None
     config = json.loads(config_file.read_text())
     if "peft_type" not in config:
         raise ModelError(f"{path} holds an MLX adapter; convert it for the torch backend with "
@@ -57,7 +50,7 @@ def resolve(name: str) -> tuple[str, Path | None]:
     base = config.get("base_model_name_or_path")
     if not base:
         raise ModelError(f"{config_file} does not name its base model (base_model_name_or_path)")
-    return resolve(base)[0], path
+    return resolve(base, revision)[0], path
 
 
 def load_tokenizer(model_params, base: str):
@@ -87,7 +80,7 @@ def load(cfg, quantization=None) -> Loaded:
     from transformers import AutoModelForCausalLM
 
     mp = cfg.model
-    base, peft_dir = resolve(mp.model_name)
+    base, peft_dir = resolve(mp.model_name, mp.model_revision)
     tokenizer = load_tokenizer(mp, base)
     kwargs = {**(cfg.training.grpo.model_init_kwargs or {}), **(mp.model_kwargs or {})}
     kwargs["dtype"] = "auto" if mp.torch_dtype_str == "auto" else DTYPES[mp.torch_dtype_str]

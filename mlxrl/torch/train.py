@@ -2,7 +2,8 @@
 
     output_dir/
       checkpoint-<step>/   adapter_model.safetensors, adapter_config.json (PEFT), trainer_state.json,
-                           plus TRL's optimizer / scheduler / RNG state for an exact resume
+                           plus optimizer / scheduler / RNG state for an exact resume, as
+                           safetensors and JSON, written atomically (checkpoints.py)
       adapter_model.safetensors, adapter_config.json, trainer_state.json   (the final adapter)
       metrics.jsonl        (completions.jsonl for GRPO with training.grpo.log_completions)
 
@@ -20,7 +21,8 @@ from pathlib import Path
 
 from mlxrl.data.loading import load_split
 from mlxrl.errors import ConfigError
-from mlxrl.run_dir import STATE_FILE, resume_folder
+from mlxrl.run_dir import STATE_FILE, resume_folder, write_json
+from mlxrl.stopping import StopOnSignal, interrupted
 from mlxrl.torch import methods, translate
 from mlxrl.torch import model as torch_model
 from mlxrl.torch.callbacks import MlxrlCallback
@@ -109,8 +111,7 @@ def write_state(trainer, method: str) -> dict:
     state = dataclasses.asdict(trainer.state)
     state.update({"method": method, "backend": "torch"})
     if trainer.is_world_process_zero():
-        path = Path(trainer.args.output_dir) / STATE_FILE
-        path.write_text(json.dumps(state, indent=2))
+        write_json(Path(trainer.args.output_dir) / STATE_FILE, state)
     return state
 
 
@@ -130,8 +131,15 @@ def train(cfg, *, quiet: bool = False, log=print, overwrite: bool = False) -> di
         f"{params:,} parameters, {len(trainer.train_dataset)} examples, {_steps_text(t)} "
         f"-> {t.output_dir}")
     if resume is not None:
-        log(f"resuming from {resume}")
-    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        step = json.loads((resume / STATE_FILE).read_text())["global_step"]
+        log(f"resumed from {resume} at step {step}")
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, MlxrlCallback))
+    with StopOnSignal() as callback.stop:
+        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    if callback.interrupted_at is not None:
+        step = callback.interrupted_at
+        raise interrupted(callback.stop.signum, step, trainer.state.max_steps,
+                          Path(t.output_dir) / f"checkpoint-{step}")
     if t.save_final_model:
-        trainer.save_model(t.output_dir)
+        trainer.save_final(t.output_dir)
     return write_state(trainer, t.method)

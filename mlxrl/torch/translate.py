@@ -280,5 +280,3 @@ def notes(cfg, log) -> None:
         log("note: training.trainer_kwargs.truncation_mode: sequences are truncated keep_start, as on MLX")
     if cfg.model.enable_liger_kernel:
         log("note: model.enable_liger_kernel is not supported (TRL deprecated it)")
-    if getattr(t, "skip_non_finite_steps", False):
-        log("note: training.skip_non_finite_steps is not supported by TRL's trainers")

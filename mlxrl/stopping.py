@@ -1,0 +1,74 @@
+"""How a run stops early, the same on both backends: SIGINT / SIGTERM save a checkpoint and exit
+with the resume command; a non-finite loss or gradient stops before the update (or skips it).
+
+Backend-neutral (no mlx or torch import).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+from mlxrl.errors import MlxrlError
+from mlxrl.run_dir import checkpoints
+
+
+class NonFiniteLoss(MlxrlError):
+    pass
+
+
+class TrainingInterrupted(MlxrlError):
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopOnSignal:
+    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint after the current step and stops.
+
+    A second signal stops at once (the last complete checkpoint stays intact).
+    """
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def interrupted(signum: int, step: int, total_steps: int, folder: Path) -> TrainingInterrupted:
+    name = signal.Signals(signum).name
+    return TrainingInterrupted(f"{name} at step {step}/{total_steps}: saved {folder}; "
+                               f"resume with the same command plus --resume", exit_code=128 + signum)
+
+
+def kept_checkpoint(output_dir: Path) -> str:
+    """What survives in output_dir, for error messages."""
+    kept = checkpoints(output_dir)
+    return f"the last checkpoint ({kept[-1]}) is intact" if kept else "no checkpoint was written yet"
+
+
+def non_finite(what: str, output_dir: Path) -> NonFiniteLoss:
+    return NonFiniteLoss(f"{what}; {kept_checkpoint(output_dir)}. Lower the learning rate, or set "
+                         f"training.skip_non_finite_steps: true to skip such steps")
+
+
+def save_failed(output_dir: Path, step: int, error: OSError) -> MlxrlError:
+    kept = checkpoints(output_dir)
+    where = f"{kept[-1]} is intact" if kept else "no earlier checkpoint exists"
+    return MlxrlError(f"could not save checkpoint-{step} in {output_dir}: {error.strerror or error}; {where}")
