@@ -129,52 +129,34 @@ def test_non_finite_loss_stops_with_checkpoint_intact(backend, tmp_path):
     assert all(np.isfinite(v).all() for v in adapter(out).values())
 
 
-def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    from mlxrl import checkpoint
+# backend -> (module, function in it that writes one file of each checkpoint, train)
+DISK_WRITERS = {"mlx": ("mlxrl.checkpoint", "save_adapter", "mlxrl.mlx.train"),
+                "torch": ("mlxrl.torch.checkpoints", "save_optimizer_state", "mlxrl.torch.train")}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_disk_full_keeps_the_previous_checkpoint(backend, tmp_path, monkeypatch):
+    import importlib
+
     from mlxrl.config import load_config
     from mlxrl.errors import MlxrlError
-    from mlxrl.mlx.train import train
 
-    calls = {"n": 0}
-    real = checkpoint.save_adapter
+    module_name, writer, train_module = DISK_WRITERS[backend]
+    module = importlib.import_module(module_name)
+    real, calls = getattr(module, writer), []
 
-    def fill_up(model, folder, config):
-        calls["n"] += 1
-        if calls["n"] == 2:
+    def fill_up(*args):
+        calls.append(1)
+        if len(calls) == 2:  # the second checkpoint's write
             raise OSError(28, os.strerror(28))
-        real(model, folder, config)
+        real(*args)
 
-    monkeypatch.setattr(checkpoint, "save_adapter", fill_up)
+    monkeypatch.setattr(module, writer, fill_up)
     cfg = load_config(ROOT / "configs/quickstart/dpo.yaml", [
         "--data.train.datasets[0].dataset_name", str(DATA / "preferences.jsonl"),
         "--training.output_dir", str(tmp_path), "--training.max_steps", "8", "--training.save_steps", "4"])
     with pytest.raises(MlxrlError, match="No space left on device.*checkpoint-4 is intact"):
-        train(cfg, quiet=True, log=lambda m: None)
-    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-4"]
-    assert not list(tmp_path.glob(".tmp*"))
-
-
-def test_torch_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    from mlxrl.config import load_config
-    from mlxrl.errors import MlxrlError
-    from mlxrl.torch import checkpoints
-    from mlxrl.torch.train import train
-
-    calls = {"n": 0}
-    real = checkpoints.save_optimizer_state
-
-    def fill_up(state, path):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise OSError(28, os.strerror(28))
-        real(state, path)
-
-    monkeypatch.setattr(checkpoints, "save_optimizer_state", fill_up)
-    cfg = load_config(ROOT / "configs/quickstart/dpo.yaml", [
-        "--data.train.datasets[0].dataset_name", str(DATA / "preferences.jsonl"),
-        "--training.output_dir", str(tmp_path), "--training.max_steps", "8", "--training.save_steps", "4"])
-    with pytest.raises(MlxrlError, match="No space left on device.*checkpoint-4 is intact"):
-        train(cfg, quiet=True, log=lambda m: None)
+        importlib.import_module(train_module).train(cfg, quiet=True, log=lambda m: None)
     assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-4"]
     assert not list(tmp_path.glob(".tmp*"))
 
