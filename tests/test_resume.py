@@ -82,6 +82,22 @@ def test_sigkill_then_resume_gives_the_same_adapter(uninterrupted, tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 16  # no duplicated or missing log lines
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grpo_sigkill_then_resume_gives_the_same_adapter(backend, tmp_path):
+    """Sampling draws from the RNG too: the resumed rollouts must be the same."""
+    def grpo(out, *extra):
+        return [sys.executable, "-m", "mlxrl.cli", "train", "--backend", backend, "-c",
+                str(ROOT / "configs/quickstart/grpo.yaml"), "--training.output_dir", str(out),
+                "--training.max_steps", "6", "--training.save_steps", "2", "--quiet", *extra]
+
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    subprocess.run(grpo(straight), cwd=ROOT, check=True, capture_output=True, timeout=300)
+    run_until(grpo(out), out, lambda o: (o / "checkpoint-2").is_dir())
+    proc = subprocess.run(grpo(out, "--resume"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr
+    assert_same_adapter(adapter(straight), adapter(out))
+
+
 def test_sigint_saves_and_says_how_to_resume(uninterrupted, tmp_path):
     out = tmp_path / "run"
     cmd = train_cmd(uninterrupted[0], out, "--training.save_steps", "100", "--training.max_steps", "400")
