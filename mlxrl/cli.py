@@ -33,7 +33,8 @@ def _friendly_errors(fn):
         except MlxrlError as e:
             if debug:
                 raise
-            click.echo(f"error: {e}", err=True)
+            if not (e.main_process_only and os.environ.get("RANK", "0") != "0"):
+                click.echo(f"error: {e}", err=True)
             sys.exit(getattr(e, "exit_code", 1))
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)

@@ -4,6 +4,8 @@
 class MlxrlError(Exception):
     """Base class: a problem with the user's input, config, data or environment."""
 
+    main_process_only = False  # True: under accelerate/torchrun only RANK 0 prints the message
+
 
 class ConfigError(MlxrlError):
     pass

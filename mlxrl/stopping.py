@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from pathlib import Path
 
 from mlxrl.errors import MlxrlError
@@ -19,6 +20,8 @@ class NonFiniteLoss(MlxrlError):
 
 
 class TrainingInterrupted(MlxrlError):
+    main_process_only = True  # every process of a distributed run stops; one says so
+
     def __init__(self, message: str, exit_code: int = 130):
         super().__init__(message)
         self.exit_code = exit_code
@@ -27,17 +30,23 @@ class TrainingInterrupted(MlxrlError):
 class StopOnSignal:
     """SIGINT / SIGTERM set a flag; the loop saves a checkpoint after the current step and stops.
 
-    A second signal stops at once (the last complete checkpoint stays intact).
+    A second signal stops at once (the last complete checkpoint stays intact), unless it comes
+    within `same_request_s` of the first: a launcher such as torchrun forwards the Ctrl-C that its
+    workers also got from the terminal.
     """
+
+    same_request_s = 1.0
 
     def __init__(self):
         self.signum = None
+        self._first_at = 0.0
         self._previous = {}
 
     def _handle(self, signum, frame):
-        if self.signum is not None:
+        if self.signum is None:
+            self.signum, self._first_at = signum, time.monotonic()
+        elif time.monotonic() - self._first_at > self.same_request_s:
             raise KeyboardInterrupt
-        self.signum = signum
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

@@ -196,3 +196,43 @@ def test_torch_refuses_a_checkpoint_with_pickle_files(uninterrupted, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "optimizer.pt (pickle files" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _process_tree(pid: int) -> list[int]:
+    kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [pid] + [q for k in kids for q in _process_tree(int(k))]
+
+
+def test_torch_two_processes_resume_exactly_and_stop_together(tmp_path):
+    """torchrun with 2 CPU processes (gloo): the atomic save waits for both, each keeps its own
+    RNG file, a kill of every process resumes exactly, and a SIGTERM to one worker stops both
+    at the same step with one message."""
+    def ddp(out, *extra):
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "mlxrl.cli",
+                *train_cmd("torch", out, "--training.max_steps", "12", *extra)[3:]]
+
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    subprocess.run(ddp(straight), cwd=ROOT, check=True, capture_output=True, timeout=300)
+    assert {"rng_state_0.safetensors", "rng_state_1.safetensors"} <= {p.name for p in (straight / "checkpoint-4").iterdir()}
+    proc = subprocess.Popen(ddp(out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and not (out / "checkpoint-4").is_dir():
+        time.sleep(0.005)
+    for pid in _process_tree(proc.pid):  # torchrun's workers live in sessions of their own
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)
+    assert not (out / "checkpoint-8").exists()
+    resumed = subprocess.run(ddp(out, "--resume"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr
+    assert_same_adapter(adapter(straight), adapter(out))
+
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen(ddp(stopped, "--training.max_steps", "400", "--training.save_steps", "100"), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not (stopped / "metrics.jsonl").is_file():
+        time.sleep(0.01)
+    os.kill(_process_tree(proc.pid)[-1], signal.SIGTERM)  # one worker only
+    _, err = proc.communicate(timeout=120)
+    assert err.count("SIGTERM at step") == 1, err
+    saved = [p.name for p in stopped.glob("checkpoint-*")]
+    assert len(saved) == 1 and (stopped / saved[0] / "trainer_state.json").is_file()

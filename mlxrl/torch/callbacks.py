@@ -8,7 +8,8 @@ this callback adds `step_time`, `tokens_per_second` and `peak_memory_gb`, averag
 since the previous log line as on MLX, and keeps TRL's extra metrics (`entropy`, `num_tokens`, ...).
 
 With a `StopOnSignal` attached (`stop`), a SIGINT / SIGTERM makes the step that is running the last:
-it is logged and saved, and `interrupted_at` says which step that was.
+it is logged and saved, and `interrupted_at` says which step that was (on every process, when
+distributed).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class MlxrlCallback(TrainerCallback):
         self._tokens_seen = 0.0
         self.stop = None  # a StopOnSignal
         self.interrupted_at: int | None = None
+        self.signum: int | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -68,9 +70,19 @@ class MlxrlCallback(TrainerCallback):
             control.should_log = True  # the MLX loop logs its last step
             if self.save_steps <= 0 or state.global_step % self.save_steps:
                 control.should_save = False  # the final adapter goes to output_dir instead
-        elif self.stop is not None and self.stop.signum is not None:
+        elif self._signal_seen(args):
             control.should_log = control.should_save = control.should_training_stop = True
             self.interrupted_at = state.global_step
+
+    def _signal_seen(self, args) -> bool:
+        """Whether any process got SIGINT / SIGTERM: processes must stop at the same step, or the
+        ones still training wait forever on the others in their next collective."""
+        self.signum = self.stop.signum if self.stop is not None else None
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            flag = torch.tensor([self.signum or 0], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.signum = int(flag.item()) or None
+        return self.signum is not None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})

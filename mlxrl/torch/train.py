@@ -138,7 +138,7 @@ def train(cfg, *, quiet: bool = False, log=print, overwrite: bool = False) -> di
         trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     if callback.interrupted_at is not None:
         step = callback.interrupted_at
-        raise interrupted(callback.stop.signum, step, trainer.state.max_steps,
+        raise interrupted(callback.signum, step, trainer.state.max_steps,
                           Path(t.output_dir) / f"checkpoint-{step}")
     if t.save_final_model:
         trainer.save_final(t.output_dir)
