@@ -10,10 +10,14 @@
   `(T(n2) - T(n1)) / (n2 - n1)` over two whole runs, so start-up, tracing and compilation cancel.
 - Every MLX implementation gets the same BLAS: `import mlxrl` (which binds the system OpenBLAS)
   comes before the first `import mlx.core` in every worker.
+- MLX's CPU JIT kernels: each implementation builds its own, in a kernel folder of its own
+  (TMPDIR), so none reuses another's. mlxrl builds them with the vector flags of `mlxrl/_jit.py`;
+  the MLX peers with MLX's own flags (what their users get), unless `--peer-jit-flags`.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -166,11 +170,15 @@ def thread_env(n: int | None) -> dict[str, str]:
 
 def run_worker(script: str, impl: str, steps: int, workdir: Path, extra: list[str] = (),
                timeout: float = 3600, num_threads: int | None = None,
-               python: str = sys.executable) -> dict:
+               python: str = sys.executable, peer_jit_flags: bool = False) -> dict:
     """Run `python script --worker impl --n N --workdir DIR` and return its result dict."""
     cmd = [python, script, "--worker", impl, "--n", str(steps), "--workdir", str(workdir),
            *extra]
-    env = dict(os.environ, **OFFLINE, **thread_env(num_threads))
+    kernels = workdir / f"kernels-{impl}"
+    kernels.mkdir(exist_ok=True)
+    env = dict(os.environ, **OFFLINE, **thread_env(num_threads), TMPDIR=str(kernels))
+    if impl != "mlxrl" and not peer_jit_flags:
+        env["MLXRL_NO_JIT_FLAGS"] = "1"
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     wall = time.perf_counter() - start
@@ -214,7 +222,7 @@ def wait_for_idle(min_idle: float, timeout: float = 900, log=print) -> float:
 def steady_state(script: str, impls: list[str], n1: int, n2: int, repeats: int, workdir: Path,
                  extra: dict | None = None, num_threads: int | None = None,
                  python: dict | None = None, min_idle: float = 0.0,
-                 log=print) -> dict[str, dict]:
+                 peer_jit_flags: bool = False, log=print) -> dict[str, dict]:
     """Per implementation: the median over `repeats` of (T(n2) - T(n1)) / (n2 - n1), the peak RSS
     of the n2 runs, and the raw runs. Implementations take turns within each repeat, so load from
     other processes on the machine falls on all of them alike."""
@@ -224,9 +232,10 @@ def steady_state(script: str, impls: list[str], n1: int, n2: int, repeats: int, 
             args = (extra or {}).get(impl, [])
             exe = (python or {}).get(impl, sys.executable)
             wait_for_idle(min_idle, log=log)
-            short = run_worker(script, impl, n1, workdir, args, num_threads=num_threads, python=exe)
+            run = dict(num_threads=num_threads, python=exe, peer_jit_flags=peer_jit_flags)
+            short = run_worker(script, impl, n1, workdir, args, **run)
             wait_for_idle(min_idle, log=log)
-            long = run_worker(script, impl, n2, workdir, args, num_threads=num_threads, python=exe)
+            long = run_worker(script, impl, n2, workdir, args, **run)
             per_step = (long["seconds"] - short["seconds"]) / (n2 - n1)
             cpu_per_step = (long["cpu_seconds"] - short["cpu_seconds"]) / (n2 - n1)
             runs[impl].append({"per_step": per_step, "cpu_per_step": cpu_per_step,
@@ -245,6 +254,55 @@ def steady_state(script: str, impls: list[str], n1: int, n2: int, repeats: int, 
             "runs": rs,
         }
     return out
+
+
+def bench_parser(description: str, impls: list[str], steps: tuple[int, int]) -> argparse.ArgumentParser:
+    """The options every side-by-side benchmark takes (each script adds its own)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, nargs=2, default=list(steps), metavar=("N1", "N2"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--impls", default=",".join(impls))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads per implementation (OpenBLAS / torch); default all cores")
+    parser.add_argument("--min-idle", type=float, default=0.0,
+                        help="before each run wait (up to 15 min) until the CPUs are this idle, "
+                             "e.g. 0.8 on a shared machine (default 0: do not wait)")
+    parser.add_argument("--mlxrl-python", default=sys.executable,
+                        help="interpreter for the mlxrl worker (e.g. a venv without torch, or another "
+                             "checkout's mlxrl on its PYTHONPATH for an A/B run)")
+    parser.add_argument("--peer-jit-flags", action="store_true",
+                        help="build the MLX peers' JIT kernels with mlxrl's vector flags too")
+    parser.add_argument("--worker", choices=impls, help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    return parser
+
+
+def profile_parser(description: str, repeats: int) -> argparse.ArgumentParser:
+    """The options of the single-process profiles (`bench/profile_*.py`)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="OpenBLAS threads (default 1: single-threaded CPU time is the stable "
+                             "measure on a shared machine)")
+    return parser
+
+
+def seeded_torch():
+    """torch for a TRL worker: the benchmark's thread count, seed 0."""
+    import torch
+
+    torch.set_num_threads(threads())
+    torch.manual_seed(0)
+    return torch
+
+
+def run_benchmark(args, script: str, workdir: Path) -> dict[str, dict]:
+    """`steady_state` with the options of `bench_parser`."""
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    return steady_state(script, impls, *args.steps, args.repeats, workdir, num_threads=args.threads,
+                        min_idle=args.min_idle, python={"mlxrl": args.mlxrl_python},
+                        peer_jit_flags=args.peer_jit_flags)
 
 
 def machine() -> str:

@@ -24,7 +24,6 @@ repeats is printed. The CPU is shared, so expect run-to-run spread. Reports, nev
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import sys
@@ -102,14 +101,12 @@ def worker_mlx_lm_lora(steps: int, workdir: Path) -> None:
 
 
 def worker_trl(steps: int, workdir: Path) -> None:
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    torch.set_num_threads(common.threads())
-    torch.manual_seed(0)
+    torch = common.seeded_torch()
     path = str(common.model_path())
     rows = common.read_jsonl(workdir / "pairs.jsonl")
     data = Dataset.from_list([
@@ -141,32 +138,17 @@ WORKERS = {"mlxrl": worker_mlxrl, "mlx-lm-lora": worker_mlx_lm_lora, "trl": work
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, nargs=2, default=[4, 16], metavar=("N1", "N2"))
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--impls", default=",".join(IMPLS))
-    parser.add_argument("--threads", type=int, default=None,
-                        help="threads per implementation (OpenBLAS / torch); default all cores")
-    parser.add_argument("--min-idle", type=float, default=0.0,
-                        help="before each run wait (up to 15 min) until the CPUs are this idle, "
-                             "e.g. 0.8 on a shared machine (default 0: do not wait)")
+    parser = common.bench_parser(__doc__.split("\n")[0], IMPLS, (4, 16))
     parser.add_argument("--pairs", type=int, default=256, help="rows in the generated dataset")
     parser.add_argument("--rows", choices=("long", "short"), default="long",
                         help="long: answers spelled out, 95-124 tokens (default); short: "
                              "mlxrl.data.synthetic.preference_rows, the quickstart pairs, ~40-65 tokens")
-    parser.add_argument("--mlxrl-python", default=sys.executable,
-                        help="interpreter for the mlxrl worker (e.g. a venv without torch, to see "
-                             "mlxrl's RSS as a `pip install mlxrl[cpu]` user gets it)")
-    parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
-    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         WORKERS[args.worker](args.n, args.workdir)
         return
     common.bind_openblas()
 
-    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
     n1, n2 = args.steps
     with tempfile.TemporaryDirectory(prefix="mlxrl-bench-dpo-") as tmp:
         workdir = Path(tmp)
@@ -184,9 +166,7 @@ def main() -> None:
               f"{args.repeats} repeats, {args.threads or os.cpu_count()} threads each")
         if n1 * PAIRS >= len(rows):
             print(f"  both runs visit all {len(rows)} pairs: mlxrl precomputes the reference up front")
-        results = common.steady_state(__file__, impls, n1, n2, args.repeats, workdir,
-                                      num_threads=args.threads, min_idle=args.min_idle,
-                                      python={"mlxrl": args.mlxrl_python})
+        results = common.run_benchmark(args, __file__, workdir)
     common.print_table(f"DPO steady-state time per step (median of {args.repeats})", results)
     print("\ntargets (DESIGN.md 8): mlxrl <= 0.45 s/step, peak RSS <= 540 MB")
 

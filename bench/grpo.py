@@ -21,7 +21,6 @@ The CPU is shared, so expect run-to-run spread. Reports, never asserts.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import statistics
@@ -157,14 +156,12 @@ def worker_mlx_lm_lora(steps: int, workdir: Path) -> None:
 
 
 def worker_trl(steps: int, workdir: Path) -> None:
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    torch.set_num_threads(common.threads())
-    torch.manual_seed(0)
+    torch = common.seeded_torch()
     path = str(common.model_path())
     rows = common.read_jsonl(workdir / "prompts.jsonl")
     data = Dataset.from_list([{"prompt": r["prompt"]} for r in rows])
@@ -211,28 +208,13 @@ def mlxrl_split(result: dict) -> tuple[float, float, float] | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, nargs=2, default=[2, 6], metavar=("N1", "N2"))
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--impls", default=",".join(IMPLS))
-    parser.add_argument("--threads", type=int, default=None,
-                        help="threads per implementation (OpenBLAS / torch); default all cores")
-    parser.add_argument("--min-idle", type=float, default=0.0,
-                        help="before each run wait (up to 15 min) until the CPUs are this idle, "
-                             "e.g. 0.8 on a shared machine (default 0: do not wait)")
-    parser.add_argument("--mlxrl-python", default=sys.executable,
-                        help="interpreter for the mlxrl worker (e.g. another checkout's mlxrl on "
-                             "its PYTHONPATH, for an A/B run)")
-    parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
-    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    parser = common.bench_parser(__doc__.split("\n")[0], IMPLS, (2, 6))
     args = parser.parse_args()
     if args.worker:
         WORKERS[args.worker](args.n, args.workdir)
         return
     common.bind_openblas()
 
-    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
     n1, n2 = args.steps
     with tempfile.TemporaryDirectory(prefix="mlxrl-bench-grpo-") as tmp:
         workdir = Path(tmp)
@@ -244,9 +226,7 @@ def main() -> None:
               f"{PROMPTS} prompts x {GENERATIONS} completions x {TOKENS} tokens a step; "
               f"steps {n1} and {n2}, {args.repeats} repeats, "
               f"{args.threads or os.cpu_count()} threads each")
-        results = common.steady_state(__file__, impls, n1, n2, args.repeats, workdir,
-                                      num_threads=args.threads, min_idle=args.min_idle,
-                                      python={"mlxrl": args.mlxrl_python})
+        results = common.run_benchmark(args, __file__, workdir)
     common.print_table(f"GRPO steady-state time per step (median of {args.repeats})", results,
                        rss=False)
     if "mlxrl" in results and (split := mlxrl_split(results["mlxrl"])):

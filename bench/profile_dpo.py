@@ -27,7 +27,6 @@ about threads x wall); use that on a quiet machine. Compare rows of one run.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
@@ -37,13 +36,8 @@ from pathlib import Path
 import _common as common
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="OpenBLAS threads (default 1: single-threaded CPU time is the stable "
-                             "measure on a shared machine)")
-    return parser
+def _parser():
+    return common.profile_parser(__doc__.split("\n")[0], repeats=7)
 
 
 if __name__ == "__main__":  # OpenBLAS reads its thread count when it loads: before mlx.core

@@ -9,9 +9,10 @@ The Python API (imports are lazy: `import mlxrl` stays light):
     evaluate("output/quickstart_sft", ["letter_count", "preference"], num_samples=100)
 """
 
-from mlxrl import _blas
+from mlxrl import _blas, _jit
 
 _blas.bind_openblas()
+_jit.tune_cpu_jit()
 
 __version__ = "0.1.0"
 

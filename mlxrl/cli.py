@@ -114,7 +114,7 @@ def env():
     """Versions, the backend `auto` picks, the device and the BLAS in use."""
     import platform
 
-    from mlxrl import _blas
+    from mlxrl import _blas, _jit
 
     lines = [f"mlxrl {mlxrl.__version__}", f"python {platform.python_version()} ({platform.platform()})"]
     for name in ("mlx", "mlx_lm", "transformers", "datasets", "torch", "trl", "peft"):
@@ -126,6 +126,7 @@ def env():
     except ImportError:
         lines.append("mlx device    (mlx not installed)")
     lines.append(f"BLAS          {_blas.status}")
+    lines.append(f"CPU JIT flags {_jit.status}")
     lines.append("backend auto  -> {} ({})".format(*pick_backend("auto", explain=True)))
     click.echo("\n".join(lines))
 

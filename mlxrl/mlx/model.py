@@ -23,6 +23,7 @@ from mlx.utils import tree_flatten
 
 from mlxrl.errors import ModelError
 from mlxrl.lora_targets import select_lora_targets
+from mlxrl.mlx.cpu_ops import use_cpu_ops
 from mlxrl.model_names import local_model_path
 
 ADAPTER_FILE = "adapters.safetensors"
@@ -72,6 +73,7 @@ def load(model_params, peft_params=None, *, for_training: bool = False, gradient
         model, config = load_model(base_path, trust_remote_code=model_params.trust_remote_code)
     except ValueError as e:
         raise ModelError(f"cannot load {base_path}: {e}") from None
+    use_cpu_ops(model)
     tokenizer = load_tokenizer(base_path, eos_token_ids=config.get("eos_token_id"))
     _check_chat_template(tokenizer, model_params, base_name)
     cast(model, model_params.torch_dtype_str)

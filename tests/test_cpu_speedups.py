@@ -1,0 +1,120 @@
+"""The CPU speed-ups change speed, not results: MLX's JIT kernels built with the vector flags
+(mlxrl/_jit.py) give bit-identical outputs, and the fusable SwiGLU (mlxrl/mlx/cpu_ops.py) has
+mlx-lm's forward and the gradients of its autodiff."""
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.activations import swiglu as mlx_lm_swiglu
+
+from mlxrl import _jit
+from mlxrl.mlx.cpu_ops import swiglu, use_cpu_ops
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_VECTOR_UNITS = _jit.compiler_flags(_jit.cpu_flags()) is not None and platform.machine() == "x86_64"
+
+KERNELS = r'''
+import sys
+import mlxrl
+import mlx.core as mx
+import mlx.nn as nn
+from mlxrl import _jit
+
+mx.random.seed(0)
+x, y = mx.random.normal((3, 1000)) * 4, mx.random.normal((3, 1000))
+x = mx.concatenate([x, mx.array([[0.0, -0.0, 88.5, -88.5, 1e-30, float("inf")] * 166 + [1.0] * 4])], 0)
+y = mx.concatenate([y, mx.ones((1, 1000))], 0)
+fused = {
+    "silu*up": lambda a, b: nn.silu(a) * b,
+    "sigmoid": lambda a, b: mx.sigmoid(a) + b,
+    "exp": lambda a, b: mx.exp(a - b) * 2,
+    "gelu": lambda a, b: nn.gelu(a) * b,
+    "tanh": lambda a, b: mx.tanh(a) - b,
+    "log1p": lambda a, b: mx.log1p(mx.abs(a)) * b,
+    "softplus": lambda a, b: nn.softplus(a) + b,
+}
+for name, fn in fused.items():
+    with_jit = mx.compile(fn)(x, y)
+    mx.disable_compile()
+    plain = fn(x, y)
+    mx.enable_compile()
+    assert mx.array_equal(with_jit, plain, equal_nan=True).item(), name
+print("STATUS", _jit.status)
+'''
+
+
+def test_jit_kernels_with_vector_flags_are_bit_identical(tmp_path):
+    env = dict(os.environ, TMPDIR=str(tmp_path))  # a fresh kernel folder: every kernel is built now
+    env.pop("MLXRL_NO_JIT_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", KERNELS], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    status = proc.stdout.split("STATUS ", 1)[1]
+    libs = list((tmp_path / "mlx").rglob("lib*.so"))
+    assert libs
+    if HAS_VECTOR_UNITS:  # this machine: the flags are on and every kernel carries their marker
+        assert status.startswith("on (-mavx2"), status
+        flags = _jit.compiler_flags(_jit.cpu_flags())
+        assert all(_jit.marker(flags) in lib.read_bytes() for lib in libs)
+
+
+def test_wrapper_adds_flags_only_for_mlx_kernels(tmp_path):
+    flags = "-mavx2 -mfma"
+    folder = _jit.install_wrapper("/usr/bin/g++", flags)
+    kernel_dir = tmp_path / "mlx" / "0.0" / "cpu"
+    kernel_dir.mkdir(parents=True)
+
+    def defines(source: Path) -> str:
+        source.write_text("int x;\n")
+        return subprocess.run([str(folder / "g++"), "-dM", "-E", str(source)], capture_output=True,
+                              text=True, check=True).stdout
+
+    assert "__AVX2__" in defines(kernel_dir / "k.cpp")
+    assert "__AVX2__" not in defines(tmp_path / "other.cpp")  # anything else: g++ as it is
+
+
+def test_stale_kernels_are_dropped_marked_and_young_ones_kept(tmp_path):
+    flags = "-mavx2 -mfma"
+    marked, plain, young = (tmp_path / f"lib{n}.so" for n in ("marked", "plain", "young"))
+    marked.write_bytes(b"\x7fELF..." + _jit.marker(flags) + b"...")
+    plain.write_bytes(b"\x7fELF...")
+    young.write_bytes(b"\x7fELF...")
+    old = time.time() - 600
+    for lib in (marked, plain):
+        os.utime(lib, (old, old))
+    assert _jit.drop_stale_kernels(tmp_path, flags) == 1
+    assert marked.exists() and young.exists() and not plain.exists()
+
+
+def test_fusable_swiglu_matches_mlx_lm():
+    mx.random.seed(1)
+    gate, x = mx.random.normal((2, 5, 48)) * 3, mx.random.normal((2, 5, 48))
+    weights = mx.random.normal((2, 5, 48))
+    assert mx.array_equal(swiglu(gate, x), mlx_lm_swiglu(gate, x)).item()
+
+    def loss(fn):
+        return lambda g, v: mx.sum(fn(g, v) * weights)
+
+    reference = mx.grad(loss(lambda g, v: nn.silu(g) * v), argnums=(0, 1))(gate, x)
+    for grads in (mx.grad(loss(swiglu), argnums=(0, 1))(gate, x),
+                  mx.compile(mx.grad(loss(swiglu), argnums=(0, 1)))(gate, x)):
+        for ours, theirs in zip(grads, reference):
+            np.testing.assert_allclose(np.array(ours), np.array(theirs), rtol=1e-5, atol=1e-6)
+
+
+def test_models_on_cpu_use_the_fusable_swiglu():
+    from mlx_lm.models import qwen2
+
+    from mlxrl.config import ModelParams
+    from mlxrl.mlx.model import load
+
+    load(ModelParams(model_name="tiny://qwen2"))
+    assert qwen2.swiglu is swiglu
+    assert use_cpu_ops(nn.Linear(2, 2)) is False  # a module without swiglu is left alone
