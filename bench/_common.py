@@ -11,7 +11,8 @@
 - Every MLX implementation gets the same BLAS: `import mlxrl` (which binds the system OpenBLAS)
   comes before the first `import mlx.core` in every worker.
 - MLX's CPU JIT kernels: each implementation builds its own, in a kernel folder of its own
-  (TMPDIR), so none reuses another's. mlxrl builds them with the vector flags of `mlxrl/_jit.py`;
+  (TMPDIR), so none reuses another's, in an untimed warm-up run (as a user's second run would
+  find them). mlxrl builds them with the vector flags of `mlxrl/_jit.py`;
   the MLX peers with MLX's own flags (what their users get), unless `--peer-jit-flags`.
 """
 
@@ -227,6 +228,11 @@ def steady_state(script: str, impls: list[str], n1: int, n2: int, repeats: int, 
     of the n2 runs, and the raw runs. Implementations take turns within each repeat, so load from
     other processes on the machine falls on all of them alike."""
     runs = {impl: [] for impl in impls}
+    for impl in impls:  # builds the implementation's JIT kernels, which the timed runs then reuse
+        wait_for_idle(min_idle, log=log)
+        run_worker(script, impl, n1, workdir, (extra or {}).get(impl, []), num_threads=num_threads,
+                   python=(python or {}).get(impl, sys.executable), peer_jit_flags=peer_jit_flags)
+        log(f"  (warm-up run of {impl} done)")
     for r in range(repeats):
         for impl in impls:
             args = (extra or {}).get(impl, [])

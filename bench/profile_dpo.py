@@ -10,10 +10,11 @@ Qwen2-architecture model, fp32, LoRA r 8 on all linears, 4 pairs = 8 rows of 128
    SiLU's share is also measured by ablation: the forward with `silu(gate) * up` replaced by
    `gate * up`. exp throughput against a multiply shows why: MLX's Linux CPU build evaluates
    exp/sigmoid one element at a time through library calls.
-3. A candidate fix, measured on the whole step: SiLU from a rational tanh approximation (Eigen's
-   `ptanh_float` coefficients, |error| < 2e-6) with a hand-written VJP, patched into mlx-lm's
-   Qwen2 MLP (`mlx_lm.models.qwen2.swiglu`). It uses only multiply/add/divide/clip, which the
-   CPU vectorizes; the loss changes by ~1e-6.
+3. SwiGLU on the whole step: mlx-lm's (`nn.silu(gate) * up`, whose sigmoid a compiled forward +
+   backward computes once with MLX's prebuilt one-element-at-a-time kernel), mlxrl's
+   (`mlxrl/mlx/cpu_ops.py`: the backward recomputes the sigmoid inside its fused JIT kernel), and
+   the ablation `gate * up` (a different model, only to price SiLU). With `MLXRL_NO_JIT_FLAGS=1`
+   the JIT kernels are built without vector flags, as plain MLX builds them.
 4. Padding: the compiled forward + backward of the same 4 pairs padded to their longest row and
    to multiples of 8, 16 and 32 (mlxrl's bucket), with the one-off cost of tracing a new width.
 
@@ -44,18 +45,19 @@ if __name__ == "__main__":  # OpenBLAS reads its thread count when it loads: bef
     os.environ.update(common.thread_env(_parser().parse_args().threads))
 common.bind_openblas()
 import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import mlx_lm.models.qwen2 as qwen2  # noqa: E402
 
+from mlxrl import _jit  # noqa: E402
 from mlxrl.config import load_config  # noqa: E402
 from mlxrl.data.loading import load_split  # noqa: E402
+from mlxrl.mlx import cpu_ops  # noqa: E402
 from mlxrl.mlx import model as mlx_model  # noqa: E402
 from mlxrl.mlx.dpo import DPOMethod, pair_arrays, reference_logps  # noqa: E402
 from mlxrl.mlx.logprobs import sequence_logps, token_logps_from_logits  # noqa: E402
 from mlxrl.mlx.trainer import Trainer  # noqa: E402
 
-ORIGINAL_SWIGLU = qwen2.swiglu
+ORIGINAL_SWIGLU = qwen2.swiglu  # before mlxrl's model loading swaps in cpu_ops.swiglu
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
@@ -86,48 +88,6 @@ def row(name: str, ms: tuple[float, float], total: float | None = None) -> None:
     share = f"{100 * ms[0] / total:5.1f}%" if total else "      "
     other = "wall" if _single_thread() else "CPU"
     print(f"  {name:46s} {ms[0]:8.1f} {unit():6s} {share}   ({other} {ms[1]:7.1f} ms)")
-
-
-# ----------------------------------------------------------------------------- fast SiLU
-
-_TANH_P = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11,
-           5.12229709037114e-08, 1.48572235717979e-05, 6.37261928875436e-04,
-           4.89352455891786e-03)
-_TANH_Q = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03,
-           4.89352518554385e-03)
-_TANH_CLAMP = 7.90531110763549805
-
-
-def _tanh_rational(x):
-    x = mx.clip(x, -_TANH_CLAMP, _TANH_CLAMP)
-    x2 = x * x
-    p = x2 * _TANH_P[0] + _TANH_P[1]
-    for c in _TANH_P[2:]:
-        p = p * x2 + c
-    q = x2 * _TANH_Q[0] + _TANH_Q[1]
-    for c in _TANH_Q[2:]:
-        q = q * x2 + c
-    return x * p / q
-
-
-def _sigmoid_rational(x):
-    return 0.5 + 0.5 * _tanh_rational(0.5 * x)
-
-
-@mx.custom_function
-def fast_silu(x):
-    return x * _sigmoid_rational(x)
-
-
-@fast_silu.vjp
-def _fast_silu_vjp(x, cotangent, _output):
-    s = _sigmoid_rational(x)
-    return (cotangent * (s + x * s * (1.0 - s)),)
-
-
-@mx.compile
-def fast_swiglu(gate, x):
-    return fast_silu(gate) * x
 
 
 def no_silu_swiglu(gate, x):
@@ -260,7 +220,7 @@ def forward_parts(loaded, ids, repeats: int) -> dict[str, tuple[float, float]]:
 
 def ablation(cfg, loaded, method, ids, mask, repeats: int, label: str, swiglu) -> dict:
     """Forward and whole-step times with `swiglu` patched into mlx-lm's Qwen2 MLP."""
-    model = loaded.model
+    model, previous = loaded.model, qwen2.swiglu
     qwen2.swiglu = swiglu
     try:
         trainer = make_trainer(cfg, loaded, method)  # a fresh compiled grad step traces the patch
@@ -280,7 +240,7 @@ def ablation(cfg, loaded, method, ids, mask, repeats: int, label: str, swiglu) -
             "loss": loss,
         }
     finally:
-        qwen2.swiglu = ORIGINAL_SWIGLU
+        qwen2.swiglu = previous
 
 
 def padding(cfg, loaded, method, repeats: int) -> list[tuple[int, float, float]]:
@@ -337,25 +297,22 @@ def main() -> None:
         print(f"  exp: {1e6 * f['  exp on one SwiGLU-sized array'][0] / n:.1f} ns/element, multiply "
               f"{1e6 * f['  multiply on the same array'][0] / n:.2f} ({int(n):,} elements; {unit()})")
 
-        print("\n3. SiLU: ablation and a vectorizable replacement (whole step = ref fwd + fwd + bwd)")
+        print(f"\n3. SwiGLU (whole step = ref fwd + fwd + bwd; CPU JIT flags {_jit.status})")
         results = [ablation(cfg, loaded, method, ids, mask, args.repeats, label, fn) for label, fn in (
             ("mlx-lm swiglu (nn.silu)", ORIGINAL_SWIGLU),
-            ("no SiLU: gate * up (ablation, wrong model)", no_silu_swiglu),
-            ("rational-tanh SiLU + custom VJP", fast_swiglu))]
+            ("mlxrl swiglu (fusable backward)", cpu_ops.swiglu),
+            ("no SiLU: gate * up (ablation, wrong model)", no_silu_swiglu))]
         base = results[0]
         for r in results:
             saved = base["ref + fwd + bwd"][0] - r["ref + fwd + bwd"][0]
             print(f"  {r['label']:44s} forward {r['forward'][0]:7.1f}, ref+fwd+bwd "
                   f"{r['ref + fwd + bwd'][0]:7.1f} {unit()} (saves {saved:6.1f}), loss {r['loss']:.7f}")
-        x = mx.random.normal((1 << 20,)) * 4
-        error = mx.abs(fast_silu(x) - nn.silu(x)).max().item()
-        print(f"  rational SiLU max |error| vs nn.silu on N(0, 16) samples: {error:.2e}")
 
         print("\n4. padding: the compiled policy forward + backward of the same 4 pairs at each width")
         for width, first, later in padding(cfg, loaded, method, args.repeats):
             print(f"  width {width:4d}: {later:7.1f} {unit()} a step; first call {first:7.1f} ms wall "
                   f"(a new width's trace + compile ~ {first - later:6.1f} ms)")
-        print("  (mlxrl pads to multiples of 32 (`trainer.bucket`); mlx-lm-lora and TRL to the batch's "
+        print("  (mlxrl pads to multiples of 8 (`trainer.bucket`); mlx-lm-lora and TRL to the batch's "
               "longest row)")
 
 

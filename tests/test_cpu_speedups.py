@@ -1,6 +1,7 @@
 """The CPU speed-ups change speed, not results: MLX's JIT kernels built with the vector flags
-(mlxrl/_jit.py) give bit-identical outputs, and the fusable SwiGLU (mlxrl/mlx/cpu_ops.py) has
-mlx-lm's forward and the gradients of its autodiff."""
+(mlxrl/_jit.py) give bit-identical outputs; the fusable SwiGLU (mlxrl/mlx/cpu_ops.py) has
+mlx-lm's forward and the gradients of its autodiff; the fused causal attention matches
+`mx.fast.scaled_dot_product_attention` and its gradients."""
 
 import os
 import platform
@@ -15,7 +16,7 @@ import numpy as np
 from mlx_lm.models.activations import swiglu as mlx_lm_swiglu
 
 from mlxrl import _jit
-from mlxrl.mlx.cpu_ops import swiglu, use_cpu_ops
+from mlxrl.mlx.cpu_ops import causal_attention, swiglu, use_cpu_ops
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_VECTOR_UNITS = _jit.compiler_flags(_jit.cpu_flags()) is not None and platform.machine() == "x86_64"
@@ -109,12 +110,39 @@ def test_fusable_swiglu_matches_mlx_lm():
             np.testing.assert_allclose(np.array(ours), np.array(theirs), rtol=1e-5, atol=1e-6)
 
 
-def test_models_on_cpu_use_the_fusable_swiglu():
+def test_causal_attention_matches_fast_sdpa_and_its_gradients():
+    mx.random.seed(2)
+    q, k, v = mx.random.normal((2, 6, 24, 16)), mx.random.normal((2, 2, 24, 16)), mx.random.normal((2, 2, 24, 16))
+    weights = mx.random.normal((2, 6, 24, 16))
+
+    def fast(q, k, v):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask="causal")
+
+    def ours(q, k, v):
+        return causal_attention(q, k, v, 0.25)
+
+    np.testing.assert_allclose(np.array(ours(q, k, v)), np.array(fast(q, k, v)), atol=1e-6)
+    grads = [mx.compile(mx.grad(lambda *a, f=f: mx.sum(f(*a) * weights), argnums=(0, 1, 2)))(q, k, v)
+             for f in (ours, fast)]
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=2e-5)
+
+
+def test_models_on_cpu_use_the_fast_ops_with_the_same_logits():
     from mlx_lm.models import qwen2
 
     from mlxrl.config import ModelParams
     from mlxrl.mlx.model import load
 
-    load(ModelParams(model_name="tiny://qwen2"))
+    loaded = load(ModelParams(model_name="tiny://qwen2"))
     assert qwen2.swiglu is swiglu
-    assert use_cpu_ops(nn.Linear(2, 2)) is False  # a module without swiglu is left alone
+    patched = qwen2.scaled_dot_product_attention
+    ids = mx.array([[5, 9, 2, 7, 1, 3, 8, 4] * 3])
+    ours = loaded.model(ids)
+    qwen2.scaled_dot_product_attention = patched.mlxrl_original
+    try:
+        theirs = loaded.model(ids)
+    finally:
+        qwen2.scaled_dot_product_attention = patched
+    np.testing.assert_allclose(np.array(ours), np.array(theirs), atol=1e-5)
+    assert use_cpu_ops(nn.Linear(2, 2)) is False  # a module without these ops is left alone
