@@ -9,8 +9,8 @@ takes 1.1 ms, with bit-identical results: `-ffp-contract=off` keeps every multip
 as MLX's prebuilt kernels round them (tests/test_jit.py checks this).
 
 How: a `g++` wrapper on PATH that adds the flags when it compiles a file under `/mlx/.../cpu/` and
-passes everything else through untouched; each kernel library it builds embeds a marker string
-for its flags. MLX reuses a kernel library it finds on disk, so libraries without the marker
+passes everything else through untouched (and retries a kernel that fails to build with the
+flags without them); each kernel library it builds with the flags embeds a marker string. MLX reuses a kernel library it finds on disk, so libraries without the marker
 (built by a plain MLX process, or with other flags) are removed here once they are a minute old
 (a younger one may be about to be loaded by another process); MLX rebuilds them on first use.
 `MLXRL_NO_JIT_FLAGS=1` turns this off.
@@ -39,7 +39,7 @@ _EXACT_AND_INLINED = "-ffp-contract=off -fno-trapping-math -fno-strict-aliasing 
 _WRAPPER = """#!/bin/sh
 # Written by mlxrl (mlxrl/_jit.py): MLX CPU JIT kernels get vector flags, all else passes through.
 case "$*" in
-  *"/mlx/"*"/cpu/"*) exec "{real}" {flags} -include "{marker_header}" "$@" ;;
+  *"/mlx/"*"/cpu/"*) "{real}" {flags} -include "{marker_header}" "$@" 2>/dev/null && exit 0 ;;
 esac
 exec "{real}" "$@"
 """

@@ -79,6 +79,9 @@ def test_wrapper_adds_flags_only_for_mlx_kernels(tmp_path):
 
     assert "__AVX2__" in defines(kernel_dir / "k.cpp")
     assert "__AVX2__" not in defines(tmp_path / "other.cpp")  # anything else: g++ as it is
+    # a compiler that rejects the flags still builds the kernel, without them
+    folder = _jit.install_wrapper("/usr/bin/g++", "-mavx2 -mno-such-flag")
+    assert "__AVX2__" not in defines(kernel_dir / "k2.cpp")
 
 
 def test_stale_kernels_are_dropped_marked_and_young_ones_kept(tmp_path):
