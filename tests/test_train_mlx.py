@@ -61,6 +61,28 @@ def test_step_zero_policy_equals_reference(tmp_path):
     assert float(metrics["rewards/margins"]) == 0.0
 
 
+@pytest.mark.parametrize("dora", [False, True])
+def test_reference_is_the_base_model_also_for_dora(dora):
+    """PEFT's disable_adapter(): the base layers alone. A LoRA scale of 0 would leave DoRA's
+    trained magnitudes in place."""
+    from mlxrl.config import ModelParams, PeftParams
+
+    base = mlx_model.load(ModelParams(model_name="tiny://qwen2")).model
+    trained = mlx_model.load(ModelParams(model_name="tiny://qwen2"), PeftParams(use_dora=dora),
+                             for_training=True).model
+    for layer in mlx_model.lora_layers(trained):
+        layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.1
+        if dora:
+            layer.m = layer.m * 1.5
+    ids = mx.array([[3, 5, 7, 9, 11, 2, 4]])
+    adapted = trained(ids)
+    with mlx_model.adapters_disabled(trained):
+        reference = trained(ids)
+    assert mx.array_equal(reference, base(ids)).item()
+    assert not mx.allclose(adapted, reference, atol=1e-2).item()
+    assert mx.array_equal(trained(ids), adapted).item()  # the adapters are back on exit
+
+
 def test_dpo_learns_heldout_preferences(dpo_run):
     cfg, out, _, before, after = dpo_run
     assert before["rewards/accuracies"] < 0.1  # policy == reference: no pair is won yet

@@ -159,22 +159,32 @@ def lora_layers(model: nn.Module) -> list[nn.Module]:
     return [m for _, m in model.named_modules() if hasattr(m, "lora_a") and hasattr(m, "scale")]
 
 
+def _base_only(cls: type) -> type:
+    """A subclass of a LoRA/DoRA linear class whose call is its base layer's alone."""
+    return type(f"{cls.__name__}Off", (cls,), {"__call__": lambda self, x: self.linear(x)})
+
+
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module):
-    """The reference policy: the same model with every LoRA scale at 0, restored on exit.
+    """The reference policy: the base model, as PEFT's `disable_adapter()` gives it, restored on
+    exit. LoRA/DoRA linears call their base layer alone (no adapter matmuls, and no DoRA
+    magnitude, which a LoRA scale of 0 would still apply); other adapter layers get scale 0.
 
     Do not call a function compiled with the adapters on inside this context: `mx.compile`
-    bakes the Python-float scale into its trace.
+    keeps the trace it made with them on.
     """
     layers = lora_layers(model)
-    scales = [m.scale for m in layers]
+    saved = [(m, m.__class__, m.scale) for m in layers]
     for m in layers:
-        m.scale = 0.0
+        if "linear" in m:
+            m.__class__ = _base_only(m.__class__)
+        else:
+            m.scale = 0.0
     try:
         yield model
     finally:
-        for m, s in zip(layers, scales):
-            m.scale = s
+        for m, cls, scale in saved:
+            m.__class__, m.scale = cls, scale
 
 
 def checkpoint_blocks(model: nn.Module) -> None:
