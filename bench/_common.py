@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -284,6 +285,17 @@ def bench_parser(description: str, impls: list[str], steps: tuple[int, int]) -> 
     return parser
 
 
+def parse_or_work(parser: argparse.ArgumentParser, workers: dict):
+    """The driver's arguments, with OpenBLAS bound; or, in a worker subprocess, run its
+    implementation (`workers[impl](steps, workdir)`) and return None."""
+    args = parser.parse_args()
+    if args.worker:
+        workers[args.worker](args.n, args.workdir)
+        return None
+    bind_openblas()
+    return args
+
+
 def profile_parser(description: str, repeats: int) -> argparse.ArgumentParser:
     """The options of the single-process profiles (`bench/profile_*.py`)."""
     parser = argparse.ArgumentParser(description=description)
@@ -309,6 +321,15 @@ def run_benchmark(args, script: str, workdir: Path) -> dict[str, dict]:
     return steady_state(script, impls, *args.steps, args.repeats, workdir, num_threads=args.threads,
                         min_idle=args.min_idle, python={"mlxrl": args.mlxrl_python},
                         peer_jit_flags=args.peer_jit_flags)
+
+
+def print_header(title: str, workload: str, args) -> None:
+    """What ran, where: the first lines of a benchmark's report."""
+    n1, n2 = args.steps
+    print(f"{title} benchmark {datetime.date.today()} on {machine()}")
+    print(f"  {versions()}")
+    print(f"  model {model_path().name} (25M, fp32), LoRA r {LORA_R} all linear, {workload}; "
+          f"steps {n1} and {n2}, {args.repeats} repeats, {args.threads or os.cpu_count()} threads each")
 
 
 def machine() -> str:

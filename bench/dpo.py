@@ -24,8 +24,6 @@ repeats is printed. The CPU is shared, so expect run-to-run spread. Reports, nev
 
 from __future__ import annotations
 
-import datetime
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -143,11 +141,9 @@ def main() -> None:
     parser.add_argument("--rows", choices=("long", "short"), default="long",
                         help="long: answers spelled out, 95-124 tokens (default); short: "
                              "mlxrl.data.synthetic.preference_rows, the quickstart pairs, ~40-65 tokens")
-    args = parser.parse_args()
-    if args.worker:
-        WORKERS[args.worker](args.n, args.workdir)
+    args = common.parse_or_work(parser, WORKERS)
+    if args is None:
         return
-    common.bind_openblas()
 
     n1, n2 = args.steps
     with tempfile.TemporaryDirectory(prefix="mlxrl-bench-dpo-") as tmp:
@@ -159,11 +155,7 @@ def main() -> None:
 
             rows = preference_rows(args.pairs)
         common.write_jsonl(rows, workdir / "pairs.jsonl")
-        print(f"DPO benchmark {datetime.date.today()} on {common.machine()}")
-        print(f"  {common.versions()}")
-        print(f"  model {common.model_path().name} (25M, fp32), LoRA r {common.LORA_R} all linear, "
-              f"{PAIRS} pairs/step, {len(rows)} {args.rows} pairs; steps {n1} and {n2}, "
-              f"{args.repeats} repeats, {args.threads or os.cpu_count()} threads each")
+        common.print_header("DPO", f"{PAIRS} pairs/step, {len(rows)} {args.rows} pairs", args)
         if n1 * PAIRS >= len(rows):
             print(f"  both runs visit all {len(rows)} pairs: mlxrl precomputes the reference up front")
         results = common.run_benchmark(args, __file__, workdir)

@@ -21,8 +21,6 @@ The CPU is shared, so expect run-to-run spread. Reports, never asserts.
 
 from __future__ import annotations
 
-import datetime
-import os
 import statistics
 import sys
 import tempfile
@@ -52,21 +50,14 @@ def messages(row: dict) -> list[dict]:
 # ----------------------------------------------------------------------------- workers
 
 
-def worker_mlxrl(steps: int, workdir: Path) -> None:
-    common.bind_openblas()
-    import mlx.core as mx
-
+def mlxrl_config(prompts: Path, out: Path, steps: int):
+    """mlxrl's config for this benchmark (also what `bench/profile_grpo.py` profiles)."""
     from mlxrl.config import load_config
-    from mlxrl.data.loading import load_split
-    from mlxrl.mlx import model as mlx_model
-    from mlxrl.mlx.grpo import GRPOMethod
-    from mlxrl.mlx.trainer import Trainer
 
-    out = Path(tempfile.mkdtemp(dir=workdir, prefix="mlxrl-grpo-"))
     config = out / "grpo.yaml"
     config.write_text(f"""
 model: {{model_name: "{common.model_path()}", torch_dtype_str: float32}}
-data: {{train: {{datasets: [{{dataset_name: "{workdir / 'prompts.jsonl'}"}}]}}}}
+data: {{train: {{datasets: [{{dataset_name: "{prompts}"}}]}}}}
 training:
   trainer_type: TRL_GRPO
   max_steps: {steps}
@@ -81,7 +72,20 @@ training:
   grpo: {{num_generations: {GENERATIONS}, max_completion_length: {TOKENS}, temperature: 1.0}}
 peft: {{lora_r: {common.LORA_R}, lora_alpha: {common.LORA_ALPHA}, lora_dropout: 0.0}}
 """)
-    cfg = load_config(str(config), [])
+    return load_config(str(config), [])
+
+
+def worker_mlxrl(steps: int, workdir: Path) -> None:
+    common.bind_openblas()
+    import mlx.core as mx
+
+    from mlxrl.data.loading import load_split
+    from mlxrl.mlx import model as mlx_model
+    from mlxrl.mlx.grpo import GRPOMethod
+    from mlxrl.mlx.trainer import Trainer
+
+    out = Path(tempfile.mkdtemp(dir=workdir, prefix="mlxrl-grpo-"))
+    cfg = mlxrl_config(workdir / "prompts.jsonl", out, steps)
     rollout_s, next_step_s, step_s, lengths = [], [], [], set()
 
     class TimedGRPO(GRPOMethod):
@@ -209,23 +213,17 @@ def mlxrl_split(result: dict) -> tuple[float, float, float] | None:
 
 def main() -> None:
     parser = common.bench_parser(__doc__.split("\n")[0], IMPLS, (2, 6))
-    args = parser.parse_args()
-    if args.worker:
-        WORKERS[args.worker](args.n, args.workdir)
+    args = common.parse_or_work(parser, WORKERS)
+    if args is None:
         return
-    common.bind_openblas()
 
-    n1, n2 = args.steps
+    n2 = args.steps[1]
     with tempfile.TemporaryDirectory(prefix="mlxrl-bench-grpo-") as tmp:
         workdir = Path(tmp)
         rows = [{"prompt": messages(r), "answer": r["answer"]} for r in common.prompt_rows(64)]
         common.write_jsonl(rows, workdir / "prompts.jsonl")
-        print(f"GRPO benchmark {datetime.date.today()} on {common.machine()}")
-        print(f"  {common.versions()}")
-        print(f"  model {common.model_path().name} (25M, fp32), LoRA r {common.LORA_R} all linear, "
-              f"{PROMPTS} prompts x {GENERATIONS} completions x {TOKENS} tokens a step; "
-              f"steps {n1} and {n2}, {args.repeats} repeats, "
-              f"{args.threads or os.cpu_count()} threads each")
+        common.print_header("GRPO", f"{PROMPTS} prompts x {GENERATIONS} completions x {TOKENS} tokens a step",
+                            args)
         results = common.run_benchmark(args, __file__, workdir)
     common.print_table(f"GRPO steady-state time per step (median of {args.repeats})", results,
                        rss=False)

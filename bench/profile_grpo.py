@@ -33,11 +33,10 @@ if __name__ == "__main__":  # OpenBLAS reads its thread count when it loads: bef
 common.bind_openblas()
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
-from grpo import GENERATIONS, NEVER, PROMPTS, TOKENS, messages  # noqa: E402
+from grpo import GENERATIONS, NEVER, PROMPTS, TOKENS, messages, mlxrl_config  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 from profile_dpo import row, timed, unit  # noqa: E402  (the same timing conventions)
 
-from mlxrl.config import load_config  # noqa: E402
 from mlxrl.data.loading import load_split  # noqa: E402
 from mlxrl.mlx import model as mlx_model  # noqa: E402
 from mlxrl.mlx.grpo import GRPOMethod  # noqa: E402
@@ -55,25 +54,9 @@ def build(workdir: Path):
     """mlxrl's GRPO on `bench/grpo.py`'s prompts and settings, as its worker runs it."""
     rows = [{"prompt": messages(r)} for r in common.prompt_rows(64)]
     prompts = common.write_jsonl(rows, workdir / "prompts.jsonl")
-    config = workdir / "grpo.yaml"
-    config.write_text(f"""
-model: {{model_name: "{common.model_path()}", torch_dtype_str: float32}}
-data: {{train: {{datasets: [{{dataset_name: "{prompts}"}}]}}}}
-training:
-  trainer_type: TRL_GRPO
-  max_steps: 1000
-  per_device_train_batch_size: {PROMPTS * GENERATIONS}
-  learning_rate: 1e-4
-  lr_scheduler_type: constant
-  logging_steps: 1000000
-  save_steps: 0
-  save_final_model: false
-  output_dir: "{workdir / 'out'}"
-  reward_functions: ["{Path(__file__).resolve().parent / 'grpo.py'}:vowel_fraction"]
-  grpo: {{num_generations: {GENERATIONS}, max_completion_length: {TOKENS}, temperature: 1.0}}
-peft: {{lora_r: {common.LORA_R}, lora_alpha: {common.LORA_ALPHA}}}
-""")
-    cfg = load_config(str(config), [])
+    out = workdir / "out"
+    out.mkdir(exist_ok=True)
+    cfg = mlxrl_config(prompts, out, 1000)
     loaded = mlx_model.load(cfg.model, cfg.peft, for_training=True)
     method = NoEOSGRPO(cfg, loaded, load_split(cfg.data.train), log=lambda *_: None)
     trainer = Trainer(cfg, loaded, method, mlx_model.adapter_config_for(loaded), 1000, quiet=True)

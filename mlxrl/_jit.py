@@ -6,12 +6,13 @@ so those kernels run one element at a time with library calls for fma and floor:
 8 x 128 x 1536 floats takes 28 ms here. With the CPU's vector flags, inlining allowed and
 `-fno-trapping-math` (so gcc may compute both sides of a select), the same kernel vectorizes and
 takes 1.1 ms, with bit-identical results: `-ffp-contract=off` keeps every multiply and add rounded
-as MLX's prebuilt kernels round them (tests/test_jit.py checks this).
+as MLX's prebuilt kernels round them (tests/test_cpu_speedups.py checks this).
 
 How: a `g++` wrapper on PATH that adds the flags when it compiles a file under `/mlx/.../cpu/` and
 passes everything else through untouched (and retries a kernel that fails to build with the
-flags without them); each kernel library it builds with the flags embeds a marker string. MLX reuses a kernel library it finds on disk, so libraries without the marker
-(built by a plain MLX process, or with other flags) are removed here once they are a minute old
+flags without them); each kernel library it builds with the flags embeds a marker string. MLX
+reuses a kernel library it finds on disk, so libraries without the marker (built by a plain MLX
+process, or with other flags) are removed here once they are a minute old
 (a younger one may be about to be loaded by another process); MLX rebuilds them on first use.
 `MLXRL_NO_JIT_FLAGS=1` turns this off.
 """

@@ -13,7 +13,6 @@ complete. Only safetensors and JSON are ever read back.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -49,10 +48,6 @@ def write_final(output_dir: Path, model, adapter_config: dict, trainer_state: di
     save_adapter(model, tmp, adapter_config)
     write_json(tmp / STATE_FILE, trainer_state)
     publish_files(tmp, output_dir)
-
-
-def read_state(folder: Path) -> dict:
-    return json.loads((folder / STATE_FILE).read_text())
 
 
 def load_optimizer_state(folder: Path) -> dict | None:

@@ -13,8 +13,6 @@ from pathlib import Path
 from mlxrl.errors import ModelError
 
 TINY_SCHEME = "tiny://"
-
-
 TINY_SIZES = ("hidden_size", "num_layers", "intermediate_size", "num_heads", "num_kv_heads", "seed")
 
 
@@ -59,5 +57,3 @@ def local_model_path(name: str, revision: str | None = None) -> Path:
                          f"first or give a local folder") from None
     except Exception as e:  # noqa: BLE001 - hub errors come in many types; report them in one line
         raise ModelError(f"cannot fetch model {name!r} from the hub: {type(e).__name__}: {e}") from None
-
-

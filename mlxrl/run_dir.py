@@ -20,6 +20,7 @@ from mlxrl.errors import ConfigError
 
 STATE_FILE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_STAGING, _REPLACED = ".tmp-", ".old-"  # prefixes of what a save writes before it is complete
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
@@ -32,6 +33,10 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def read_state(folder: Path) -> dict:
+    return json.loads((Path(folder) / STATE_FILE).read_text())
+
+
 def resume_folder(training, overwrite: bool = False, may_delete: bool = True) -> Path | None:
     """The checkpoint to resume from, or None for a fresh run (refusing to mix two runs).
 
@@ -42,7 +47,7 @@ def resume_folder(training, overwrite: bool = False, may_delete: bool = True) ->
     """
     output_dir = Path(training.output_dir)
     if may_delete and output_dir.is_dir():  # what a killed save left: never a complete checkpoint
-        for leftover in [*output_dir.glob(".tmp-*"), *output_dir.glob(".old-*")]:
+        for leftover in [*output_dir.glob(f"{_STAGING}*"), *output_dir.glob(f"{_REPLACED}*")]:
             shutil.rmtree(leftover, ignore_errors=True)
     if training.resume_from_checkpoint:
         folder = Path(training.resume_from_checkpoint)
@@ -63,12 +68,17 @@ def resume_folder(training, overwrite: bool = False, may_delete: bool = True) ->
     return None
 
 
-def staging_folder(output_dir: Path, name: str) -> Path:
-    """An empty hidden folder in output_dir to write `name` into before `publish_folder`.
+def staging_path(output_dir: Path, name: str) -> Path:
+    """The hidden folder in output_dir that `name` is written into before `publish_folder`.
 
     Its name is fixed (no pid) so that every process of a distributed run writes into the same one.
     """
-    tmp = Path(output_dir) / f".tmp-{name}"
+    return Path(output_dir) / f"{_STAGING}{name}"
+
+
+def staging_folder(output_dir: Path, name: str) -> Path:
+    """`staging_path`, emptied and created (by one process)."""
+    tmp = staging_path(output_dir, name)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
@@ -77,7 +87,7 @@ def staging_folder(output_dir: Path, name: str) -> Path:
 def publish_folder(tmp: Path, final: Path) -> None:
     """Rename a complete folder into place, replacing an older one of the same name."""
     if final.exists():
-        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        old = final.parent / f"{_REPLACED}{final.name}-{os.getpid()}"
         os.replace(final, old)
         shutil.rmtree(old, ignore_errors=True)
     os.replace(tmp, final)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,8 +160,10 @@ def lora_layers(model: nn.Module) -> list[nn.Module]:
     return [m for _, m in model.named_modules() if hasattr(m, "lora_a") and hasattr(m, "scale")]
 
 
+@functools.cache
 def _base_only(cls: type) -> type:
-    """A subclass of a LoRA/DoRA linear class whose call is its base layer's alone."""
+    """A subclass of a LoRA/DoRA linear class whose call is its base layer's alone (one per class,
+    not one per layer and call)."""
     return type(f"{cls.__name__}Off", (cls,), {"__call__": lambda self, x: self.linear(x)})
 
 

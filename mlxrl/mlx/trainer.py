@@ -31,6 +31,7 @@ from mlxrl import checkpoint
 from mlxrl.errors import MlxrlError
 from mlxrl.logging import MetricsLog
 from mlxrl.mlx.model import ADAPTER_FILE
+from mlxrl.run_dir import read_state
 from mlxrl.stopping import StopOnSignal, interrupted, non_finite, save_failed
 
 
@@ -239,7 +240,7 @@ class Trainer:
     def restore(self, folder: Path) -> None:
         """Continue exactly from a checkpoint: adapter, optimizer, schedule, data order, logs
         (the RNG follows from the step)."""
-        state = checkpoint.read_state(folder)
+        state = read_state(folder)
         self.model.load_weights(str(folder / ADAPTER_FILE), strict=False)
         saved = checkpoint.load_optimizer_state(folder)
         if saved is not None:

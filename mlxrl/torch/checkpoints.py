@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 
 from mlxrl.errors import ConfigError
-from mlxrl.run_dir import publish_files, publish_folder, staging_folder, write_json
+from mlxrl.run_dir import publish_files, publish_folder, staging_folder, staging_path, write_json
 from mlxrl.stopping import non_finite, save_failed
 
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -109,6 +109,8 @@ class SafeCheckpoints:
     """Mixed in front of a transformers Trainer subclass (see the module docstring)."""
 
     _staging_dir: Path | None = None
+    skip_non_finite_steps = False  # training.skip_non_finite_steps (set by safe_trainer_class)
+    log_line = staticmethod(print)  # where the skip warning goes
 
     def _plain_files(self) -> bool:
         return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
@@ -124,7 +126,7 @@ class SafeCheckpoints:
             if self.args.should_save:
                 staging_folder(run_dir, name)
             self.accelerator.wait_for_everyone()
-            self._staging_dir = run_dir / f".tmp-{name}"
+            self._staging_dir = staging_path(run_dir, name)
             super()._save_checkpoint(model, trial)  # TRL's extras, then transformers' writers below
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
@@ -140,9 +142,9 @@ class SafeCheckpoints:
 
     def save_final(self, output_dir: str) -> None:
         """The final adapter into output_dir, each file replaced atomically."""
-        tmp = Path(output_dir) / ".tmp-final"
+        tmp = staging_path(Path(output_dir), "final")
         if self.args.should_save:
-            tmp = staging_folder(Path(output_dir), "final")
+            staging_folder(Path(output_dir), "final")
         self.accelerator.wait_for_everyone()
         self.save_model(str(tmp))
         self.accelerator.wait_for_everyone()
@@ -210,10 +212,9 @@ class SafeCheckpoints:
         if math.isfinite(value):
             return grad_norm
         what = f"non-finite gradient (grad norm {value}) at step {self.state.global_step + 1}"
-        if not getattr(self, "skip_non_finite_steps", False):
+        if not self.skip_non_finite_steps:
             raise non_finite(what, Path(self.args.output_dir))
         model.zero_grad(set_to_none=True)
-        self.skipped_steps = getattr(self, "skipped_steps", 0) + 1
         self.log_line(f"warning: {what}; step skipped (no update)")
         return grad_norm
 

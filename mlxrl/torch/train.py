@@ -14,14 +14,13 @@ process loads the model and data, TRL shards the batches, only the main process 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import warnings
 from pathlib import Path
 
 from mlxrl.data.loading import load_split
 from mlxrl.errors import ConfigError
-from mlxrl.run_dir import STATE_FILE, resume_folder, write_json
+from mlxrl.run_dir import STATE_FILE, read_state, resume_folder, write_json
 from mlxrl.stopping import StopOnSignal, interrupted
 from mlxrl.torch import methods, translate
 from mlxrl.torch import model as torch_model
@@ -131,8 +130,7 @@ def train(cfg, *, quiet: bool = False, log=print, overwrite: bool = False) -> di
         f"{params:,} parameters, {len(trainer.train_dataset)} examples, {_steps_text(t)} "
         f"-> {t.output_dir}")
     if resume is not None:
-        step = json.loads((resume / STATE_FILE).read_text())["global_step"]
-        log(f"resumed from {resume} at step {step}")
+        log(f"resumed from {resume} at step {read_state(resume)['global_step']}")
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, MlxrlCallback))
     with StopOnSignal() as callback.stop:
         trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
