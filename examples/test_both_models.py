@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Compare DPO vs GRPO models (the walkthrough's Part 3 script, calling mlxrl.infer).
+"""Compare DPO vs GRPO models (the walkthrough's Part 3 script, calling mlxrl.inference).
 
     python examples/test_both_models.py
     python examples/test_both_models.py --dpo output/learn_dpo/checkpoint-50 \

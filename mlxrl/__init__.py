@@ -39,10 +39,10 @@ def infer(inputs, model=None, *, config=None, system_prompt=None, overrides=None
     `inputs`: a prompt string (returns a string), or a list of prompt strings, message lists or
     `{"prompt"|"messages": ...}` rows (returns a list of strings). `model`: a hub id, a local
     folder, a checkpoint folder or `tiny://qwen2`. `config`: an inference YAML path or an
-    `mlxrl.infer.InferenceConfig`. `system_prompt`: text, or `"letter_count"` for the `\\boxed{}`
+    `mlxrl.inference.InferenceConfig`. `system_prompt`: text, or `"letter_count"` for the `\\boxed{}`
     prompt. `**generation`: `GenerationParams` fields such as `max_new_tokens=64, temperature=0.7`.
     """
-    from mlxrl.infer import infer as _infer
+    from mlxrl.inference import infer as _infer
 
     return _infer(inputs, model, config=config, system_prompt=system_prompt, overrides=overrides,
                   **generation)
@@ -52,8 +52,8 @@ def evaluate(model=None, tasks=("letter_count",), **kwargs) -> dict:
     """Evaluate `model` on `tasks` (`letter_count`, `preference`, `reward`); returns
     `{"model", "tasks": {task: metrics}, ...}`. Keyword arguments: `dataset`, `dataset_path`,
     `split`, `num_samples`, `reward_functions`, `output_dir` (writes eval_results.json),
-    `config` (an eval YAML path or `mlxrl.evaluate.EvalConfig`), `overrides`, and
+    `config` (an eval YAML path or `mlxrl.evaluation.EvalConfig`), `overrides`, and
     `GenerationParams` fields (`max_new_tokens=32`)."""
-    from mlxrl.evaluate import evaluate as _evaluate
+    from mlxrl.evaluation import evaluate as _evaluate
 
     return _evaluate(model, tasks, **kwargs)

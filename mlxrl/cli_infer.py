@@ -7,7 +7,7 @@
     mlxrl quickstart [--output DIR]
     mlxrl plot RUN_DIR [...]
 
-The chat (`chat()`) lives here too: it is the terminal side of `mlxrl.infer.Engine`.
+The chat (`chat()`) lives here too: it is the terminal side of `mlxrl.inference.Engine`.
 `mlxrl.cli` imports this module and calls `register(main)`.
 """
 
@@ -137,7 +137,7 @@ def infer(ctx, config_path, interactive, system_prompt, verbose, debug):
     Batch: `--input_path in.jsonl --output_path out.jsonl` ({"prompt": ...} or {"messages": [...]}
     rows).
     """
-    from mlxrl.infer import Engine, load_inference_config, run_batch, system_prompt_text
+    from mlxrl.inference import Engine, load_inference_config, run_batch, system_prompt_text
 
     _quiet_datasets()
     cfg, notes = load_inference_config(config_path, list(ctx.args))
@@ -183,7 +183,7 @@ def eval_command(ctx, config_path, tasks, dataset, dataset_path, split, num_samp
     `mlxrl eval --model.model_name output/learn_grpo/checkpoint-30` scores letter counting on a
     generated held-out set; prints a table, and writes JSON with `--output DIR`.
     """
-    from mlxrl.evaluate import Evaluator, format_table, load_eval_config, make_tasks
+    from mlxrl.evaluation import Evaluator, format_table, load_eval_config, make_tasks
 
     _quiet_datasets()
     cfg = load_eval_config(config_path, list(ctx.args))
@@ -216,7 +216,7 @@ def compare(ctx, models, prompts, input_path, system_prompt, tasks, num_samples,
     `mlxrl compare tiny://qwen2 output/quickstart_grpo --eval letter_count`. Generation settings
     as overrides: `--generation.max_new_tokens 64`.
     """
-    from mlxrl.evaluate import compare_models
+    from mlxrl.evaluation import compare_models
 
     _quiet_datasets()
     models, overrides = _split_models(list(models) + list(ctx.args))
@@ -226,7 +226,7 @@ def compare(ctx, models, prompts, input_path, system_prompt, tasks, num_samples,
         _note("note: one model given; showing its answers alone")
     items = list(prompts)
     if input_path:
-        from mlxrl.infer import read_rows
+        from mlxrl.inference import read_rows
 
         items += read_rows(input_path)
     result = compare_models(list(models), items or list(_DEFAULT_COMPARE_PROMPTS),
@@ -308,7 +308,7 @@ def format_rows(name: str, split: str, dataset_path: str | None, chars: int = 10
     """Rows of dataset `name` as text, in the walkthrough's Step 1 layout."""
     from mlxrl.config import DatasetParams
     from mlxrl.data.loading import load_one
-    from mlxrl.evaluate import _letter_count_row
+    from mlxrl.evaluation import _letter_count_row
 
     dataset = load_one(DatasetParams(dataset_name=name, dataset_path=dataset_path, split=split),
                        where=name)

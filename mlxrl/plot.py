@@ -15,7 +15,7 @@ PANELS = (("loss", "loss"), ("reward", "reward (GRPO)"), ("rewards/margins", "re
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    from mlxrl.logging import read_metrics as read
+    from mlxrl.metrics_log import read_metrics as read
 
     rows = read(Path(run_dir))
     if not rows:

@@ -80,8 +80,8 @@ def _stages(out: Path, base: str) -> list[Stage]:
 
 def _evaluate(name: str, scale: float, log) -> dict:
     """letter_count (greedy), rewards of answers sampled at T=1, held-out preference pairs."""
-    from mlxrl.evaluate import EvalConfig, Evaluator, make_tasks
-    from mlxrl.infer import Engine, as_messages, load_inference_config
+    from mlxrl.evaluation import EvalConfig, Evaluator, make_tasks
+    from mlxrl.inference import Engine, as_messages, load_inference_config
 
     n = max(16, round(100 * scale))
     cfg, _ = load_inference_config(None, ["--model.model_name", name,
@@ -104,7 +104,7 @@ def _evaluate(name: str, scale: float, log) -> dict:
 def run_quickstart(output="output/quickstart", *, scale: float = 1.0, model: str = BASE_MODEL,
                    quiet: bool = False, log=print) -> Path:
     """Train, evaluate and report; returns the path of `report.md`."""
-    from mlxrl.infer import resolve_model_name
+    from mlxrl.inference import resolve_model_name
 
     if not (CONFIGS / "sft.yaml").is_file():
         raise MlxrlError(f"quickstart configs not found in {CONFIGS} (run from a source checkout)")
@@ -182,7 +182,7 @@ def majority_baseline(n: int) -> dict:
     from collections import Counter
 
     from mlxrl.data.letter_count import make_rows
-    from mlxrl.evaluate import EVAL_SEED
+    from mlxrl.evaluation import EVAL_SEED
 
     counts = Counter(r["metadata"]["letter_count_integer"] for r in make_rows(n, seed=EVAL_SEED))
     answer, hits = counts.most_common(1)[0]

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from mlxrl.cli import main
 from mlxrl.data.letter_count import SYSTEM_PROMPT, make_row
-from mlxrl.evaluate import EvalConfig, EvalTaskParams, Evaluator, letter_count_metrics
+from mlxrl.evaluation import EvalConfig, EvalTaskParams, Evaluator, letter_count_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tiny://qwen2"
@@ -120,7 +120,7 @@ def _completion_logps(model, tok, prompt: str, answer: str) -> float:
 def test_preference_metrics_match_a_hand_computation(checkpoint, tmp_path):
     from mlx_lm import load
 
-    from mlxrl.evaluate import evaluate
+    from mlxrl.evaluation import evaluate
     from mlxrl.testing import tiny_model
 
     pairs = tmp_path / "pairs.jsonl"
@@ -159,7 +159,7 @@ def test_a_peft_checkpoint_answers_as_the_mlx_one(checkpoint, tmp_path):
 
 def test_base_model_preference_is_zero_and_says_why():
     notes = []
-    from mlxrl.evaluate import evaluate
+    from mlxrl.evaluation import evaluate
 
     got = evaluate(TINY, "preference", num_samples=4, log=notes.append)["tasks"]["preference"]
     assert got["mean_reward_margin"] == 0.0 and got["preference_accuracy"] == 0.0

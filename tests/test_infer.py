@@ -84,7 +84,7 @@ def test_chat_in_a_terminal_keeps_history_and_quits():
 
 def _engine():
     from mlxrl.config import GenerationParams, ModelParams
-    from mlxrl.infer import Engine
+    from mlxrl.inference import Engine
 
     return Engine(ModelParams(model_name=TINY), GenerationParams(max_new_tokens=5))
 
@@ -121,7 +121,7 @@ def test_without_interactive_or_input_path_it_chats_as_oumi_does():
 
 
 def test_the_walkthroughs_eval_config_loads_as_it_is():
-    from mlxrl.infer import load_inference_config
+    from mlxrl.inference import load_inference_config
 
     path = ROOT / "configs/examples/eval_dpo_results.yaml"
     cfg, notes = load_inference_config(path, ["--model.model_name", "ckpt"])
@@ -144,7 +144,7 @@ def test_infer_needs_a_model_and_names_unknown_keys():
 
 def test_tiny_uri_sizes():
     from mlxrl.errors import ModelError
-    from mlxrl.infer import resolve_model_name
+    from mlxrl.inference import resolve_model_name
 
     folder = Path(resolve_model_name("tiny://qwen2?hidden_size=32&num_layers=1"))
     config = json.loads((folder / "config.json").read_text())
@@ -192,13 +192,13 @@ def test_greedy_batch_matches_mlx_lm_one_prompt_at_a_time():
         assert text == alone
 
 
-def test_python_api_is_callable_before_and_after_the_module_import():
+def test_python_api_stays_callable_after_the_module_import():
     import mlxrl
     from mlxrl import infer
 
     reply = infer("hello", TINY, max_new_tokens=4)
     assert isinstance(reply, str)
-    import mlxrl.infer  # noqa: F401  (rebinds mlxrl.infer to the module)
+    import mlxrl.inference  # noqa: F401  (the module has its own name: mlxrl.infer stays the function)
 
     assert mlxrl.infer("hello", TINY, max_new_tokens=4) == reply  # greedy: the same reply
     replies = mlxrl.infer(["hello", [{"role": "user", "content": "hello"}]], TINY, max_new_tokens=4)

@@ -146,7 +146,7 @@ def test_non_finite_loss_stops_with_checkpoint_intact(backend, tmp_path):
 
 
 # backend -> (module, function in it that writes one file of each checkpoint, train)
-DISK_WRITERS = {"mlx": ("mlxrl.checkpoint", "save_adapter", "mlxrl.mlx.train"),
+DISK_WRITERS = {"mlx": ("mlxrl.mlx.checkpoint", "save_adapter", "mlxrl.mlx.train"),
                 "torch": ("mlxrl.torch.checkpoints", "save_optimizer_state", "mlxrl.torch.train")}
 
 

@@ -27,9 +27,9 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
-from mlxrl import checkpoint
 from mlxrl.errors import MlxrlError
-from mlxrl.logging import MetricsLog
+from mlxrl.metrics_log import MetricsLog
+from mlxrl.mlx import checkpoint
 from mlxrl.mlx.model import ADAPTER_FILE
 from mlxrl.run_dir import read_state
 from mlxrl.stopping import StopOnSignal, interrupted, non_finite, save_failed

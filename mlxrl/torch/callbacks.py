@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from mlxrl.logging import MetricsLog, read_metrics
+from mlxrl.metrics_log import MetricsLog, read_metrics
 
 _SUMMARY_KEYS = ("train_runtime", "train_loss", "total_flos")
 

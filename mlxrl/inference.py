@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -343,13 +342,3 @@ def infer(inputs, model: str | None = None, *, config=None, system_prompt: str |
     replies = Engine(cfg.model, cfg.generation).generate(conversations)
     return replies[0] if single else replies
 
-
-class _CallableModule(types.ModuleType):
-    """`from mlxrl import infer` gives a callable whether or not this module was imported
-    (importing `mlxrl.infer` rebinds the package attribute to the module)."""
-
-    def __call__(self, *args, **kwargs):
-        return infer(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

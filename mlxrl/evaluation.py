@@ -24,7 +24,6 @@ import dataclasses
 import json
 import sys
 import time
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,14 +188,14 @@ class Evaluator:
     """Runs tasks on one model; answers to the same prompts are generated once."""
 
     def __init__(self, cfg: EvalConfig, log=print, engine=None):
-        from mlxrl.infer import Engine
+        from mlxrl.inference import Engine
 
         self.cfg, self.log = cfg, log
         self.engine = engine or Engine(cfg.model, cfg.generation)
         self._answers: dict[str, tuple[list[dict], list[str]]] = {}
 
     def answers(self, task: EvalTaskParams) -> tuple[list[dict], list[str]]:
-        from mlxrl.infer import as_messages
+        from mlxrl.inference import as_messages
 
         key = json.dumps([task.dataset_name, task.dataset_path, task.split, task.num_samples])
         if key not in self._answers:
@@ -207,7 +206,7 @@ class Evaluator:
 
     def run_task(self, task: EvalTaskParams) -> tuple[dict, list[dict]]:
         """(metrics, per-row samples) of one task."""
-        from mlxrl.infer import as_messages
+        from mlxrl.inference import as_messages
 
         if task.task == "preference":
             return preference_metrics(self.engine, task, task_rows(task, self.log), self.log), []
@@ -318,7 +317,7 @@ def evaluate(model: str | None = None, tasks=("letter_count",), *, config=None, 
 def compare_models(models: list[str], prompts: list, *, overrides=None, system_prompt=None,
                    tasks=(), num_samples=None, output=None, echo=print, log=print) -> dict:
     """Each model's replies to the same prompts (and its eval metrics), printed side by side."""
-    from mlxrl.infer import (
+    from mlxrl.inference import (
         Engine,
         as_messages,
         load_inference_config,
@@ -353,12 +352,3 @@ def compare_models(models: list[str], prompts: list, *, overrides=None, system_p
         log(f"wrote {Path(output) / 'compare.json'}")
     return out
 
-
-class _CallableModule(types.ModuleType):
-    """`from mlxrl import evaluate` stays callable after `mlxrl.evaluate` is imported."""
-
-    def __call__(self, *args, **kwargs):
-        return evaluate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
