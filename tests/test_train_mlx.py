@@ -58,7 +58,9 @@ def test_step_zero_policy_equals_reference(tmp_path):
     (ids, mask, ref), = method.next_step().micro_batches
     loss, metrics = method.loss(ids, mask, ref)
     assert abs(float(loss) - math.log(2)) < 1e-5
-    assert float(metrics["rewards/margins"]) == 0.0
+    # equal up to float32 rounding: the precomputed reference ran in batches of another width, and
+    # OpenBLAS picks its kernels by shape (exactly 0.0 on an AVX-512 machine, 2.9e-7 on an AVX2 EPYC)
+    assert abs(float(metrics["rewards/margins"])) < 1e-5
 
 
 @pytest.mark.parametrize("dora", [False, True])
@@ -208,4 +210,6 @@ def test_dpo_from_a_trained_adapter_uses_it_as_reference(dpo_run, tmp_path):
     (ids, mask, ref), = method.next_step().micro_batches
     loss, metrics = method.loss(ids, mask, ref)
     assert abs(float(loss) - math.log(2)) < 1e-5  # policy == reference at the start
-    assert float(metrics["rewards/margins"]) == 0.0
+    # equal up to float32 rounding: the precomputed reference ran in batches of another width, and
+    # OpenBLAS picks its kernels by shape (exactly 0.0 on an AVX-512 machine, 2.9e-7 on an AVX2 EPYC)
+    assert abs(float(metrics["rewards/margins"])) < 1e-5
