@@ -15,13 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlxrl import schedules
 from mlxrl.config_parse import Builder, apply_override, key_path, load_yaml, split_overrides
 from mlxrl.errors import ConfigError
 
 METHODS = {"TRL_SFT": "sft", "TRL_DPO": "dpo", "TRL_GRPO": "grpo", "HF": "sft", "OUMI": "sft",
            "SFT": "sft", "DPO": "dpo", "GRPO": "grpo"}
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr",
-              "cosine_with_restarts")
 
 
 @dataclass
@@ -195,8 +194,7 @@ class TrainingParams:
             close = difflib.get_close_matches(self.trainer_type.upper(), list(METHODS), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"trainer_type {self.trainer_type!r} is not supported{hint}; use one of {valid}")
-        if self.lr_scheduler_type not in SCHEDULERS:
-            raise ValueError(f"lr_scheduler_type {self.lr_scheduler_type!r} is not one of {SCHEDULERS}")
+        schedules.check(self.lr_scheduler_type, self.lr_scheduler_kwargs, self.learning_rate)
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

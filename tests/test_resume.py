@@ -50,6 +50,25 @@ def run_until(cmd, out, ready, timeout=120):
     proc.wait()
 
 
+def assert_logged_rates_are_transformers(out, steps=16, warmup=2, peak=5e-3):
+    """metrics.jsonl's learning_rate at step k is the rate update k applied: transformers'
+    cosine schedule (configs/quickstart/dpo.yaml) at its (k-1)-th scheduler step."""
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    scheduler = get_scheduler("cosine", optimizer, warmup, steps)
+    expected = []
+    for _ in range(steps):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records
+    for record in records:
+        assert record["learning_rate"] == pytest.approx(expected[record["step"] - 1], rel=5e-6), record["step"]
+
+
 @pytest.fixture(scope="module", params=BACKENDS)
 def uninterrupted(request, tmp_path_factory):
     """(backend, output_dir of a 16-step run that nothing interrupted)."""
@@ -80,6 +99,8 @@ def test_sigkill_then_resume_gives_the_same_adapter(uninterrupted, tmp_path):
     assert not list(out.glob(".tmp-*"))  # staging left by the kills is cleaned up
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 16  # no duplicated or missing log lines
+    assert_logged_rates_are_transformers(straight)
+    assert_logged_rates_are_transformers(out)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
