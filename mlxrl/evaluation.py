@@ -136,7 +136,7 @@ def letter_count_metrics(responses: list[str], targets: list[int]) -> dict:
     predictions = [_extract_prediction(r) for r in responses]
     total = len(responses)
     valid = sum(p is not None for p in predictions)
-    correct = sum(p is not None and p == int(t) for p, t in zip(predictions, targets))
+    correct = sum(p is not None and p == t for p, t in zip(predictions, targets))  # as Oumi: no cast
     return {"accuracy": correct / total if total else 0.0,
             "properly_extracted_accuracy": correct / valid if valid else 0.0,
             "num_samples": total, "num_correct_answers": correct,
@@ -216,7 +216,7 @@ class Evaluator:
         if "letter_count" not in rows[0]:
             raise DataError(f"letter_count task: rows need a 'letter_count' column (or raw "
                             f"oumi-letter-count rows); this dataset has {sorted(rows[0])}")
-        targets = [int(r["letter_count"]) for r in rows]
+        targets = [r["letter_count"] for r in rows]
         metrics = letter_count_metrics(responses, targets)
         samples = [{"prompt": as_messages(r)[-1]["content"], "response": s, "target": t}
                    for r, s, t in zip(rows, responses, targets)]

@@ -71,12 +71,15 @@ def _extract_prediction(response: str) -> int | None:
     return int(found[0]) if len(found) == 1 else None
 
 
-def compute_letter_count_reward(completion: str, target_count: int) -> float:
-    """Oumi's values: 0.0 when exact, 1/(|error| + 0.5) - 2 when off, -3.0 when unparsable."""
+def compute_letter_count_reward(completion: str, target_count) -> float:
+    """Oumi's values: 0.0 when exact, 1/(|error| + 0.5) - 2 when off, -3.0 when unparsable.
+
+    `target_count` is compared as given, as Oumi does: a 2.5 target and `\\boxed{2}` give -1.0.
+    """
     count = _extract_prediction(completion)
     if count is None:
         return -3.0
-    return 1 / (abs(count - int(target_count)) + 0.5) - 2
+    return 1 / (abs(count - target_count) + 0.5) - 2
 
 
 @register("count_letters")

@@ -94,7 +94,7 @@ def transform(raw_row: dict) -> dict:
     user = {"role": messages[0]["role"], "content": messages[0]["content"]}
     out = {
         "prompt": [{"role": "system", "content": SYSTEM_PROMPT}, user],
-        "letter_count": int(metadata["letter_count_integer"]),
+        "letter_count": metadata["letter_count_integer"],  # as given, as Oumi's transform
         "metadata": metadata,
     }
     if "conversation_id" in raw_row:
