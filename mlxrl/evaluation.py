@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mlxrl.config import DatasetParams, GenerationParams, ModelParams, load_config
 from mlxrl.errors import ConfigError, DataError
 
@@ -145,6 +143,7 @@ def letter_count_metrics(responses: list[str], targets: list[int]) -> dict:
 
 def reward_metrics(task: EvalTaskParams, rows: list[dict], responses: list[str], tokenizer) -> dict:
     """Mean and std of each reward function over the responses (TRL's reward contract)."""
+    from mlxrl.reward_metrics import reward_metrics as trl_reward_metrics
     from mlxrl.rewards import load_rewards
 
     names = task.reward_functions or ["count_letters", "letter_count"]
@@ -155,12 +154,8 @@ def reward_metrics(task: EvalTaskParams, rows: list[dict], responses: list[str],
     ids = [tokenizer.encode(r, add_special_tokens=False) for r in responses]
     columns = {k: [row.get(k) for row in rows] for k in rows[0] if k not in ("prompt", "completion")}
     scores = rewards.score([row.get("prompt") for row in rows], completions, ids, columns)
-    out = {}
-    for j, name in enumerate(rewards.names):
-        column = scores[:, j]
-        out[f"rewards/{name}/mean"] = float(np.nanmean(column)) if np.isfinite(column).any() else float("nan")
-        out[f"rewards/{name}/std"] = float(np.nanstd(column)) if np.isfinite(column).any() else float("nan")
-    out["reward"] = float(np.nanmean(rewards.total(scores)))
+    out = trl_reward_metrics(rewards.names, scores, rewards.total(scores))  # as GRPO logs them
+    out = {k: None if v != v else v for k, v in out.items()}  # NaN (no value) -> null, as TRL's log
     out["num_samples"] = len(rows)
     return out
 

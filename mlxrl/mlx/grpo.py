@@ -35,6 +35,7 @@ from mlxrl.errors import ConfigError
 from mlxrl.mlx.logprobs import per_token_logps
 from mlxrl.mlx.model import adapters_disabled
 from mlxrl.mlx.trainer import IndexStream, StepBatch, StreamPosition, bucket, pad_rows
+from mlxrl.reward_metrics import reward_metrics
 from mlxrl.rewards import load_rewards
 
 ADVANTAGE_EPS = 1e-4
@@ -273,20 +274,6 @@ def _completion_text(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def reward_metrics(names: list[str], scores: np.ndarray, total: np.ndarray, num_generations: int) -> dict:
-    """TRL's reward metrics: per function mean/std, the summed reward, zero-std group fraction."""
-    out = {}
-    for j, name in enumerate(names):
-        column = scores[:, j]
-        out[f"rewards/{name}/mean"] = float(np.nanmean(column)) if np.isfinite(column).any() else float("nan")
-        out[f"rewards/{name}/std"] = float(np.nanstd(column, ddof=1)) if np.isfinite(column).sum() > 1 else 0.0
-    out["reward"] = float(np.nanmean(total))
-    out["reward_std"] = float(np.nanstd(total, ddof=1)) if len(total) > 1 else 0.0
-    group_std = np.nanstd(total.reshape(-1, num_generations), axis=1, ddof=1)
-    out["frac_reward_zero_std"] = float(np.mean(np.isclose(group_std, 0.0)))
-    return out
-
-
 def completion_metrics(lengths: np.ndarray, finished: np.ndarray) -> dict:
     terminated = lengths[finished]
     return {
@@ -386,7 +373,7 @@ class GRPOMethod(StreamPosition):
                  for i, (p, c) in enumerate(zip(prompts, completion_ids))]
         num_items = mx.array(float(sum(map(sum, masks))))
         micro = self._micro_batches(rows, masks, advantages, num_items)
-        metrics = reward_metrics(self.rewards.names, scores, total, s.num_generations)
+        metrics = reward_metrics(self.rewards.names, scores, total, s.num_generations, s.scale_rewards)
         metrics.update(completion_metrics(lengths, finished))
         metrics["rollout_tokens_per_second"] = float(rollout.tokens_per_second)
         return StepBatch(micro, metrics, num_tokens=sum(map(len, rows)))
