@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlxrl import schedules
+from mlxrl import loss_types, schedules
 from mlxrl.config_parse import Builder, apply_override, key_path, load_yaml, split_overrides
 from mlxrl.errors import ConfigError
 
@@ -273,11 +273,21 @@ class TrainConfig:
     fsdp: dict[str, Any] = field(default_factory=dict)
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self):
+        # resolve the method's settings now, so a bad loss option stops at load, not at step 1
+        try:
+            if self.training.method == "dpo":
+                self.dpo_settings()
+            elif self.training.method == "grpo":
+                self.grpo_settings(check_batch=False)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"training.trainer_kwargs: {e}") from None
+
     def dpo_settings(self) -> DpoSettings:
         return _settings(DpoSettings, self.training.trainer_kwargs, "dpo",
                          max_length=self.model.model_max_length or DpoSettings.max_length)
 
-    def grpo_settings(self) -> GrpoSettings:
+    def grpo_settings(self, check_batch: bool = True) -> GrpoSettings:
         g = self.training.grpo
         fixed = {"temperature": g.temperature, "epsilon": g.epsilon,
                  "num_generations": g.num_generations or GrpoSettings.num_generations,
@@ -286,8 +296,11 @@ class TrainConfig:
         for key in fixed.keys() & self.training.trainer_kwargs.keys():
             raise ConfigError(f"training.trainer_kwargs.{key} duplicates training.grpo.{key}; "
                               f"set it under training.grpo")
+        if g.vllm_mode is not None and "vllm_mode" not in self.training.trainer_kwargs:
+            fixed["vllm_mode"] = g.vllm_mode
         settings = _settings(GrpoSettings, self.training.trainer_kwargs, "grpo", **fixed)
-        _check_grpo_batch(self.training, settings.num_generations)
+        if check_batch:
+            _check_grpo_batch(self.training, settings.num_generations)
         return settings
 
 
@@ -299,9 +312,18 @@ class DpoSettings:
     loss_type: str | list = "sigmoid"
     loss_weights: list | None = None
     label_smoothing: float = 0.0
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    ld_alpha: float | None = None  # LD-DPO: weight of the tokens past the shorter completion
+    use_weighting: bool = False  # WPO
+    discopop_tau: float = 0.05
     max_length: int = 1024
     precompute_ref_log_probs: bool = False
     truncation_mode: str = "keep_start"
+    disable_dropout: bool = True  # TRL's DPO default: LoRA dropout off
+
+    def __post_init__(self):
+        loss_types.check_dpo(self)
 
 
 @dataclass
@@ -313,24 +335,34 @@ class GrpoSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    min_p: float = 0.0
+    min_p: float | None = None
     epsilon: float = 0.2
     epsilon_high: float | None = None
     delta: float | None = None  # two-sided clip of the ratio (INTELLECT-2)
     beta: float = 0.0
-    use_bias_correction_kl: bool = False  # TRL 1.16 defaults it on; mlxrl keeps plain k3
+    use_bias_correction_kl: bool = True  # k3 KL times the importance ratio (TRL 1.16's default)
     loss_type: str = "dapo"
+    sapo_temperature_neg: float = 1.05
+    sapo_temperature_pos: float = 1.0
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
     scale_rewards: str | bool = "group"
     importance_sampling_level: str = "token"
     mask_truncated_completions: bool = False
     reward_weights: list | None = None
     log_completions: bool = False
     num_iterations: int = 1
-    vllm_mode: str | None = None
+    vllm_mode: str = "colocate"
+    disable_dropout: bool = False
+
+    def __post_init__(self):
+        loss_types.check_grpo(self)
 
 
-_IGNORED_TRL_KEYS = {"dpo": {"padding_free", "disable_dropout", "dataset_num_proc", "ref_model_init_kwargs"},
-                     "grpo": {"vllm_mode", "disable_dropout", "shuffle_dataset", "generation_kwargs"}}
+_IGNORED_TRL_KEYS = {"dpo": {"padding_free", "dataset_num_proc", "ref_model_init_kwargs"},
+                     "grpo": {"shuffle_dataset", "generation_kwargs"}}
 
 
 def _settings(cls, trainer_kwargs: dict, method: str, **fixed):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from mlxrl.data.loading import load_split
 from mlxrl.errors import ConfigError, DataError
@@ -39,6 +40,18 @@ def _notes(cfg, log) -> None:
         log("note: W&B / MLflow logging is not built in; metrics go to metrics.jsonl")
 
 
+def disable_dropout(model: nn.Module) -> int:
+    """TRL's `disable_dropout`: every dropout of the model (LoRA's included) becomes the identity.
+    Returns how many were replaced."""
+    replaced = 0
+    for module in model.modules():
+        for name, child in module.children().items():
+            if isinstance(child, nn.Dropout):
+                setattr(module, name, nn.Identity())
+                replaced += 1
+    return replaced
+
+
 def train(cfg, *, quiet: bool = False, log=print, overwrite: bool = False) -> dict:
     """Train per `cfg` (a `TrainConfig`); returns the final trainer state.
 
@@ -61,6 +74,8 @@ def train(cfg, *, quiet: bool = False, log=print, overwrite: bool = False) -> di
     except DataError as e:
         names = ", ".join(d.dataset_path or d.dataset_name for d in cfg.data.train.datasets)
         raise DataError(f"data.train ({names}): {e}") from None
+    if getattr(getattr(method, "settings", None), "disable_dropout", False):
+        disable_dropout(loaded.model)  # DPO's default, as in TRL
     t = cfg.training
     total = total_steps_for(t, method.examples_per_step, method.dataset_size)
     trainable, params = mlx_model.trainable_count(loaded.model)
