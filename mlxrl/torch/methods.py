@@ -1,14 +1,14 @@
 """The three methods on TRL: mlxrl's token ids and reward functions handed to TRL's trainers.
 
-Both backends must see the same tokens, so the datasets are encoded by `mlxrl.data.formats`, as
-on MLX, and truncated by its `Truncation` (TRL's keep_start):
+Both backends must see the same tokens, so the datasets are encoded by `mlxrl.data.formats` (TRL's
+own tokenization, plus mlxrl's assistant-turn mask for SFT `messages`), as on MLX, and truncated
+by its `Truncation` (TRL's keep_start):
 - SFT: `input_ids` + `completion_mask` (SFTTrainer takes tokenized rows as they are);
 - DPO: `prompt_ids` / `chosen_ids` / `rejected_ids` (TRL 1.16's DPOTrainer has no path for
   tokenized rows, so `_prepare_dataset` is overridden to keep them);
-- GRPO: TRL samples and tokenizes prompts itself through the chat template, so a plain-string
-  prompt becomes one user message (as `encode_prompt` does on MLX). `RewardBridge` turns
-  mlxrl's `RewardSet` into TRL reward functions that get what they get on MLX (plain strings
-  back for plain-string prompts) and writes `completions.jsonl` like the MLX loop.
+- GRPO: TRL samples and tokenizes prompts itself, as `encode_prompt` does on MLX. `RewardBridge`
+  turns mlxrl's `RewardSet` into TRL reward functions and writes `completions.jsonl` like the
+  MLX loop.
 """
 
 from __future__ import annotations
@@ -46,14 +46,10 @@ def dpo_dataset(dataset, tokenizer, max_length: int, log=print) -> datasets.Data
     return _encoded([r for r in rows if r is not None], "preference pairs", truncation, log)
 
 
-def grpo_dataset(dataset) -> tuple[datasets.Dataset, bool]:
-    """(dataset with message-list prompts, whether the prompts were plain strings)."""
+def grpo_dataset(dataset) -> datasets.Dataset:
     if "prompt" not in dataset.column_names:
         raise DataError(f"GRPO data needs a 'prompt' column (has {sorted(dataset.column_names)})")
-    plain = isinstance(dataset[0]["prompt"], str)
-    if plain:
-        dataset = dataset.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
-    return dataset, plain
+    return dataset
 
 
 class RewardBridge:
@@ -64,12 +60,11 @@ class RewardBridge:
     and errors are mlxrl's) and the others read their column.
     """
 
-    def __init__(self, training, weights, plain_prompts: bool, log_path: Path | None = None):
+    def __init__(self, training, weights, log_path: Path | None = None):
         if not training.reward_functions:
             raise ConfigError("GRPO needs training.reward_functions (e.g. [count_letters])")
         self.rewards = load_rewards(training.reward_functions, training.reward_function_kwargs,
                                     weights=weights)
-        self.plain = plain_prompts
         self.log_path = log_path
         self._scores = None
 
@@ -90,9 +85,6 @@ class RewardBridge:
         return [None if v != v else float(v) for v in self._scores[:, j]]
 
     def _score(self, prompts, completions, completion_ids, kwargs):
-        if self.plain:  # give back what MLX gives: the string prompt and the completion text
-            prompts = [p[-1]["content"] for p in prompts]
-            completions = [c[0]["content"] for c in completions]
         columns = {k: v for k, v in kwargs.items() if k not in TRL_REWARD_EXTRAS}
         scores = self.rewards.score(prompts, completions, completion_ids, columns)
         state = kwargs.get("trainer_state")
@@ -129,7 +121,7 @@ def build_trainer(cfg, loaded, dataset, args, peft_config, callbacks, log=print)
                 return dataset  # already templated, tokenized and truncated by mlxrl
 
         return TokenizedDPOTrainer(train_dataset=data, **common)
-    data, plain = grpo_dataset(dataset)
+    data = grpo_dataset(dataset)
     log_path = Path(args.output_dir) / "completions.jsonl" if cfg.training.grpo.log_completions else None
-    bridge = RewardBridge(cfg.training, args.reward_weights, plain, log_path)
+    bridge = RewardBridge(cfg.training, args.reward_weights, log_path)
     return GRPOTrainer(reward_funcs=bridge.functions(), train_dataset=data, **common)
