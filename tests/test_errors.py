@@ -65,6 +65,9 @@ CASES = {
                                         "--training.reward_functions", f"['{_raising_reward(t)}']"], "boom"),
     "num-generations": (GRPO, lambda t: ["--training.grpo.num_generations", "1"], "at least 2"),
     "generations-batch": (GRPO, lambda t: ["--training.grpo.num_generations", "3"], "multiple of grpo.num_generations"),
+    "lr-scheduler": (DPO, lambda t: ["--training.lr_scheduler_type", "reduce_lr_on_plateau"], "is not supported"),
+    "loss-option": (DPO, lambda t: ["--training.trainer_kwargs", "{loss_type: [sigmoid, hinge], use_weighting: true}"],
+                    "use_weighting does not work with loss_type hinge"),
 }
 
 
