@@ -25,7 +25,9 @@ def train_cmd(backend, out, *extra):
     return [sys.executable, "-m", "mlxrl.cli", "train", "--backend", backend, "-c", str(ROOT / "configs/quickstart/dpo.yaml"),
             "--data.train.datasets[0].dataset_name", str(DATA / "preferences.jsonl"),
             "--training.output_dir", str(out), "--training.max_steps", "16", "--training.save_steps", "4",
-            "--training.logging_steps", "2", "--peft.lora_dropout", "0.1", "--quiet", *extra]
+            "--training.logging_steps", "2", "--peft.lora_dropout", "0.1",
+            "--training.trainer_kwargs.disable_dropout", "false",  # keep dropout: its RNG must resume too
+            "--quiet", *extra]
 
 
 def adapter(folder):
