@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import datasets
 import pytest
 
-from mlxrl.data.formats import encode_preference, encode_prompt, encode_sft
+from mlxrl.data.formats import encode_preference, encode_prompt, encode_sft, grpo_template_note
 from mlxrl.testing import tiny_model
 
 trl = pytest.importorskip("trl")
@@ -168,3 +168,8 @@ def test_grpo_prompt_ids_are_grpo_trainers(tokenizers):
     plain = ["How many 'r's are in 'strawberry'?", "Count: "]
     for prompts in (conversational, plain):
         assert [encode_prompt({"prompt": p}, mlx_tok) for p in prompts] == trl_grpo_prompt_ids(trl_tok, prompts)
+    # per-row template arguments do not reach GRPO prompts in TRL, nor in mlxrl (with a note)
+    row = {"prompt": [USER], "tools": PREFERENCE_ROWS["tools and template kwargs"]["tools"],
+           "chat_template_kwargs": {"shout": True}}
+    assert encode_prompt(row, mlx_tok) == trl_grpo_prompt_ids(trl_tok, [[USER]])[0]
+    assert "tools / chat_template_kwargs" in grpo_template_note(row)

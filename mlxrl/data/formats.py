@@ -26,8 +26,9 @@ it, its end-of-turn text included (the span TRL's own training templates mark). 
 turns, as TRL's `assistant_only_loss` does.
 
 GRPO prompts (`GRPOTrainer._tokenize_prompts`): conversational prompts get the chat template with
-the generation prompt; a string prompt is tokenized plainly. mlxrl also passes a row's `tools`
-and `chat_template_kwargs` to the template, where TRL takes them from the trainer only.
+the generation prompt; a string prompt is tokenized plainly. As in TRL, a row's `tools` and
+`chat_template_kwargs` columns do not reach the prompt's template (they reach the reward
+functions); `grpo_template_note` says so once.
 
 Truncation follows TRL's `keep_start`: a sequence keeps its first `max_length` tokens, and a row
 whose prompt alone is `>= max_length` tokens is dropped. `Truncation` counts both so a trainer can
@@ -253,7 +254,16 @@ def encode_prompt(row: dict, tokenizer, index: int | None = None) -> list[int]:
     prompt = _field(row, "prompt", index)
     if isinstance(prompt, str):
         return _plain(tok, prompt)
-    return _template(tok, row, _as_messages(prompt, "user", "prompt", index), add_generation_prompt=True)
+    return _template(tok, {}, _as_messages(prompt, "user", "prompt", index), add_generation_prompt=True)
+
+
+def grpo_template_note(columns) -> str | None:
+    """The note for GRPO data whose rows carry template arguments the prompts do not get."""
+    unused = [c for c in ("tools", "chat_template_kwargs") if c in columns]
+    if not unused:
+        return None
+    return (f"note: GRPO prompts are templated without the rows' {' / '.join(unused)} (as TRL 1.16's "
+            f"GRPOTrainer does); the column reaches the reward functions only")
 
 
 # ----------------------------------------------------------------------------- truncation

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlxrl.data.formats import encode_prompt, unwrap
+from mlxrl.data.formats import encode_prompt, grpo_template_note, unwrap
 from mlxrl.errors import ConfigError
 from mlxrl.loss_types import grpo_notes
 from mlxrl.mlx.grpo_loss import (  # noqa: F401  (re-exported: the loss's public names)
@@ -69,6 +69,8 @@ class GRPOMethod(StreamPosition):
         self.tokenizer = unwrap(loaded.tokenizer)
         self.eos_ids = sorted(loaded.tokenizer.eos_token_ids)
         self.rows = [dict(row) for row in dataset]
+        if note := grpo_template_note(self.rows[0] if self.rows else {}):
+            log(note)
         self.prompt_ids = [encode_prompt(row, loaded.tokenizer, i) for i, row in enumerate(self.rows)]
         self.accum = self.training.gradient_accumulation_steps
         completions = self.training.per_device_train_batch_size * self.accum

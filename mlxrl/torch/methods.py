@@ -18,7 +18,7 @@ from pathlib import Path
 
 import datasets
 
-from mlxrl.data.formats import Truncation, encode_preference, encode_sft
+from mlxrl.data.formats import Truncation, encode_preference, encode_sft, grpo_template_note
 from mlxrl.errors import ConfigError, DataError
 from mlxrl.rewards import load_rewards
 from mlxrl.torch.checkpoints import safe_trainer_class
@@ -122,6 +122,8 @@ def build_trainer(cfg, loaded, dataset, args, peft_config, callbacks, log=print)
 
         return TokenizedDPOTrainer(train_dataset=data, **common)
     data = grpo_dataset(dataset)
+    if note := grpo_template_note(data.column_names):
+        log(note)
     log_path = Path(args.output_dir) / "completions.jsonl" if cfg.training.grpo.log_completions else None
     bridge = RewardBridge(cfg.training, args.reward_weights, log_path)
     return GRPOTrainer(reward_funcs=bridge.functions(), train_dataset=data, **common)
