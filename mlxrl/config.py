@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlxrl import chat_templates
 from mlxrl.config_parse import Builder, apply_override, key_path, load_yaml, split_overrides
 from mlxrl.errors import ConfigError
 
@@ -51,6 +52,7 @@ class ModelParams:
         valid = ("auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16")
         if self.torch_dtype_str not in valid:
             raise ValueError(f"torch_dtype_str {self.torch_dtype_str!r} is not one of {valid}")
+        chat_templates.check_name(self.chat_template)
 
 
 @dataclass
