@@ -17,6 +17,7 @@ from typing import Any
 
 from mlxrl import chat_templates
 from mlxrl.config_parse import Builder, apply_override, key_path, load_yaml, split_overrides
+from mlxrl.data.collators import check_collator
 from mlxrl.errors import ConfigError
 
 METHODS = {"TRL_SFT": "sft", "TRL_DPO": "dpo", "TRL_GRPO": "grpo", "HF": "sft", "OUMI": "sft",
@@ -80,6 +81,7 @@ class DatasetSplitParams:
     datasets: list[DatasetParams] = field(default_factory=list)
     collator_name: str | None = None
     collator_kwargs: dict[str, Any] = field(default_factory=dict)
+    train_target: str | None = None  # all_assistant_turns | final_assistant_turn
     pack: bool = False
     stream: bool = False
     target_col: str | None = None
@@ -87,6 +89,9 @@ class DatasetSplitParams:
     seed: int | None = None
     use_async_dataset: bool = False
     use_torchdata: bool | None = None
+
+    def __post_init__(self):
+        self.train_target = check_collator(self.collator_name, self.train_target)
 
 
 @dataclass

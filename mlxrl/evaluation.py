@@ -180,9 +180,11 @@ class Evaluator:
     """Runs tasks on one model; answers to the same prompts are generated once."""
 
     def __init__(self, cfg: EvalConfig, log=print, engine=None):
+        from mlxrl.capabilities import check_inference
         from mlxrl.inference import Engine
 
         self.cfg, self.log = cfg, log
+        check_inference(cfg.generation, log)
         self.engine = engine or Engine(cfg.model, cfg.generation)
         self._answers: dict[str, tuple[list[dict], list[str]]] = {}
 

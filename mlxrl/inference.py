@@ -69,6 +69,9 @@ def load_inference_config(path=None, overrides=None) -> tuple[InferenceConfig, l
         notes.append(f"note: engine {cfg.engine} is not available here; mlxrl runs on MLX")
     if not cfg.model.model_name:
         raise ConfigError("model.model_name is required (-c CONFIG or --model.model_name NAME)")
+    from mlxrl.capabilities import check_inference
+
+    check_inference(cfg.generation, notes.append)
     return cfg, notes
 
 

@@ -280,6 +280,18 @@ def _transformed(ds: datasets.Dataset, registered, options: dict, label: str, lo
                         f"{sorted(ds.column_names)}): {type(e).__name__}: {e}") from e
 
 
+def with_chat_template_kwargs(ds: datasets.Dataset, kwargs: dict | None) -> datasets.Dataset:
+    """`model.chat_template_kwargs` as every row's `chat_template_kwargs` (a row's own win), which
+    the encoders pass to the chat template."""
+    if not kwargs:
+        return ds
+    own = ds["chat_template_kwargs"] if "chat_template_kwargs" in ds.column_names else [None] * len(ds)
+    merged = [{**kwargs, **(row or {})} for row in own]
+    if "chat_template_kwargs" in ds.column_names:
+        ds = ds.remove_columns("chat_template_kwargs")
+    return ds.add_column("chat_template_kwargs", merged)
+
+
 def _sample(ds: datasets.Dataset, count, shuffle: bool, seed) -> datasets.Dataset:
     """Oumi's `_sample_dataset`: shuffle, then the first `count` rows, repeating if short."""
     if count is None:
