@@ -107,6 +107,14 @@ def test_untrained_weights_are_drawn_as_transformers_from_config():
     assert np.all(np.array(ours["model.norm.weight"]) == 1.0) and torch.all(theirs["model.norm.weight"] == 1.0)
 
 
+def test_untrained_weights_refused_where_mlx_lm_needs_weights():
+    from mlxrl.errors import ModelError
+
+    with pytest.raises(ModelError, match="load_pretrained_weights: false is not supported for .* on MLX .*"
+                                         "use --backend torch"):
+        mlx_model.load(ModelParams(model_name="tiny://falcon_h1", load_pretrained_weights=False))
+
+
 def test_tokenizer_name_and_kwargs_on_mlx_as_on_torch():
     from mlxrl.torch.model import load_tokenizer
 

@@ -192,6 +192,13 @@ def test_recipe_on_torch_trains_on_the_same_text(tmp_path, monkeypatch):
     assert any(abs(v).max() > 0 for v in layer1)
 
 
+def test_freezing_everything_stops_with_one_line(tmp_path):
+    result = CliRunner().invoke(main, ["train", "-c", str(RECIPES / "sft_alpaca.yaml"), "--backend", "mlx", "--quiet",
+                                       "--training.output_dir", str(tmp_path), "--model.freeze_layers", "[model]"])
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1] == "error: model.freeze_layers ['model'] freezes every trainable parameter"
+
+
 def test_every_recipe_loads_and_names_its_template():
     for path in sorted(RECIPES.glob("*.yaml")):
         cfg = load_config(path)

@@ -142,6 +142,16 @@ def test_gsm8k_rows_feed_the_gsm8k_reward(tmp_path):
     assert get_reward("gsm8k")(["#### 72"], reward_model=[row["reward_model"]]) == [1.0]
 
 
+def test_rows_matching_two_formats_stop_with_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(tasks._REGISTRY, "datasets", list(tasks._REGISTRY.datasets))
+    tasks.register_dataset("a", columns=["x"])(lambda row: row)
+    tasks.register_dataset("b", columns=["x", "y"])(lambda row: row)
+    path = write(tmp_path, "rows.jsonl", [{"x": 1, "y": 2}])
+    with pytest.raises(DataError, match=r"rows match several registered formats \(a, b\); name one as dataset_name"):
+        load_one(params(dataset_name=str(path)))
+    assert load_one(params(dataset_name="a", dataset_path=str(path)))[0] == {"x": 1, "y": 2}
+
+
 def test_formats_need_their_columns(tmp_path):
     canonical = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
     said = []

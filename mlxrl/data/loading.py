@@ -274,7 +274,10 @@ def _transformed(ds: datasets.Dataset, registered, options: dict, label: str, lo
     if entry is None:
         return ds
     try:
-        return ds.map(lambda row: entry.transform(row, **options), remove_columns=ds.column_names)
+        # fresh dicts both ways: `datasets` drops the removed columns from a row the function
+        # returns as it was given (an identity transform would give no rows)
+        return ds.map(lambda row: dict(entry.transform(dict(row), **options)),
+                      remove_columns=ds.column_names)
     except (KeyError, TypeError, IndexError, ValueError) as e:
         raise DataError(f"{label}: rows are not in {entry.name}'s raw format (columns "
                         f"{sorted(ds.column_names)}): {type(e).__name__}: {e}") from e
