@@ -3,9 +3,6 @@ recognised by their columns, and a user's own task loaded from a file (docs/exam
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -163,33 +160,52 @@ def test_formats_need_their_columns(tmp_path):
 # ----------------------------------------------------------------------------- your own task
 
 
-def test_user_task_from_a_file_trains_and_evaluates(tmp_path):
+@pytest.fixture
+def user_tasks(monkeypatch):
+    """Load $MLXRL_TASKS afresh in this process; the registry is restored afterwards."""
+    registry = tasks._REGISTRY
+    for name in ("datasets", "rewards", "system_prompts", "evaluations"):
+        monkeypatch.setattr(registry, name, type(getattr(registry, name))(getattr(registry, name)))
+    monkeypatch.setattr(registry, "loaded", False)
+    monkeypatch.chdir(ROOT)
+    return lambda spec: monkeypatch.setenv("MLXRL_TASKS", spec)
+
+
+def test_user_task_from_a_file_trains_and_evaluates(tmp_path, user_tasks):
     """docs/examples/word_count_task.py, loaded through $MLXRL_TASKS, as the docs say."""
-    env = {**os.environ, "MLXRL_TASKS": "docs/examples/word_count_task.py"}
+    from click.testing import CliRunner
+
+    from mlxrl.cli import main
+
+    user_tasks("docs/examples/word_count_task.py")
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "mlxrl.cli", "train", "--backend", "mlx", "-c", "docs/examples/word_count_grpo.yaml",
-           "--training.max_steps", "2", "--training.output_dir", str(out), "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    assert "rows have the columns of example/word-count" in proc.stderr
+    result = CliRunner().invoke(main, ["train", "--backend", "mlx", "-c", "docs/examples/word_count_grpo.yaml",
+                                       "--training.max_steps", "2", "--training.output_dir", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "rows have the columns of example/word-count" in result.stderr
     logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert "rewards/word_count_exact/mean" in logged
-    cmd = [sys.executable, "-m", "mlxrl.cli", "eval", "--model.model_name", str(out), "--task", "word_count",
-           "--num-samples", "3", "--generation.max_new_tokens", "4", "--output", str(tmp_path / "eval")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr
+    result = CliRunner().invoke(main, ["eval", "--model.model_name", str(out), "--task", "word_count",
+                                       "--num-samples", "3", "--generation.max_new_tokens", "4",
+                                       "--output", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
     results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())["tasks"]["word_count"]
     assert results["num_samples"] == 3 and 0.0 <= results["accuracy"] <= 1.0
+    samples = (tmp_path / "eval" / "word_count_samples.jsonl").read_text().splitlines()
+    assert len(samples) == 3 and "sentence" in json.loads(samples[0])
 
 
-def test_a_broken_task_file_is_one_line(tmp_path):
+def test_a_broken_task_file_is_one_line(tmp_path, user_tasks):
+    from click.testing import CliRunner
+
+    from mlxrl.cli import main
+
     bad = tmp_path / "bad_task.py"
     bad.write_text("import not_a_module_anywhere\n")
-    env = {**os.environ, "MLXRL_TASKS": str(bad)}
-    proc = subprocess.run([sys.executable, "-m", "mlxrl.cli", "train", "-c", "configs/quickstart/grpo.yaml",
-                           "--backend", "mlx", "--training.output_dir", str(tmp_path / "o")],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == [
+    user_tasks(str(bad))
+    result = CliRunner().invoke(main, ["train", "-c", "configs/quickstart/grpo.yaml", "--backend", "mlx",
+                                       "--training.output_dir", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
         f"error: $MLXRL_TASKS: importing task {str(bad)!r} failed: ModuleNotFoundError: "
         "No module named 'not_a_module_anywhere'"]
