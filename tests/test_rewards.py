@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from mlxrl.errors import RewardError
-from mlxrl.rewards import count_letters, get_reward, letter_count, load_rewards, register
+from mlxrl.rewards import get_reward, load_rewards, register
+from mlxrl.tasks.letter_count import count_letters, letter_count
 
 # (completion, target, count_letters value (Oumi), letter_count value (walkthrough))
 CASES = [
@@ -55,7 +56,7 @@ def test_count_letters_compares_the_target_as_given():
 
 
 def test_letter_count_transform_keeps_the_metadata_value():
-    from mlxrl.data.letter_count import transform
+    from mlxrl.tasks.letter_count import transform
 
     raw = {"messages": [{"role": "user", "content": "q"}],
            "metadata": {"letter_count_integer": 2.5}}

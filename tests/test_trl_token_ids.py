@@ -172,4 +172,16 @@ def test_grpo_prompt_ids_are_grpo_trainers(tokenizers):
     row = {"prompt": [USER], "tools": PREFERENCE_ROWS["tools and template kwargs"]["tools"],
            "chat_template_kwargs": {"shout": True}}
     assert encode_prompt(row, mlx_tok) == trl_grpo_prompt_ids(trl_tok, [[USER]])[0]
-    assert "tools / chat_template_kwargs" in grpo_template_note(row)
+    assert "tools / chat_template_kwargs" in grpo_template_note([row])
+    assert grpo_template_note([{"prompt": "p", "chat_template_kwargs": {"shout": True}}], {"shout": True}) is None
+
+
+def test_grpo_prompts_get_the_trainers_chat_template_kwargs():
+    """model.chat_template_kwargs is the trainer's (GRPOConfig.chat_template_kwargs) on both sides."""
+    tok = hf_tokenizer("bos")
+    trainer = object.__new__(trl.GRPOTrainer)
+    trainer.__dict__.update(processing_class=tok, _is_vlm=False, environment_factories=None, tools=None,
+                            chat_template=None, chat_template_kwargs={"shout": True})
+    theirs = list(trainer._tokenize_prompts([[SYSTEM, USER]])[0][0])
+    assert encode_prompt({"prompt": [SYSTEM, USER]}, tok, chat_template_kwargs={"shout": True}) == theirs
+    assert encode_prompt({"prompt": [SYSTEM, USER]}, tok) != theirs

@@ -26,9 +26,9 @@ it, its end-of-turn text included (the span TRL's own training templates mark). 
 turns, as TRL's `assistant_only_loss` does.
 
 GRPO prompts (`GRPOTrainer._tokenize_prompts`): conversational prompts get the chat template with
-the generation prompt; a string prompt is tokenized plainly. As in TRL, a row's `tools` and
-`chat_template_kwargs` columns do not reach the prompt's template (they reach the reward
-functions); `grpo_template_note` says so once.
+the generation prompt and the trainer's `chat_template_kwargs` (`model.chat_template_kwargs`); a
+string prompt is tokenized plainly. As in TRL, a row's own `tools` and `chat_template_kwargs` do
+not reach the prompt's template (they reach the reward functions); `grpo_template_note` says so.
 
 Truncation follows TRL's `keep_start`: a sequence keeps its first `max_length` tokens, and a row
 whose prompt alone is `>= max_length` tokens is dropped. `Truncation` counts both so a trainer can
@@ -248,22 +248,33 @@ def encode_sft(row: dict, tokenizer, index: int | None = None) -> dict[str, list
     return {"input_ids": full, "completion_mask": [0] * start + [1] * (len(full) - start)}
 
 
-def encode_prompt(row: dict, tokenizer, index: int | None = None) -> list[int]:
-    """GRPO prompt ids: messages templated with the generation prompt, a string tokenized plainly."""
+def encode_prompt(row: dict, tokenizer, index: int | None = None,
+                  chat_template_kwargs: dict | None = None) -> list[int]:
+    """GRPO prompt ids: messages templated with the generation prompt and the trainer's
+    `chat_template_kwargs`, a string tokenized plainly."""
     tok = unwrap(tokenizer)
     prompt = _field(row, "prompt", index)
     if isinstance(prompt, str):
         return _plain(tok, prompt)
-    return _template(tok, {}, _as_messages(prompt, "user", "prompt", index), add_generation_prompt=True)
+    return _template(tok, {"chat_template_kwargs": chat_template_kwargs},
+                     _as_messages(prompt, "user", "prompt", index), add_generation_prompt=True)
 
 
-def grpo_template_note(columns) -> str | None:
-    """The note for GRPO data whose rows carry template arguments the prompts do not get."""
-    unused = [c for c in ("tools", "chat_template_kwargs") if c in columns]
+def grpo_template_note(rows, chat_template_kwargs: dict | None = None) -> str | None:
+    """The note for GRPO rows that carry template arguments of their own, which the prompts do
+    not get (`rows`: dicts, or a datasets.Dataset)."""
+    columns = rows.column_names if hasattr(rows, "column_names") else (rows[0] if len(rows) else {})
+    unused = ["tools"] if "tools" in columns else []
+    if "chat_template_kwargs" in columns:
+        own = rows["chat_template_kwargs"] if hasattr(rows, "column_names") else \
+            [r.get("chat_template_kwargs") for r in rows]
+        if any((kw or {}) != (chat_template_kwargs or {}) for kw in own):
+            unused.append("chat_template_kwargs")
     if not unused:
         return None
-    return (f"note: GRPO prompts are templated without the rows' {' / '.join(unused)} (as TRL 1.16's "
-            f"GRPOTrainer does); the column reaches the reward functions only")
+    return (f"note: GRPO prompts are templated without the rows' own {' / '.join(unused)} (as TRL "
+            f"1.16's GRPOTrainer does; model.chat_template_kwargs applies); they reach the reward "
+            f"functions only")
 
 
 # ----------------------------------------------------------------------------- truncation
