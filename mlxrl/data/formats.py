@@ -14,13 +14,16 @@ Per-row `tools` and `chat_template_kwargs` columns are forwarded to the template
 
 Truncation follows TRL's `keep_start`: a sequence keeps its first `max_length` tokens, and a row
 whose prompt alone is `>= max_length` tokens is dropped. `Truncation` counts both so a trainer can
-report them once.
+report them once. Before templating, each text is cut to `char_limit` characters, a bound past
+which no kept token can come from (a token covers at most as many characters as its longest
+spelling), so a 10 MB row costs what a row of max_length tokens costs. A preference row whose
+chosen and rejected completions are the same tokens teaches nothing: it is dropped and counted.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mlxrl.errors import DataError
 
@@ -69,6 +72,27 @@ def _as_messages(value, role: str, name: str, index: int | None) -> list[dict]:
         return [dict(m) for m in value]
     raise DataError(f"{_where(index)}: field {name!r} must be a string or a list of "
                     f"{{role, content}} messages, got {type(value).__name__}")
+
+
+_LONGEST_TOKEN: dict[int, int] = {}
+
+
+def char_limit(tokenizer, max_length: int | None) -> int | None:
+    """Characters of a text that can hold the first `max_length` tokens, with a margin: any
+    token covers at most `longest spelling` characters, so text past this cannot be kept."""
+    if max_length is None:
+        return None
+    tok = unwrap(tokenizer)
+    if id(tok) not in _LONGEST_TOKEN:
+        _LONGEST_TOKEN[id(tok)] = max(map(len, tok.get_vocab()), default=16)
+    return 2 * max_length * max(_LONGEST_TOKEN[id(tok)], 1) + 1024
+
+
+def _cut(messages: list[dict], limit: int | None) -> list[dict]:
+    if limit is None:
+        return messages
+    return [{**m, "content": m["content"][:limit]} if isinstance(m.get("content"), str)
+            and len(m["content"]) > limit else m for m in messages]
 
 
 def _template(tok, row: dict, messages: list[dict], add_generation_prompt: bool) -> list[int]:
@@ -121,8 +145,10 @@ def _implicit_prompt(chosen: list[dict], rejected: list[dict], index: int | None
     return chosen[:n], chosen[n:], rejected[n:]
 
 
-def encode_preference(row: dict, tokenizer, index: int | None = None) -> dict[str, list[int]]:
-    """`{"prompt_ids", "chosen_ids", "rejected_ids"}`; chosen/rejected are completion tokens."""
+def encode_preference(row: dict, tokenizer, index: int | None = None,
+                      limit: int | None = None) -> dict[str, list[int]]:
+    """`{"prompt_ids", "chosen_ids", "rejected_ids"}`; chosen/rejected are completion tokens.
+    `limit`: `char_limit`, the characters of each text that can matter."""
     tok = unwrap(tokenizer)
     chosen_raw = _field(row, "chosen", index)
     rejected_raw = _field(row, "rejected", index)
@@ -137,6 +163,7 @@ def encode_preference(row: dict, tokenizer, index: int | None = None) -> dict[st
         prompt = _as_messages(_field(row, "prompt", index), "user", "prompt", index)
         chosen = _as_messages(chosen_raw, "assistant", "chosen", index)
         rejected = _as_messages(rejected_raw, "assistant", "rejected", index)
+    prompt, chosen, rejected = _cut(prompt, limit), _cut(chosen, limit), _cut(rejected, limit)
     prompt_ids, chosen_ids = _prompt_and_answer(tok, row, prompt, chosen)
     _, rejected_ids = _prompt_and_answer(tok, row, prompt, rejected)
     return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
@@ -165,18 +192,19 @@ def _encode_messages(tok, row: dict, messages: list[dict], index: int | None):
     return full, mask
 
 
-def encode_sft(row: dict, tokenizer, index: int | None = None) -> dict[str, list[int]]:
+def encode_sft(row: dict, tokenizer, index: int | None = None,
+               limit: int | None = None) -> dict[str, list[int]]:
     """`{"input_ids", "completion_mask"}` from `messages`, or from `prompt` + `completion`."""
     tok = unwrap(tokenizer)
     if row.get("messages") is not None:
-        messages = _as_messages(_field(row, "messages", index), "user", "messages", index)
+        messages = _cut(_as_messages(_field(row, "messages", index), "user", "messages", index), limit)
         input_ids, mask = _encode_messages(tok, row, messages, index)
         return {"input_ids": input_ids, "completion_mask": mask}
     if row.get("prompt") is None and row.get("completion") is None:
         raise DataError(f"{_where(index)}: needs 'messages', or 'prompt' and 'completion' "
                         f"(has {sorted(row)})")
-    prompt = _as_messages(_field(row, "prompt", index), "user", "prompt", index)
-    answer = _as_messages(_field(row, "completion", index), "assistant", "completion", index)
+    prompt = _cut(_as_messages(_field(row, "prompt", index), "user", "prompt", index), limit)
+    answer = _cut(_as_messages(_field(row, "completion", index), "assistant", "completion", index), limit)
     prompt_ids, completion_ids = _prompt_and_answer(tok, row, prompt, answer)
     return {"input_ids": prompt_ids + completion_ids,
             "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids)}
@@ -213,10 +241,22 @@ class Truncation:
     rows: int = 0
     truncated: int = 0
     dropped: int = 0
+    identical: list[int] = field(default_factory=list)  # rows whose chosen equals rejected
 
-    def preference(self, encoded: dict) -> dict | None:
+    def encode_preference(self, row: dict, tokenizer, index: int) -> dict | None:
+        """`encode_preference` (texts cut to what can matter), then `preference`."""
+        limit = char_limit(tokenizer, self.max_length)
+        return self.preference(encode_preference(row, tokenizer, index, limit), index)
+
+    def encode_sft(self, row: dict, tokenizer, index: int) -> dict | None:
+        return self.sft(encode_sft(row, tokenizer, index, char_limit(tokenizer, self.max_length)))
+
+    def preference(self, encoded: dict, index: int | None = None) -> dict | None:
         """Truncate chosen and rejected after the shared prompt; None if the row is dropped."""
         self.rows += 1
+        if encoded["chosen_ids"] == encoded["rejected_ids"]:
+            self.identical.append(index if index is not None else self.rows - 1)
+            return None
         prompt = encoded["prompt_ids"]
         chosen = truncate_keep_start(prompt, encoded["chosen_ids"], self.max_length)
         rejected = truncate_keep_start(prompt, encoded["rejected_ids"], self.max_length)
@@ -241,8 +281,14 @@ class Truncation:
         return {"input_ids": ids, "completion_mask": mask}
 
     def message(self) -> str | None:
-        """"N of M rows truncated to max_length=L; K dropped (...)", or None if none were."""
-        if not self.truncated and not self.dropped:
-            return None
-        return (f"{self.truncated} of {self.rows} rows truncated to max_length={self.max_length}; "
-                f"{self.dropped} dropped (prompt alone >= max_length)")
+        """"N of M rows truncated to max_length=L; K dropped (...)" and a warning line for pairs
+        whose chosen equals rejected, or None if there is nothing to say."""
+        lines = []
+        if self.truncated or self.dropped:
+            lines.append(f"{self.truncated} of {self.rows} rows truncated to max_length="
+                         f"{self.max_length}; {self.dropped} dropped (prompt alone >= max_length)")
+        if self.identical:
+            shown = ", ".join(map(str, self.identical[:5])) + (", ..." if len(self.identical) > 5 else "")
+            lines.append(f"warning: {len(self.identical)} of {self.rows} pairs dropped: chosen equals "
+                         f"rejected, which teaches nothing (rows {shown})")
+        return "\n".join(lines) or None
