@@ -23,6 +23,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlxrl.errors import ModelError
+from mlxrl.integrity import check_adapter, check_tokenizer
 from mlxrl.lora_targets import select_lora_targets
 from mlxrl.mlx.cpu_ops import use_cpu_ops
 from mlxrl.model_names import local_model_path
@@ -49,7 +50,8 @@ def resolve_model(name: str) -> tuple[str, Path | None]:
     """Return (base model name, adapter folder or None) for a model name or checkpoint folder."""
     path = Path(name).expanduser()
     config_file = path / ADAPTER_CONFIG
-    if path.is_dir() and config_file.is_file():
+    if path.is_dir() and (config_file.is_file() or (path / ADAPTER_FILE).exists()):
+        check_adapter(path)
         config = json.loads(config_file.read_text())
         base = config.get("mlxrl", {}).get("base_model") or config.get("model")
         if not base:
@@ -75,6 +77,7 @@ def load(model_params, peft_params=None, *, for_training: bool = False, gradient
     except ValueError as e:
         raise ModelError(f"cannot load {base_path}: {e}") from None
     use_cpu_ops(model)
+    check_tokenizer(base_path)
     tokenizer = load_tokenizer(base_path, eos_token_ids=config.get("eos_token_id"))
     _check_chat_template(tokenizer, model_params, base_name)
     cast(model, model_params.torch_dtype_str)
