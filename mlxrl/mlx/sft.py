@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mlxrl.data.formats import Truncation, encode_sft
+from mlxrl.data.formats import Truncation
 from mlxrl.errors import DataError
 from mlxrl.mlx.logprobs import per_token_logps
 from mlxrl.mlx.trainer import IndexStream, StepBatch, StreamPosition, bucket, pad_rows
@@ -30,7 +30,7 @@ class SFTMethod(StreamPosition):
         truncation = Truncation(cfg.model.model_max_length or 1024)  # TRL SFTConfig.max_length
         self.rows = []
         for i, row in enumerate(dataset):
-            enc = truncation.sft(encode_sft(row, loaded.tokenizer, i))
+            enc = truncation.encode_sft(row, loaded.tokenizer, i)
             if enc is not None:
                 self.rows.append((enc["input_ids"], enc["completion_mask"]))
         if truncation.message():
