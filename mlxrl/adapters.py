@@ -234,10 +234,7 @@ def import_peft(peft_dir, output_dir, base_model: str | None = None, overwrite: 
     pcfg = _read_json(folder / PEFT_CONFIG)
     rank, scale, dora = _check_peft_config(pcfg, str(folder / PEFT_CONFIG))
     weights = folder / PEFT_WEIGHTS
-    if not weights.is_file():
-        raise AdapterError(f"{weights} not found (pickled adapter_model.bin is not read; save "
-                           "the adapter with safe_serialization=True)")
-    check_adapter(folder)
+    check_adapter(folder)  # weights missing, truncated, or only a pickled adapter_model.bin
     base = base_model or pcfg.get("base_model_name_or_path")
     if not base:
         raise AdapterError(f"{folder / PEFT_CONFIG} names no base model; pass --base MODEL")

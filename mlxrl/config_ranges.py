@@ -70,7 +70,7 @@ LOG_LEVELS = OneOf(("debug", "info", "warning", "error", "critical", "passive"))
 RULES: dict[str, dict[str, Range | OneOf]] = {
     "ModelParams": {"model_max_length": POSITIVE_INT},
     "DatasetParams": {"sample_count": POSITIVE_INT, "mixture_proportion": Range(0, 1, low_open=True),
-                      "shuffle_buffer_size": POSITIVE_INT, "seed": SEED},
+                      "shuffle_buffer_size": POSITIVE_INT, "seed": SEED, "transform_num_workers": COUNT},
     "DatasetSplitParams": {"mixture_strategy": OneOf(("first_exhausted", "all_exhausted",
                                                       "all_exhausted_without_replacement")),
                            "seed": SEED},
@@ -96,7 +96,7 @@ RULES: dict[str, dict[str, Range | OneOf]] = {
         "mixed_precision_dtype": OneOf(("none", "fp16", "bf16")),
         "log_level": LOG_LEVELS, "dep_log_level": LOG_LEVELS,
         "dataloader_prefetch_factor": POSITIVE_INT, "empty_device_cache_steps": POSITIVE_INT,
-        "nccl_default_timeout_minutes": Range(0, low_open=True),
+        "nccl_default_timeout_minutes": Range(0, low_open=True), "dataloader_num_workers": COUNT,
     },
     "PeftParams": {
         "lora_r": POSITIVE_INT, "lora_alpha": Range(0, low_open=True),
@@ -125,6 +125,7 @@ RULES: dict[str, dict[str, Range | OneOf]] = {
         "beta": Range(0), "num_iterations": POSITIVE_INT,
         "importance_sampling_level": OneOf(("token", "sequence")),
         "scale_rewards": OneOf(("group", "batch", "none", True, False)),
+        "vllm_mode": OneOf(("server", "colocate")),
     },
     "EvalTaskParams": {"num_samples": POSITIVE_INT, "beta": Range(0, low_open=True)},
 }

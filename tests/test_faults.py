@@ -230,3 +230,39 @@ def test_two_evals_writing_one_folder_leave_one_whole_result(tmp_path):
     result = json.loads((tmp_path / "eval_results.json").read_text())
     assert result["tasks"]["letter_count"]["num_samples"] in (40, 41)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval_results.json", "letter_count_samples.jsonl"]
+
+
+def test_the_safetensors_check_agrees_with_the_safetensors_library(trained, tmp_path):
+    """Cut at every kind of place (in the length, the header, the data, at the end), a file is
+    called damaged exactly when safetensors itself cannot load it."""
+    from safetensors.numpy import load_file
+
+    from mlxrl.integrity import safetensors_problem
+
+    data = (trained / "run/adapters.safetensors").read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    for size in (0, 5, 8, 100, header - 1, header, header + 1, len(data) // 2, len(data) - 1, len(data)):
+        path = tmp_path / f"cut{size}.safetensors"
+        path.write_bytes(data[:size])
+        try:
+            load_file(str(path))
+            loads = True
+        except Exception:  # noqa: BLE001 - any failure of the reference loader
+            loads = False
+        assert (safetensors_problem(path) is None) == loads, (size, safetensors_problem(path))
+
+
+def test_texts_cut_before_templating_give_the_same_tokens(tmp_path):
+    """A long answer cut to `char_limit` characters encodes, after keep_start truncation, to the
+    ids that transformers gives for the whole text."""
+    from transformers import AutoTokenizer
+
+    from mlxrl.data.formats import Truncation, encode_preference
+    from mlxrl.testing import tiny_model
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model("qwen2")))
+    words = np.random.default_rng(0).choice(["alpha", "be", "gamma,", "d\u00e9j\u00e0", "42", "\n", "  "], 60_000)
+    row = {"prompt": "Say a lot.", "chosen": "".join(words), "rejected": "No."}
+    whole = Truncation(64).preference(encode_preference(row, tok))
+    cut = Truncation(64).encode_preference(row, tok, 0)
+    assert cut == whole and len(whole["chosen_ids"]) + len(whole["prompt_ids"]) == 64
