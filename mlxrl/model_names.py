@@ -37,9 +37,9 @@ def _cached_like(name: str) -> str:
     import difflib
 
     try:
-        from huggingface_hub import scan_cache_dir
+        from huggingface_hub import constants, scan_cache_dir
 
-        cached = [r.repo_id for r in scan_cache_dir().repos if r.repo_type == "model"]
+        cached = [r.repo_id for r in scan_cache_dir(constants.HF_HUB_CACHE).repos if r.repo_type == "model"]
     except Exception:  # noqa: BLE001 - no cache folder, or one the scanner cannot read
         return ""
     close = difflib.get_close_matches(name, cached, n=1, cutoff=0.8)

@@ -10,6 +10,7 @@ Backend-neutral (no mlx or torch import).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -53,8 +54,8 @@ def prepare_output_dir(output_dir: Path, field: str = "training.output_dir") -> 
 class RunLock:
     """`with RunLock(output_dir):` holds the folder; a second holder gets a one-line ConfigError."""
 
-    def __init__(self, output_dir, enabled: bool = True):
-        self.output_dir, self.enabled = Path(output_dir), enabled
+    def __init__(self, output_dir, enabled: bool = True, log=print):
+        self.output_dir, self.enabled, self.log = Path(output_dir), enabled, log
         self._file = None
         self._created: Path | None = None
 
@@ -71,7 +72,11 @@ class RunLock:
                               f"{e.strerror}; set training.output_dir to a folder you can write") from None
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # e.g. NFS: ENOLCK
+                self.log(f"note: cannot lock {self.output_dir} ({e.strerror}); a second run on it "
+                         f"would not be stopped")
+                return self
             holder = _holder(path)
             self._file.close()
             self._file = None

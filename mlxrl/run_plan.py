@@ -154,21 +154,17 @@ def clear_run(output_dir: Path, log=print) -> None:
     if not output_dir.is_dir():
         return
     record = read_record(output_dir) or {}
-    ours = {STATE_FILE, RUN_FILE, LOCK_FILE, *RUN_LOGS, *record.get("files", [])}
-    if not record.get("files"):
-        kind = adapter_kind(output_dir)
-        ours.update(FINAL_FILES.get(kind, ()) if (output_dir / STATE_FILE).is_file() else ())
-    removed, kept = 0, []
+    ours = {STATE_FILE, RUN_FILE, *RUN_LOGS, *record.get("files", [])}
+    if not record.get("files") and (output_dir / STATE_FILE).is_file():  # a run from before RUN_FILE
+        ours.update(FINAL_FILES.get(adapter_kind(output_dir), ()))
+    folders = {*checkpoint_folders(output_dir, complete=False), *leftovers(output_dir)}
+    kept = []
     for path in sorted(output_dir.iterdir()):
-        if path.name == LOCK_FILE:
-            continue
-        if path in checkpoint_folders(output_dir, complete=False) or path in leftovers(output_dir):
+        if path in folders:
             shutil.rmtree(path, ignore_errors=True)
-            removed += 1
         elif path.name in ours and path.is_file():
             path.unlink()
-            removed += 1
-        else:
+        elif path.name != LOCK_FILE:
             kept.append(path.name + ("/" if path.is_dir() else ""))
     if kept:
         log(f"note: --overwrite removed the previous run in {output_dir} and kept what mlxrl did "

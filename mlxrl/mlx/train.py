@@ -54,7 +54,7 @@ def train(cfg, *, quiet: bool = False, log=print, overwrite: bool = False) -> di
     if not cfg.data.train.datasets:
         raise ConfigError("data.train.datasets is empty: name at least one dataset")
     _notes(cfg, log)
-    with RunLock(cfg.training.output_dir):
+    with RunLock(cfg.training.output_dir, log=log):
         plan = plan_run(cfg, "mlx", overwrite=overwrite, log=log)
         if plan.finished is not None:
             log(plan.messages[0])

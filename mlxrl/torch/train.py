@@ -135,7 +135,7 @@ def train(cfg, *, quiet: bool = False, log=print, overwrite: bool = False) -> di
     main = is_main_process()
     if not main:
         log = lambda message: None  # noqa: E731  (one copy of each line, from the main process)
-    with RunLock(cfg.training.output_dir, enabled=main):
+    with RunLock(cfg.training.output_dir, enabled=main, log=log):
         plan = plan_run(cfg, "torch", overwrite=overwrite, log=log, main=main)
         if plan.finished is not None:
             log(plan.messages[0])
@@ -148,10 +148,11 @@ def _run(cfg, plan, quiet: bool, log, main: bool) -> dict:
     record = run_record(cfg, "torch")
     trainer, loaded, device = build(cfg, quiet=quiet, log=log, run_record=record)
     resume = plan.resume
-    if resume is not None and read_state(resume)["global_step"] >= _total_steps(trainer):
-        state = read_state(resume)
-        log(finished_message(plan.output_dir, {**state, "max_steps": _total_steps(trainer)}, "torch"))
-        return state
+    if resume is not None:  # --resume with max_steps at or below the checkpoint's step
+        state, total = read_state(resume), _total_steps(trainer)
+        if state["global_step"] >= total:
+            log(finished_message(plan.output_dir, {**state, "max_steps": total}, "torch"))
+            return state
     trainable, params = _parameter_counts(trainer.model)
     log(f"mlxrl {t.method} on torch ({device}): {loaded.base_name}, {trainable:,} trainable of "
         f"{params:,} parameters, {len(trainer.train_dataset)} examples, {_steps_text(t)} "
