@@ -152,6 +152,14 @@ class SafeCheckpoints:
             self._staging_dir = None
         self.accelerator.wait_for_everyone()
 
+    def create_model_card(self, *args, **kwargs):
+        """TRL writes its model card into output_dir at every checkpoint, where a run killed or
+        stopped by a full disk leaves it behind as if it were a finished adapter's; the final
+        adapter's card comes with `save_final`."""
+        if self._staging_dir is None:
+            return super().create_model_card(*args, **kwargs)
+        return None
+
     def save_final(self, output_dir: str) -> list[str]:
         """The final adapter into output_dir, each file replaced atomically; returns the names."""
         out = Path(output_dir)
