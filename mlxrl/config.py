@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlxrl import config_ranges
+from mlxrl import chat_templates, config_ranges
 from mlxrl.config_parse import Builder, apply_override, key_path, load_yaml, split_overrides
+from mlxrl.data.collators import check_collator
 from mlxrl.errors import ConfigError
 
 METHODS = {"TRL_SFT": "sft", "TRL_DPO": "dpo", "TRL_GRPO": "grpo", "HF": "sft", "OUMI": "sft",
@@ -53,6 +54,7 @@ class ModelParams:
         if self.torch_dtype_str not in valid:
             raise ValueError(f"torch_dtype_str {self.torch_dtype_str!r} is not one of {valid}")
         config_ranges.check(self)
+        chat_templates.check_name(self.chat_template)
 
 
 @dataclass
@@ -81,6 +83,7 @@ class DatasetSplitParams:
     datasets: list[DatasetParams] = field(default_factory=list)
     collator_name: str | None = None
     collator_kwargs: dict[str, Any] = field(default_factory=dict)
+    train_target: str | None = None  # all_assistant_turns | final_assistant_turn
     pack: bool = False
     stream: bool = False
     target_col: str | None = None
@@ -91,6 +94,7 @@ class DatasetSplitParams:
 
     def __post_init__(self):
         config_ranges.check(self)
+        self.train_target = check_collator(self.collator_name, self.train_target)
 
 
 @dataclass

@@ -110,7 +110,7 @@ def test_every_numeric_and_enumerated_field_has_a_range():
         "ModelParams": {"torch_dtype_str", "attn_implementation", "device_map", "model_name", "adapter_model",
                         "tokenizer_name", "tokenizer_pad_token", "chat_template", "model_revision"},
         "DatasetParams": {"dataset_name", "dataset_path", "subset", "split"},
-        "DatasetSplitParams": {"collator_name", "target_col"},
+        "DatasetSplitParams": {"collator_name", "target_col", "train_target"},  # collators.check_collator
         "GrpoParams": {"rollout_function"},
         "TrainingParams": {"trainer_type", "lr_scheduler_type", "optimizer", "output_dir", "run_name",
                            "metrics_function", "logging_dir", "resume_from_checkpoint", "label_ignore_index"},

@@ -121,6 +121,10 @@ CASES = {
     "infinite-reward": (GRPO, lambda t: ["--data.train.datasets[0].dataset_path", str(LETTERS), "--training.max_steps", "1",
                                          "--training.reward_functions", f"['{_reward_returning(t, INF)}']"],
                         "returned inf at index 0; rewards must be finite"),
+    "unknown-chat-template": (DPO, lambda t: ["--model.chat_template", "qwen2-instruckt"], "not a known template name"),
+    "pad-token": (DPO, lambda t: ["--model.tokenizer_pad_token", "<pad>"], "'<pad>' is not a token"),
+    "collator": (DPO, lambda t: ["--data.train.collator_name", "text_only"], "collator_name 'text_only' is not one of"),
+    "freeze-everything": (DPO, lambda t: ["--model.freeze_layers", "[model]"], "freezes every trainable parameter"),
 }
 
 
@@ -143,10 +147,11 @@ def test_bad_input_gives_one_line(case, backend, tmp_path, monkeypatch):
 def test_docs_table_lists_every_case():
     doc = (ROOT / "docs/errors.md").read_text()
     ids = set(re.findall(r"^\| `([a-z0-9-]+)` \|", doc, re.M))
-    tested_elsewhere = {  # test_resume.py, test_run_folder.py, test_faults.py
+    tested_elsewhere = {  # test_resume.py, test_run_folder.py, test_faults.py, and MLX's alone (above)
         "unfinished-run", "finished-run", "run-in-progress", "another-run", "other-backend", "changed-settings",
         "damaged-checkpoint", "output-dir-not-a-folder", "output-dir-not-writable", "disk-full", "non-finite",
         "interrupted", "pickle-checkpoint", "chosen-equals-rejected", "damaged-adapter", "pickled-adapter",
         "output-not-empty", "output-write-failed", "import-other-base", "max-new-tokens", "nan-reward",
-        "hub-misspelled", "shared-output-file", "infer-out-of-range"}
+        "hub-misspelled", "shared-output-file", "infer-out-of-range",
+        "refused-setting", "untrained-arch", "task-import", "ambiguous-format"}
     assert ids == set(CASES) | tested_elsewhere

@@ -243,13 +243,13 @@ class Truncation:
     dropped: int = 0
     identical: list[int] = field(default_factory=list)  # rows whose chosen equals rejected
 
+    def char_limit(self, tokenizer) -> int | None:
+        """The characters of a text that can reach the kept tokens (`char_limit`)."""
+        return char_limit(tokenizer, self.max_length)
+
     def encode_preference(self, row: dict, tokenizer, index: int) -> dict | None:
         """`encode_preference` (texts cut to what can matter), then `preference`."""
-        limit = char_limit(tokenizer, self.max_length)
-        return self.preference(encode_preference(row, tokenizer, index, limit), index)
-
-    def encode_sft(self, row: dict, tokenizer, index: int) -> dict | None:
-        return self.sft(encode_sft(row, tokenizer, index, char_limit(tokenizer, self.max_length)))
+        return self.preference(encode_preference(row, tokenizer, index, self.char_limit(tokenizer)), index)
 
     def preference(self, encoded: dict, index: int | None = None) -> dict | None:
         """Truncate chosen and rejected after the shared prompt; None if the row is dropped."""
