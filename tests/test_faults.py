@@ -264,5 +264,6 @@ def test_texts_cut_before_templating_give_the_same_tokens(tmp_path):
     words = np.random.default_rng(0).choice(["alpha", "be", "gamma,", "d\u00e9j\u00e0", "42", "\n", "  "], 60_000)
     row = {"prompt": "Say a lot.", "chosen": "".join(words), "rejected": "No."}
     whole = Truncation(64).preference(encode_preference(row, tok))
-    cut = Truncation(64).encode_preference(row, tok, 0)
+    truncation = Truncation(64)
+    cut = truncation.preference(encode_preference(truncation.cut(row, tok), tok))
     assert cut == whole and len(whole["chosen_ids"]) + len(whole["prompt_ids"]) == 64

@@ -88,11 +88,22 @@ def char_limit(tokenizer, max_length: int | None) -> int | None:
     return 2 * max_length * max(_LONGEST_TOKEN[id(tok)], 1) + 1024
 
 
-def _cut(messages: list[dict], limit: int | None) -> list[dict]:
+def cut_row(row: dict, limit: int | None) -> dict:
+    """`row` with every text (a string column, or the content of a message in a list column) cut
+    to `limit` characters; `row` itself when nothing is that long."""
     if limit is None:
-        return messages
-    return [{**m, "content": m["content"][:limit]} if isinstance(m.get("content"), str)
-            and len(m["content"]) > limit else m for m in messages]
+        return row
+
+    def cut(value):
+        if isinstance(value, str) and len(value) > limit:
+            return value[:limit]
+        if isinstance(value, list) and any(isinstance(m, dict) for m in value):
+            return [{**m, "content": cut(m["content"])} if isinstance(m, dict) and "content" in m
+                    else m for m in value]
+        return value
+
+    cut_values = {k: cut(v) for k, v in row.items()}
+    return cut_values if any(cut_values[k] is not row[k] for k in row) else row
 
 
 def _template(tok, row: dict, messages: list[dict], add_generation_prompt: bool) -> list[int]:
@@ -145,10 +156,8 @@ def _implicit_prompt(chosen: list[dict], rejected: list[dict], index: int | None
     return chosen[:n], chosen[n:], rejected[n:]
 
 
-def encode_preference(row: dict, tokenizer, index: int | None = None,
-                      limit: int | None = None) -> dict[str, list[int]]:
-    """`{"prompt_ids", "chosen_ids", "rejected_ids"}`; chosen/rejected are completion tokens.
-    `limit`: `char_limit`, the characters of each text that can matter."""
+def encode_preference(row: dict, tokenizer, index: int | None = None) -> dict[str, list[int]]:
+    """`{"prompt_ids", "chosen_ids", "rejected_ids"}`; chosen/rejected are completion tokens."""
     tok = unwrap(tokenizer)
     chosen_raw = _field(row, "chosen", index)
     rejected_raw = _field(row, "rejected", index)
@@ -163,7 +172,6 @@ def encode_preference(row: dict, tokenizer, index: int | None = None,
         prompt = _as_messages(_field(row, "prompt", index), "user", "prompt", index)
         chosen = _as_messages(chosen_raw, "assistant", "chosen", index)
         rejected = _as_messages(rejected_raw, "assistant", "rejected", index)
-    prompt, chosen, rejected = _cut(prompt, limit), _cut(chosen, limit), _cut(rejected, limit)
     prompt_ids, chosen_ids = _prompt_and_answer(tok, row, prompt, chosen)
     _, rejected_ids = _prompt_and_answer(tok, row, prompt, rejected)
     return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
@@ -192,19 +200,18 @@ def _encode_messages(tok, row: dict, messages: list[dict], index: int | None):
     return full, mask
 
 
-def encode_sft(row: dict, tokenizer, index: int | None = None,
-               limit: int | None = None) -> dict[str, list[int]]:
+def encode_sft(row: dict, tokenizer, index: int | None = None) -> dict[str, list[int]]:
     """`{"input_ids", "completion_mask"}` from `messages`, or from `prompt` + `completion`."""
     tok = unwrap(tokenizer)
     if row.get("messages") is not None:
-        messages = _cut(_as_messages(_field(row, "messages", index), "user", "messages", index), limit)
+        messages = _as_messages(_field(row, "messages", index), "user", "messages", index)
         input_ids, mask = _encode_messages(tok, row, messages, index)
         return {"input_ids": input_ids, "completion_mask": mask}
     if row.get("prompt") is None and row.get("completion") is None:
         raise DataError(f"{_where(index)}: needs 'messages', or 'prompt' and 'completion' "
                         f"(has {sorted(row)})")
-    prompt = _cut(_as_messages(_field(row, "prompt", index), "user", "prompt", index), limit)
-    answer = _cut(_as_messages(_field(row, "completion", index), "assistant", "completion", index), limit)
+    prompt = _as_messages(_field(row, "prompt", index), "user", "prompt", index)
+    answer = _as_messages(_field(row, "completion", index), "assistant", "completion", index)
     prompt_ids, completion_ids = _prompt_and_answer(tok, row, prompt, answer)
     return {"input_ids": prompt_ids + completion_ids,
             "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids)}
@@ -243,13 +250,10 @@ class Truncation:
     dropped: int = 0
     identical: list[int] = field(default_factory=list)  # rows whose chosen equals rejected
 
-    def char_limit(self, tokenizer) -> int | None:
-        """The characters of a text that can reach the kept tokens (`char_limit`)."""
-        return char_limit(tokenizer, self.max_length)
-
-    def encode_preference(self, row: dict, tokenizer, index: int) -> dict | None:
-        """`encode_preference` (texts cut to what can matter), then `preference`."""
-        return self.preference(encode_preference(row, tokenizer, index, self.char_limit(tokenizer)), index)
+    def cut(self, row, tokenizer) -> dict:
+        """The row with its texts cut to what can reach the kept tokens (`char_limit`), to
+        encode before `preference` / `sft`."""
+        return cut_row(dict(row), char_limit(tokenizer, self.max_length))
 
     def preference(self, encoded: dict, index: int | None = None) -> dict | None:
         """Truncate chosen and rejected after the shared prompt; None if the row is dropped."""

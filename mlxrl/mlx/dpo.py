@@ -24,7 +24,7 @@ from typing import NamedTuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxrl.data.formats import Truncation
+from mlxrl.data.formats import Truncation, encode_preference
 from mlxrl.errors import DataError
 from mlxrl.mlx.logprobs import sequence_logps
 from mlxrl.mlx.model import adapters_disabled
@@ -254,7 +254,7 @@ def encode_pairs(dataset, tokenizer, max_length: int, log=print) -> list[tuple]:
     truncation = Truncation(max_length)
     pairs = []
     for i, row in enumerate(dataset):
-        pair = truncation.encode_preference(row, tokenizer, i)
+        pair = truncation.preference(encode_preference(truncation.cut(row, tokenizer), tokenizer, i), i)
         if pair is not None:
             pairs.append(_pair_rows(pair))
     if truncation.message():

@@ -35,8 +35,8 @@ class SFTMethod(StreamPosition):
         target = sft_target(cfg.data.train)
         rows = []
         for i, row in enumerate(dataset):
-            enc = truncation.sft(apply_target(
-                encode_sft(row, loaded.tokenizer, i, truncation.char_limit(loaded.tokenizer)), target))
+            row = truncation.cut(row, loaded.tokenizer)
+            enc = truncation.sft(apply_target(encode_sft(row, loaded.tokenizer, i), target))
             if enc is not None:
                 rows.append((enc["input_ids"], enc["completion_mask"]))
         if truncation.message():

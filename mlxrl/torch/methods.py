@@ -20,7 +20,7 @@ from pathlib import Path
 import datasets
 
 from mlxrl.data.collators import apply_target, sft_target
-from mlxrl.data.formats import Truncation, encode_sft
+from mlxrl.data.formats import Truncation, encode_preference, encode_sft
 from mlxrl.errors import ConfigError, DataError
 from mlxrl.rewards import load_rewards
 from mlxrl.torch.checkpoints import safe_trainer_class
@@ -39,14 +39,15 @@ def _encoded(rows: list[dict], what: str, truncation: Truncation, log) -> datase
 def sft_dataset(dataset, tokenizer, max_length: int, log=print, target: str = "completion"
                 ) -> datasets.Dataset:
     truncation = Truncation(max_length)
-    rows = [truncation.sft(apply_target(encode_sft(row, tokenizer, i, truncation.char_limit(tokenizer)), target))
+    rows = [truncation.sft(apply_target(encode_sft(truncation.cut(row, tokenizer), tokenizer, i), target))
             for i, row in enumerate(dataset)]
     return _encoded([r for r in rows if r is not None], "SFT rows", truncation, log)
 
 
 def dpo_dataset(dataset, tokenizer, max_length: int, log=print) -> datasets.Dataset:
     truncation = Truncation(max_length)
-    rows = [truncation.encode_preference(row, tokenizer, i) for i, row in enumerate(dataset)]
+    rows = [truncation.preference(encode_preference(truncation.cut(row, tokenizer), tokenizer, i), i)
+            for i, row in enumerate(dataset)]
     return _encoded([r for r in rows if r is not None], "preference pairs", truncation, log)
 
 
