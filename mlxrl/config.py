@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlxrl import chat_templates, loss_types, schedules
+from mlxrl import chat_templates, config_ranges, loss_types, schedules
 from mlxrl.config_parse import Builder, apply_override, key_path, load_yaml, split_overrides
 from mlxrl.data.collators import check_collator
 from mlxrl.errors import ConfigError
@@ -51,6 +51,7 @@ class ModelParams:
         valid = ("auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16")
         if self.torch_dtype_str not in valid:
             raise ValueError(f"torch_dtype_str {self.torch_dtype_str!r} is not one of {valid}")
+        config_ranges.check(self)
         chat_templates.check_name(self.chat_template)
 
 
@@ -72,6 +73,7 @@ class DatasetParams:
     def __post_init__(self):
         if not self.dataset_name and not self.dataset_path:
             raise ValueError("dataset_name is required (a hub name or a local .jsonl/.json/.parquet path)")
+        config_ranges.check(self)
 
 
 @dataclass
@@ -89,6 +91,7 @@ class DatasetSplitParams:
     use_torchdata: bool | None = None
 
     def __post_init__(self):
+        config_ranges.check(self)
         self.train_target = check_collator(self.collator_name, self.train_target)
 
 
@@ -116,11 +119,7 @@ class GrpoParams:
     rollout_function: str | None = None
 
     def __post_init__(self):
-        if not 0.0 <= self.temperature <= 1.0:
-            raise ValueError(f"grpo.temperature must be within [0, 1], got {self.temperature}")
-        if self.num_generations is not None and self.num_generations < 2:
-            raise ValueError(f"grpo.num_generations must be at least 2 (GRPO compares completions "
-                             f"within a group), got {self.num_generations}")
+        config_ranges.check(self)
 
 
 @dataclass
@@ -200,10 +199,8 @@ class TrainingParams:
             close = difflib.get_close_matches(self.trainer_type.upper(), list(METHODS), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"trainer_type {self.trainer_type!r} is not supported{hint}; use one of {valid}")
+        config_ranges.check(self)
         schedules.check(self.lr_scheduler_type, self.lr_scheduler_kwargs, self.learning_rate)
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_steps == 0 or self.num_train_epochs < 1 and self.max_steps < 0:
             raise ValueError("nothing to train: set max_steps > 0 or num_train_epochs >= 1")
 
@@ -236,10 +233,7 @@ class PeftParams:
     peft_save_mode: str = "ADAPTER_ONLY"
 
     def __post_init__(self):
-        if self.lora_r < 1:
-            raise ValueError(f"lora_r must be at least 1, got {self.lora_r}")
-        if self.q_lora_bits not in (2, 3, 4, 5, 6, 8):
-            raise ValueError(f"q_lora_bits must be one of 2, 3, 4, 5, 6, 8, got {self.q_lora_bits}")
+        config_ranges.check(self)
 
     @property
     def lora_scale(self) -> float:
@@ -268,6 +262,9 @@ class GenerationParams:
     skip_special_tokens: bool = True
     guided_decoding: dict[str, Any] | None = None
 
+    def __post_init__(self):
+        config_ranges.check(self)
+
 
 @dataclass
 class TrainConfig:
@@ -280,14 +277,18 @@ class TrainConfig:
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        # resolve the method's settings now, so a bad loss option stops at load, not at step 1
+        # resolve the method's settings (trainer_kwargs, their ranges and loss options) now, so a bad
+        # value stops at load, not at step 1
         try:
             if self.training.method == "dpo":
                 self.dpo_settings()
             elif self.training.method == "grpo":
                 self.grpo_settings(check_batch=False)
         except (ValueError, TypeError) as e:
-            raise ValueError(f"training.trainer_kwargs: {e}") from None
+            message = str(e)
+            if not message.startswith("training.trainer_kwargs"):
+                message = f"training.trainer_kwargs: {message}"
+            raise ValueError(message) from None
 
     def dpo_settings(self) -> DpoSettings:
         return _settings(DpoSettings, self.training.trainer_kwargs, "dpo",
@@ -381,7 +382,11 @@ def _settings(cls, trainer_kwargs: dict, method: str, **fixed):
             close = difflib.get_close_matches(key, sorted(names), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"training.trainer_kwargs.{key} is not a {method.upper()} setting mlxrl knows{hint}")
-    return cls(**values)
+    settings = cls(**values)
+    for name, problem in config_ranges.problems(settings)[:1]:
+        where = "training.trainer_kwargs" if name in trainer_kwargs else f"training.{method}"
+        raise ConfigError(f"{where}.{problem}")
+    return settings
 
 
 def _check_grpo_batch(training: TrainingParams, num_generations: int) -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlxrl import config_ranges
 from mlxrl.config import DatasetParams, GenerationParams, ModelParams, load_config
 from mlxrl.errors import ConfigError
 
@@ -67,8 +68,7 @@ class EvalTaskParams:
 
     def __post_init__(self):
         task_kind(self.task_name)
-        if self.num_samples is not None and self.num_samples < 1:
-            raise ValueError(f"num_samples must be at least 1, got {self.num_samples}")
+        config_ranges.check(self)
 
     @property
     def task(self) -> str:
@@ -222,14 +222,15 @@ class Evaluator:
 
 
 def write_results(folder: Path, results: dict, samples: dict[str, list]) -> Path:
-    """`eval_results.json` and `<task>_samples.jsonl` in `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """`eval_results.json` and `<task>_samples.jsonl` in `folder`, each replaced whole."""
+    from mlxrl.output_folder import write_text_atomic
+
     path = folder / "eval_results.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
     for name, rows in samples.items():
         if rows:
-            (folder / f"{name}_samples.jsonl").write_text(
-                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            write_text_atomic(folder / f"{name}_samples.jsonl",
+                              "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_text_atomic(path, json.dumps(results, indent=2) + "\n")
     return path
 
 
@@ -329,8 +330,9 @@ def compare_models(models: list[str], prompts: list, *, overrides=None, system_p
     out = {"models": list(models), "prompts": [c[-1]["content"] for c in conversations],
            "answers": {name: a for name, a in zip(models, answers)}, "metrics": results}
     if output:
-        Path(output).mkdir(parents=True, exist_ok=True)
-        (Path(output) / "compare.json").write_text(json.dumps(out, indent=2) + "\n")
+        from mlxrl.output_folder import write_text_atomic
+
+        write_text_atomic(Path(output) / "compare.json", json.dumps(out, indent=2) + "\n")
         log(f"wrote {Path(output) / 'compare.json'}")
     return out
 

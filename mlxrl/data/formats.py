@@ -32,14 +32,17 @@ not reach the prompt's template (they reach the reward functions); `grpo_templat
 
 Truncation follows TRL's `keep_start`: a sequence keeps its first `max_length` tokens, and a row
 whose prompt alone is `>= max_length` tokens is dropped. `Truncation` counts both so a trainer can
-report them once.
+report them once. Before templating, each text is cut to `char_limit` characters, a bound past
+which no kept token can come from (a token covers at most as many characters as its longest
+spelling), so a 10 MB row costs what a row of max_length tokens costs. A preference row whose
+chosen and rejected completions are the same tokens teaches nothing: it is dropped and counted.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mlxrl.errors import DataError
 
@@ -104,6 +107,38 @@ def _as_text(value, name: str, index: int | None) -> str:
     if not isinstance(value, str):
         raise DataError(f"{_where(index)}: field {name!r} must be a string, got {type(value).__name__}")
     return value
+
+
+_LONGEST_TOKEN: dict[int, int] = {}
+
+
+def char_limit(tokenizer, max_length: int | None) -> int | None:
+    """Characters of a text that can hold the first `max_length` tokens, with a margin: any
+    token covers at most `longest spelling` characters, so text past this cannot be kept."""
+    if max_length is None:
+        return None
+    tok = unwrap(tokenizer)
+    if id(tok) not in _LONGEST_TOKEN:
+        _LONGEST_TOKEN[id(tok)] = max(map(len, tok.get_vocab()), default=16)
+    return 2 * max_length * max(_LONGEST_TOKEN[id(tok)], 1) + 1024
+
+
+def cut_row(row: dict, limit: int | None) -> dict:
+    """`row` with every text (a string column, or the content of a message in a list column) cut
+    to `limit` characters; `row` itself when nothing is that long."""
+    if limit is None:
+        return row
+
+    def cut(value):
+        if isinstance(value, str) and len(value) > limit:
+            return value[:limit]
+        if isinstance(value, list) and any(isinstance(m, dict) for m in value):
+            return [{**m, "content": cut(m["content"])} if isinstance(m, dict) and "content" in m
+                    else m for m in value]
+        return value
+
+    cut_values = {k: cut(v) for k, v in row.items()}
+    return cut_values if any(cut_values[k] is not row[k] for k in row) else row
 
 
 # ----------------------------------------------------------------------------- tokenizing
@@ -301,10 +336,19 @@ class Truncation:
     rows: int = 0
     truncated: int = 0
     dropped: int = 0
+    identical: list[int] = field(default_factory=list)  # rows whose chosen equals rejected
 
-    def preference(self, encoded: dict) -> dict | None:
+    def cut(self, row, tokenizer) -> dict:
+        """The row with its texts cut to what can reach the kept tokens (`char_limit`), to
+        encode before `preference` / `sft`."""
+        return cut_row(dict(row), char_limit(tokenizer, self.max_length))
+
+    def preference(self, encoded: dict, index: int | None = None) -> dict | None:
         """Truncate chosen and rejected after the shared prompt; None if the row is dropped."""
         self.rows += 1
+        if encoded["chosen_ids"] == encoded["rejected_ids"]:
+            self.identical.append(index if index is not None else self.rows - 1)
+            return None
         prompt = encoded["prompt_ids"]
         chosen = truncate_keep_start(prompt, encoded["chosen_ids"], self.max_length)
         rejected = truncate_keep_start(prompt, encoded["rejected_ids"], self.max_length)
@@ -329,8 +373,14 @@ class Truncation:
         return {"input_ids": ids, "completion_mask": mask}
 
     def message(self) -> str | None:
-        """"N of M rows truncated to max_length=L; K dropped (...)", or None if none were."""
-        if not self.truncated and not self.dropped:
-            return None
-        return (f"{self.truncated} of {self.rows} rows truncated to max_length={self.max_length}; "
-                f"{self.dropped} dropped (prompt alone >= max_length)")
+        """"N of M rows truncated to max_length=L; K dropped (...)" and a warning line for pairs
+        whose chosen equals rejected, or None if there is nothing to say."""
+        lines = []
+        if self.truncated or self.dropped:
+            lines.append(f"{self.truncated} of {self.rows} rows truncated to max_length="
+                         f"{self.max_length}; {self.dropped} dropped (prompt alone >= max_length)")
+        if self.identical:
+            shown = ", ".join(map(str, self.identical[:5])) + (", ..." if len(self.identical) > 5 else "")
+            lines.append(f"warning: {len(self.identical)} of {self.rows} pairs dropped: chosen equals "
+                         f"rejected, which teaches nothing (rows {shown})")
+        return "\n".join(lines) or None

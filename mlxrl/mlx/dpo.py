@@ -41,7 +41,7 @@ def encode_pairs(dataset, tokenizer, max_length: int, log=print) -> list[tuple]:
     truncation = Truncation(max_length)
     pairs = []
     for i, row in enumerate(dataset):
-        pair = truncation.preference(encode_preference(row, tokenizer, i))
+        pair = truncation.preference(encode_preference(truncation.cut(row, tokenizer), tokenizer, i), i)
         if pair is not None:
             pairs.append(_pair_rows(pair))
     if truncation.message():

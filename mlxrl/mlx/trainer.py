@@ -33,7 +33,7 @@ from mlxrl.metrics_log import MetricsLog
 from mlxrl.mlx import checkpoint
 from mlxrl.mlx.model import ADAPTER_FILE
 from mlxrl.run_dir import read_state
-from mlxrl.stopping import StopOnSignal, interrupted, non_finite, save_failed
+from mlxrl.stopping import StopOnSignal, interrupted, non_finite
 
 
 @dataclass
@@ -119,10 +119,11 @@ def total_steps_for(training, examples_per_step: int, dataset_size: int) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg, loaded, method, adapter_config: dict, total_steps: int, quiet=False):
+    def __init__(self, cfg, loaded, method, adapter_config: dict, total_steps: int, quiet=False,
+                 run_record: dict | None = None):
         self.cfg, self.training = cfg, cfg.training
         self.model, self.method = loaded.model, method
-        self.adapter_config = adapter_config
+        self.adapter_config, self.run_record = adapter_config, run_record or {}
         self.total_steps = total_steps
         self.output_dir = Path(self.training.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -237,11 +238,8 @@ class Trainer:
         mx.eval(self.model.parameters(), self.optimizer.state)
 
     def save_checkpoint(self) -> Path:
-        try:
-            return checkpoint.write_checkpoint(self.output_dir, self.step, self.model,
-                                               self.adapter_config, self.optimizer, self.state())
-        except OSError as e:
-            raise save_failed(self.output_dir, self.step, e) from None
+        return checkpoint.write_checkpoint(self.output_dir, self.step, self.model, self.adapter_config,
+                                           self.optimizer, self.state(), self.run_record)
 
     def run(self) -> dict:
         training = self.training
@@ -262,7 +260,8 @@ class Trainer:
                     if stop.signum is not None:
                         self._stop(stop.signum, saved)
                 if training.save_final_model:
-                    checkpoint.write_final(self.output_dir, self.model, self.adapter_config, self.state())
+                    checkpoint.write_final(self.output_dir, self.model, self.adapter_config, self.state(),
+                                           self.run_record)
             finally:
                 self.log.close()
         return self.state()

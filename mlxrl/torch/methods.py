@@ -39,14 +39,15 @@ def _encoded(rows: list[dict], what: str, truncation: Truncation, log) -> datase
 def sft_dataset(dataset, tokenizer, max_length: int, log=print, target: str = "completion"
                 ) -> datasets.Dataset:
     truncation = Truncation(max_length)
-    rows = [truncation.sft(apply_target(encode_sft(row, tokenizer, i), target))
+    rows = [truncation.sft(apply_target(encode_sft(truncation.cut(row, tokenizer), tokenizer, i), target))
             for i, row in enumerate(dataset)]
     return _encoded([r for r in rows if r is not None], "SFT rows", truncation, log)
 
 
 def dpo_dataset(dataset, tokenizer, max_length: int, log=print) -> datasets.Dataset:
     truncation = Truncation(max_length)
-    rows = [truncation.preference(encode_preference(row, tokenizer, i)) for i, row in enumerate(dataset)]
+    rows = [truncation.preference(encode_preference(truncation.cut(row, tokenizer), tokenizer, i), i)
+            for i, row in enumerate(dataset)]
     return _encoded([r for r in rows if r is not None], "preference pairs", truncation, log)
 
 
@@ -105,13 +106,13 @@ class RewardBridge:
                 f.write(json.dumps(record) + "\n")
 
 
-def build_trainer(cfg, loaded, dataset, args, peft_config, callbacks, log=print):
+def build_trainer(cfg, loaded, dataset, args, peft_config, callbacks, log=print, run_record=None):
     """TRL's trainer for `cfg.training.method`, on mlxrl-encoded data."""
     from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
     method, tok = cfg.training.method, loaded.tokenizer
     DPOTrainer, GRPOTrainer, SFTTrainer = (
-        safe_trainer_class(c, cfg.training.skip_non_finite_steps, log) for c in (DPOTrainer, GRPOTrainer, SFTTrainer))
+        safe_trainer_class(c, cfg.training.skip_non_finite_steps, log, run_record) for c in (DPOTrainer, GRPOTrainer, SFTTrainer))
     common = dict(model=loaded.model, args=args, processing_class=tok, callbacks=callbacks,
                   peft_config=peft_config)
     if method == "sft":
