@@ -9,46 +9,15 @@
 
 from __future__ import annotations
 
-import functools
-import os
-import sys
-import warnings
-
 import click
 
-from mlxrl.errors import MlxrlError
+from mlxrl.cli_errors import friendly_errors
 
 _DEBUG = click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 _PUSH = click.option("--push-to-hub", "repo", metavar="REPO",
                      help="Also upload the folder to this Hugging Face repo (owner/name); "
                           "uses your `hf auth login` token.")
 _PRIVATE = click.option("--private", is_flag=True, help="Create the hub repo as private.")
-
-
-def _friendly(fn):
-    """User errors print one line and exit 1 (`--debug` or MLXRL_DEBUG=1 shows the traceback);
-    warnings from the conversion print as `note:` lines."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        debug = kwargs.get("debug") or os.environ.get("MLXRL_DEBUG") == "1"
-        try:
-            from mlxrl.adapter_maps import AdapterNote
-
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", AdapterNote)
-                result = fn(*args, **kwargs)
-            for w in caught:
-                if issubclass(w.category, AdapterNote):
-                    click.echo(f"note: {w.message}", err=True)
-                else:
-                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-            return result
-        except MlxrlError as e:
-            if debug:
-                raise
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
-    return wrapper
 
 
 def _push(folder, repo, private) -> None:
@@ -67,7 +36,7 @@ def _push(folder, repo, private) -> None:
 @_PUSH
 @_PRIVATE
 @_DEBUG
-@_friendly
+@friendly_errors(mlx=True)
 def export(checkpoint, fmt, output, repo, private, debug):
     """Export an mlxrl adapter (a training output or checkpoint-N folder) for Hugging Face PEFT.
 
@@ -97,7 +66,7 @@ def export(checkpoint, fmt, output, repo, private, debug):
 @click.option("--base", help="Base model (hub id or folder); default: the adapter's "
                              "base_model_name_or_path.")
 @_DEBUG
-@_friendly
+@friendly_errors(mlx=True)
 def import_adapter(peft_dir, output, base, debug):
     """Import a Hugging Face PEFT LoRA/DoRA adapter as an mlxrl adapter.
 
@@ -121,7 +90,7 @@ def import_adapter(peft_dir, output, base, debug):
 @_PUSH
 @_PRIVATE
 @_DEBUG
-@_friendly
+@friendly_errors(mlx=True)
 def fuse(checkpoint, output, quantize, repo, private, debug):
     """Merge an mlxrl adapter into its base model.
 
