@@ -104,13 +104,11 @@ def _evaluate(name: str, scale: float, log) -> dict:
 def run_quickstart(output="output/quickstart", *, scale: float = 1.0, model: str = BASE_MODEL,
                    quiet: bool = False, log=print) -> Path:
     """Train, evaluate and report; returns the path of `report.md`."""
-    from mlxrl.inference import resolve_model_name
-
     if not (CONFIGS / "sft.yaml").is_file():
         raise MlxrlError(f"quickstart configs not found in {CONFIGS} (run from a source checkout)")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    base = resolve_model_name(model)
+    base = model
     started = time.perf_counter()
     stages = _stages(out, base)
     log(f"quickstart: evaluating the untrained {model}")

@@ -7,7 +7,7 @@ transformers (+ PEFT) in float32 on the same token ids.
 
 import json
 
-import mlx.core as mx  # conftest.py has imported mlxrl first (OpenBLAS binding)
+import mlx.core as mx  # conftest.py has bound OpenBLAS first (mlxrl.runtime)
 import mlx_lm
 import numpy as np
 import pytest

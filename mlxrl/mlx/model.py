@@ -1,11 +1,13 @@
 """Models on MLX: load through mlx-lm, add LoRA / DoRA / QLoRA, switch adapters off, save.
 
-- A model name is a hub id, a local Hugging Face folder, or an mlxrl checkpoint folder (it holds
-  `adapter_config.json` naming its base), in which case base and adapter load together.
+- A model name is what `mlxrl.model_names.resolve` reads: a hub id, a local Hugging Face folder,
+  `tiny://...`, or an adapter folder (an mlxrl checkpoint, or a PEFT adapter such as a torch
+  checkpoint, converted once), in which case base and adapter load together.
 - QLoRA on MLX: the frozen base's linear layers are quantized with MLX's own affine
   quantization (no bitsandbytes); the adapter trains against the dequantized weights.
-- The DPO/GRPO reference policy is the same model with every LoRA scale set to 0
-  (`adapters_disabled`), never a second copy.
+- The DPO/GRPO reference policy is the same model with its adapter layers switched off, i.e. the
+  base layers alone, as PEFT's `disable_adapter()` gives it (`adapters_disabled`), never a
+  second copy.
 - Adapters are saved in mlx-lm's format, so `mlx_lm.load(base, adapter_path=...)` and
   `mlx_lm.fuse` work on them; mlxrl's own fields sit under the `mlxrl` key.
 """
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 from dataclasses import dataclass
@@ -22,13 +25,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlxrl.cache import cache_dir
 from mlxrl.errors import ModelError
 from mlxrl.lora_targets import select_lora_targets
 from mlxrl.mlx.cpu_ops import use_cpu_ops
-from mlxrl.model_names import local_model_path
+from mlxrl.model_names import ADAPTER_CONFIG, ModelRef, resolve
 
 ADAPTER_FILE = "adapters.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 DTYPES = {"float32": mx.float32, "fp32": mx.float32, "float16": mx.float16, "fp16": mx.float16,
           "half": mx.float16, "bfloat16": mx.bfloat16, "bf16": mx.bfloat16}
 QUANT_GROUP_SIZE = 64
@@ -45,17 +48,22 @@ class LoadedModel:
     lora: dict | None = None  # mlx-lm adapter config of the LoRA layers, when there are any
 
 
-def resolve_model(name: str) -> tuple[str, Path | None]:
-    """Return (base model name, adapter folder or None) for a model name or checkpoint folder."""
-    path = Path(name).expanduser()
-    config_file = path / ADAPTER_CONFIG
-    if path.is_dir() and config_file.is_file():
-        config = json.loads(config_file.read_text())
-        base = config.get("mlxrl", {}).get("base_model") or config.get("model")
-        if not base:
-            raise ModelError(f"{config_file} does not name its base model ('model' key)")
-        return base, path
-    return name, None
+def mlx_adapter(ref: ModelRef) -> ModelRef:
+    """`ref` with an adapter MLX can load: a PEFT adapter (a `--backend torch` checkpoint) is
+    converted once into the cache (`mlxrl import`'s conversion), keyed by its folder and weights."""
+    if ref.adapter_format != "peft":
+        return ref
+    import hashlib
+
+    from mlxrl.adapters import import_peft
+
+    weights = ref.adapter_path / "adapter_model.safetensors"
+    stamp = f"{ref.adapter_path.resolve()}:{weights.stat().st_mtime_ns if weights.is_file() else 0}"
+    out = cache_dir() / "imported" / hashlib.sha256(stamp.encode()).hexdigest()[:16]
+    if not (out / ADAPTER_FILE).is_file():
+        import_peft(ref.adapter_path, out)
+    return dataclasses.replace(ref, adapter_path=out, adapter_format="mlx",
+                               adapter_config=json.loads((out / ADAPTER_CONFIG).read_text()))
 
 
 def load(model_params, peft_params=None, *, for_training: bool = False, gradient_checkpointing=False):
@@ -67,9 +75,9 @@ def load(model_params, peft_params=None, *, for_training: bool = False, gradient
     """
     from mlx_lm.utils import load_model, load_tokenizer
 
-    base_name, adapter_path = resolve_model(model_params.model_name)
-    base_path = local_model_path(base_name, model_params.model_revision)
-    saved = json.loads((adapter_path / ADAPTER_CONFIG).read_text()) if adapter_path else {}
+    ref = mlx_adapter(resolve(model_params.model_name, model_params.model_revision))
+    base_name, base_path, adapter_path = ref.base_name, ref.base_path, ref.adapter_path
+    saved = ref.adapter_config or {}
     try:
         model, config = load_model(base_path, trust_remote_code=model_params.trust_remote_code)
     except ValueError as e:
