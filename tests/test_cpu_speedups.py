@@ -157,21 +157,70 @@ def test_causal_attention_matches_fast_sdpa_and_its_gradients():
         np.testing.assert_allclose(np.array(a), np.array(b), atol=2e-5)
 
 
-def test_models_on_cpu_use_the_fast_ops_with_the_same_logits():
-    from mlx_lm.models import qwen2
+def test_cpu_ops_apply_to_the_model_mlxrl_loaded_and_no_other(monkeypatch):
+    """mlxrl's model calls the fused ops; another model of the same architecture in the same
+    process (mlx-lm's own load), and mlx-lm's module itself, are untouched; same logits."""
+    import mlx_lm
+    from mlx_lm.models import activations, base, qwen2
 
     from mlxrl.config import ModelParams
+    from mlxrl.mlx import cpu_ops
     from mlxrl.mlx.model import load
+    from mlxrl.tiny_models import tiny_model
 
     loaded = load(ModelParams(model_name="tiny://qwen2"))
-    assert qwen2.swiglu is swiglu
-    patched = qwen2.scaled_dot_product_attention
+    other = mlx_lm.load(str(tiny_model("qwen2")))[0]
+    assert qwen2.swiglu is activations.swiglu
+    assert qwen2.scaled_dot_product_attention is base.scaled_dot_product_attention
+    calls = {"attention": 0, "swiglu": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(cpu_ops, "causal_attention", counted("attention", cpu_ops.causal_attention))
+    namespace = type(loaded.model.layers[0].mlp).__call__.__globals__  # this model's classes' own
+    assert namespace["swiglu"] is cpu_ops.swiglu
+    monkeypatch.setitem(namespace, "swiglu", counted("swiglu", cpu_ops.swiglu))
     ids = mx.array([[5, 9, 2, 7, 1, 3, 8, 4] * 3])
+    theirs = other(ids)
+    mx.eval(theirs)
+    assert calls == {"attention": 0, "swiglu": 0}
     ours = loaded.model(ids)
-    qwen2.scaled_dot_product_attention = patched.mlxrl_original
-    try:
-        theirs = loaded.model(ids)
-    finally:
-        qwen2.scaled_dot_product_attention = patched
+    n_layers = len(loaded.model.layers)
+    assert calls == {"attention": n_layers, "swiglu": n_layers}
     np.testing.assert_allclose(np.array(ours), np.array(theirs), atol=1e-5)
-    assert use_cpu_ops(nn.Linear(2, 2)) is False  # a module without these ops is left alone
+    assert type(other.layers[0].mlp) is qwen2.MLP and type(other.layers[0].self_attn) is qwen2.Attention
+    assert isinstance(loaded.model.layers[0].mlp, qwen2.MLP)
+    assert use_cpu_ops(nn.Sequential(nn.ReLU())) is False  # nothing in it to change
+
+
+def test_gradient_checkpointing_is_per_model_and_keeps_the_gradients():
+    """`enable_gradient_checkpointing` on MLX: the same loss and LoRA gradients as without, and
+    only that model's blocks are checkpointed (mlx-lm's own grad_checkpoint patches the class)."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import qwen2
+
+    from mlxrl.config import ModelParams, PeftParams
+    from mlxrl.mlx.logprobs import per_token_logps
+    from mlxrl.mlx.model import GradientCheckpoint, load
+
+    def loss_and_grads(checkpointing):
+        mx.random.seed(3)
+        model = load(ModelParams(model_name="tiny://qwen2"), PeftParams(), for_training=True,
+                     gradient_checkpointing=checkpointing).model
+        ids = mx.array([[5, 9, 2, 7, 1, 3, 8, 4, 6, 10]])
+        loss_fn = nn.value_and_grad(model, lambda i: -per_token_logps(model, i).sum())
+        loss, grads = loss_fn(ids)
+        return model, loss, grads
+
+    plain, loss, grads = loss_and_grads(False)
+    checkpointed, loss_ckpt, grads_ckpt = loss_and_grads(True)
+    assert all(isinstance(block, GradientCheckpoint) for block in checkpointed.layers)
+    assert not any(isinstance(block, GradientCheckpoint) for block in plain.layers)
+    assert qwen2.TransformerBlock.__call__ is type(plain.layers[0]).__call__
+    np.testing.assert_allclose(loss_ckpt.item(), loss.item(), rtol=1e-6)
+    for (name, g), (_, g_ckpt) in zip(tree_flatten(grads), tree_flatten(grads_ckpt)):
+        np.testing.assert_allclose(np.array(g_ckpt), np.array(g), atol=1e-6, err_msg=name)

@@ -157,61 +157,97 @@ def lora_config(model: nn.Module, peft_params) -> dict:
 
 
 def add_lora(model: nn.Module, adapter_config: dict) -> None:
+    """mlx-lm's LoRA / DoRA layers, each made switchable (`adapters_disabled`) once, here."""
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     params = adapter_config["lora_parameters"]
     linear_to_lora_layers(model, adapter_config.get("num_layers", len(model.layers)), params,
                           use_dora=adapter_config.get("fine_tune_type") == "dora")
+    for layer in lora_layers(model):
+        if "linear" in layer and not isinstance(layer, AdapterSwitch):
+            layer.__class__ = _switchable(type(layer))
 
 
 def lora_layers(model: nn.Module) -> list[nn.Module]:
     return [m for _, m in model.named_modules() if hasattr(m, "lora_a") and hasattr(m, "scale")]
 
 
+class AdapterSwitch:
+    """Mixed into the LoRA / DoRA linear layers mlxrl adds (torchtune's `disabled` flag): with
+    `adapter_enabled` False the layer is its base layer alone, as PEFT's `disable_adapter()`
+    gives it (no adapter matmuls, and no DoRA magnitude, which a LoRA scale of 0 would keep)."""
+
+    adapter_enabled = True
+
+    def __call__(self, x):
+        return super().__call__(x) if self.adapter_enabled else self.linear(x)
+
+
 @functools.cache
-def _base_only(cls: type) -> type:
-    """A subclass of a LoRA/DoRA linear class whose call is its base layer's alone (one per class,
-    not one per layer and call)."""
-    return type(f"{cls.__name__}Off", (cls,), {"__call__": lambda self, x: self.linear(x)})
+def _switchable(cls: type) -> type:
+    return type(cls.__name__, (AdapterSwitch, cls), {"__module__": __name__})
 
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module):
     """The reference policy: the base model, as PEFT's `disable_adapter()` gives it, restored on
-    exit. LoRA/DoRA linears call their base layer alone (no adapter matmuls, and no DoRA
-    magnitude, which a LoRA scale of 0 would still apply); other adapter layers get scale 0.
+    exit. mlxrl's adapter layers read their `adapter_enabled` flag; an mlx-lm LoRA layer that
+    mlxrl did not add gets scale 0 (the same output), a DoRA one is refused (its magnitude
+    would stay).
 
     Do not call a function compiled with the adapters on inside this context: `mx.compile`
     keeps the trace it made with them on.
     """
     layers = lora_layers(model)
-    saved = [(m, m.__class__, m.scale) for m in layers]
+    foreign = [m for m in layers if not isinstance(m, AdapterSwitch)]
+    if any("m" in m for m in foreign):
+        raise ValueError("adapters_disabled: a DoRA layer that mlxrl did not add (load the model "
+                         "with mlxrl.mlx.model.load, or add its adapters with add_lora)")
+    saved = [(m, m.scale) for m in foreign]
     for m in layers:
-        if "linear" in m:
-            m.__class__ = _base_only(m.__class__)
+        if isinstance(m, AdapterSwitch):
+            m.adapter_enabled = False
         else:
             m.scale = 0.0
     try:
         yield model
     finally:
-        for m, cls, scale in saved:
-            m.__class__, m.scale = cls, scale
+        for m in layers:
+            if isinstance(m, AdapterSwitch):
+                m.adapter_enabled = True
+        for m, scale in saved:
+            m.scale = scale
+
+
+class GradientCheckpoint:
+    """Mixed into a transformer block class for the blocks of one model (mlx-lm's
+    `grad_checkpoint` patches the class itself, so every model of that class in the process):
+    while `grad_checkpoint` is set, the block's activations are recomputed in the backward pass."""
+
+    grad_checkpoint = True
+
+    def __call__(self, *args, **kwargs):
+        if not self.grad_checkpoint:
+            return super().__call__(*args, **kwargs)
+        block_call = super().__call__
+
+        def inner(params, *a, **kw):
+            self.update(params)
+            return block_call(*a, **kw)
+
+        return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+
+@functools.cache
+def _checkpointed(cls: type) -> type:
+    return type(cls.__name__, (GradientCheckpoint, cls), {"__module__": __name__})
 
 
 def checkpoint_blocks(model: nn.Module) -> None:
-    """Gradient checkpointing per block instance (mlx-lm's grad_checkpoint patches the class,
-    which would also hit any other model of that class in the process)."""
+    """Gradient checkpointing for this model's blocks (once, at load)."""
     for layer in model.layers:
-        base_call = type(layer).__call__
-
-        def checkpointed(self, *args, _call=base_call, **kwargs):
-            def inner(params, *a, **kw):
-                self.update(params)
-                return _call(self, *a, **kw)
-
-            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
-
-        layer.__class__ = type(type(layer).__name__, (type(layer),), {"__call__": checkpointed})
+        if not isinstance(layer, GradientCheckpoint):
+            layer.__class__ = _checkpointed(type(layer))
 
 
 def adapter_weights(model: nn.Module) -> dict[str, mx.array]:

@@ -21,8 +21,9 @@ How it runs:
   of its time packing the weights and handing work between threads. Split into pieces of at most
   ~1200 rows x outputs and 1e6 multiply-adds, each piece takes OpenBLAS's small-matrix kernel,
   which reads the weights once, unpacked, on one core: 8 x 512 x 1536 takes 0.22 ms instead of
-  0.30 on an idle 2-core Xeon, and 0.24 instead of ~1 ms while other processes load it. Used for
-  the decode steps at <= 8 rows, where a one-off timing on this machine shows it faster.
+  0.30 on an idle 2-core Xeon, and 0.24 instead of ~1 ms while other processes load it. A fixed
+  rule (`split_matmuls_at`: <= 8 rows) sets the flag of the model's splittable layers
+  (`cpu_ops.use_cpu_ops`, applied by mlxrl's loader) for the decode steps.
 - Sampling on the device: temperature, then top-k, top-p, min-p as one logit threshold per row
   (the Hugging Face order), then inverse-CDF sampling with one uniform per row and step. T = 0 is
   greedy (log-probs then use T = 1).
@@ -36,6 +37,7 @@ How it runs:
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -46,11 +48,14 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 from mlxrl.mlx.cache_utils import CacheLayout, left_padding, repeat_rows
+from mlxrl.mlx.cpu_ops import SplittableEmbedding, SplittableLinear
 
 CHUNK = 8  # decode steps queued between host syncs
 BUCKET = 32  # KV buffers grow by this many columns
 PAD_ID = 0
 _MAX_TRACES = 8
+SPLIT_MAX_ROWS = 8  # decode matmuls split up to this many rows (split_matmuls_at)
+SPLITTABLE = (SplittableLinear, SplittableEmbedding)
 
 
 @dataclass
@@ -191,10 +196,11 @@ _TRACES: dict = {}
 def _compiled_step(model, layout: CacheLayout, cfg: _Settings):
     """The compiled step for this model, cache layout and settings, traced once and kept.
 
-    A trace bakes in Python values (module classes, a LoRA `scale`, `training`), so they are part
-    of the key; the weights are implicit inputs, so optimizer updates need no retrace.
+    A trace bakes in Python values (module classes, `training`, a LoRA `scale`, the layers'
+    switches: adapter on/off, split matmuls), so they are part of the key; the weights are
+    implicit inputs, so optimizer updates need no retrace.
     """
-    modules = tuple((name, type(m), m.training, _python_scalar(getattr(m, "scale", None)))
+    modules = tuple((name, type(m), m.training, *(_python_scalar(getattr(m, a, None)) for a in _TRACED))
                     for name, m in model.named_modules())
     key = (id(model), layout, cfg, modules)
     if key not in _TRACES:
@@ -202,6 +208,9 @@ def _compiled_step(model, layout: CacheLayout, cfg: _Settings):
             _TRACES.pop(next(iter(_TRACES)))
         _TRACES[key] = mx.compile(partial(_step, model, layout, cfg), inputs=model.state)
     return _TRACES[key]
+
+
+_TRACED = ("scale", "adapter_enabled", "split_matmul")
 
 
 def _python_scalar(value):
@@ -254,61 +263,25 @@ def _keep_threshold(z, cfg: _Settings):
 # ----------------------------------------------------------------------------- small matmuls
 
 
-def _split_matmul(x, w):
-    """`x @ w.T` in pieces of w's rows small enough for OpenBLAS's small-matrix kernel."""
-    rows, k = x.size // x.shape[-1], w.shape[1]
-    piece = max(16, min(1200 // rows, 1_000_000 // (rows * k)) // 16 * 16)
-    if not piece < w.shape[0] <= 64 * piece:  # nothing to split, or too many pieces
-        return x @ w.T
-    return mx.concatenate([x @ w[i: i + piece].T for i in range(0, w.shape[0], piece)], axis=-1)
-
-
-class _SplitLinear(nn.Linear):
-    def __call__(self, x):
-        y = _split_matmul(x, self.weight)
-        return y + self.bias if "bias" in self else y
-
-
-class _SplitEmbedding(nn.Embedding):
-    def as_linear(self, x):
-        return _split_matmul(x, self.weight)
-
-
-_SPLIT_CLASSES = {nn.Linear: _SplitLinear, nn.Embedding: _SplitEmbedding}
-_SPLIT_FASTER: dict[int, bool] = {}  # rows -> measured verdict
+def split_matmuls_at(rows: int) -> bool:
+    """The rule for splitting decode matmuls: on the Linux CPU device (OpenBLAS), at <= 8 rows.
+    Measured on 2-core x86 machines (8 x 512 x 1536: 0.22 ms split vs 0.30 ms on an idle Xeon,
+    0.24 vs ~1 ms while other processes load it); above 8 rows the small-matrix kernel (one core)
+    loses its edge over the threaded GEMM on a quiet machine."""
+    return sys.platform.startswith("linux") and mx.default_device() == mx.cpu and rows <= SPLIT_MAX_ROWS
 
 
 @contextlib.contextmanager
 def _small_matmuls(model: nn.Module, rows: int):
-    """Within the block, the model's Linear layers and tied LM head split their matmuls when that
-    is faster at `rows` rows on this machine."""
-    swapped = []
-    if _split_is_faster(rows):
-        swapped = [(m, type(m)) for _, m in model.named_modules() if type(m) in _SPLIT_CLASSES]
-    for m, cls in swapped:
-        m.__class__ = _SPLIT_CLASSES[cls]
+    """Within the block, the model's splittable layers (`mlxrl.mlx.cpu_ops.use_cpu_ops`, which
+    mlxrl's loader applies on the CPU) split their matmuls when `split_matmuls_at(rows)`."""
+    layers = []
+    if split_matmuls_at(rows):
+        layers = [m for _, m in model.named_modules() if isinstance(m, SPLITTABLE)]
+    for m in layers:
+        m.split_matmul = True
     try:
         yield
     finally:
-        for m, cls in swapped:
-            m.__class__ = cls
-
-
-def _split_is_faster(rows: int) -> bool:
-    """Time both ways once per row count, in turns so that load from other processes hits both;
-    each side keeps its best of 9 rounds. Above 8 rows the small-matrix kernel (one core) loses
-    its edge over the threaded GEMM on a quiet machine, so it is not tried."""
-    if mx.default_device() != mx.cpu or rows > 8:
-        return False
-    if rows not in _SPLIT_FASTER:
-        x, w = mx.full((rows, 512), 0.5), mx.full((1536, 512), 0.01)
-        ways = (lambda: x @ w.T, lambda: _split_matmul(x, w))
-        mx.eval([way() for way in ways])
-        best = [float("inf"), float("inf")]
-        for _ in range(9):
-            for i, way in enumerate(ways):
-                start = time.perf_counter()
-                mx.eval([way() for _ in range(4)])
-                best[i] = min(best[i], time.perf_counter() - start)
-        _SPLIT_FASTER[rows] = best[1] < 0.9 * best[0]
-    return _SPLIT_FASTER[rows]
+        for m in layers:
+            m.split_matmul = False
