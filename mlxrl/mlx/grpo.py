@@ -21,7 +21,6 @@ the default aggregation is `dapo` (token mean over the window) rather than the p
 per-sequence mean (`grpo`); `scale_rewards="none"` drops the std division (Dr. GRPO).
 """
 
-import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 
 from mlxrl.data.formats import encode_prompt, unwrap
 from mlxrl.errors import ConfigError
+from mlxrl.metrics_log import log_completions
 from mlxrl.mlx.logprobs import per_token_logps
 from mlxrl.mlx.model import adapters_disabled
 from mlxrl.mlx.trainer import IndexStream, StepBatch, StreamPosition, bucket, pad_rows
@@ -361,15 +361,9 @@ class GRPOMethod(StreamPosition):
         columns = {k: [r[k] for r in rows] for k in rows[0] if k not in ("prompt", "completion")}
         scores = self.rewards.score([r["prompt"] for r in rows], completions, completion_ids, columns)
         if self.completions_log is not None:
-            self._log_completions(rows, texts, scores)
+            log_completions(self.completions_log, self.step_count, [r["prompt"] for r in rows], texts,
+                            self.rewards.names, scores)
         return scores, self.rewards.total(scores)
-
-    def _log_completions(self, rows, texts, scores) -> None:
-        with open(self.completions_log, "a") as f:
-            for row, text, score in zip(rows, texts, scores):
-                record = {"step": self.step_count, "prompt": row["prompt"], "completion": text,
-                          "rewards": dict(zip(self.rewards.names, map(float, score)))}
-                f.write(json.dumps(record) + "\n")
 
     def next_step(self) -> StepBatch:
         s = self.settings
