@@ -116,7 +116,7 @@ def install_wrapper(real: str, flags: str) -> Path:
 def _path_without_wrappers(path: str) -> str:
     """PATH without mlxrl's wrapper folders (a child process may inherit its parent's)."""
     return os.pathsep.join(p for p in path.split(os.pathsep)
-                           if p and not (Path(p) / "mlxrl_jit_marker.h").is_file())
+                           if not (p and (Path(p) / "mlxrl_jit_marker.h").is_file()))
 
 
 def _plan() -> tuple[str, str | None, str | None]:

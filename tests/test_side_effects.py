@@ -127,6 +127,31 @@ def test_mlxrl_env_reports_openblas_and_jit_flags(tmp_path):
         assert lines["CPU"].startswith(f"JIT flags on (-mavx2 -mfma -mf16c; kernels in {tmp_path}/jit/"), proc.stdout
 
 
+LATE = PROBE + r'''
+import warnings
+
+import mlx.core  # the user's program imports MLX first
+import mlxrl
+from mlxrl.runtime import mlx_runtime, status
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(2):
+        with mlx_runtime():
+            pass
+    mlxrl.bind_openblas()
+print(json.dumps({"warnings": [str(w.message) for w in caught], "openblas": openblas_loaded(), **status()}))
+'''
+
+
+def test_mlx_imported_before_the_set_up_is_said_once(tmp_path):
+    result = _run(LATE, tmp_path)
+    if LINUX:  # elsewhere there is nothing to bind
+        assert len(result["warnings"]) == 1, result
+        assert "imported before" in result["warnings"][0] and "mlxrl.bind_openblas()" in result["warnings"][0]
+        assert not result["openblas"] and "imported before" in result["BLAS"]
+
+
 TORCH_CLI = PROBE + r'''
 from mlxrl.cli import main
 
