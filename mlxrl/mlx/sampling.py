@@ -21,9 +21,10 @@ How it runs:
   of its time packing the weights and handing work between threads. Split into pieces of at most
   ~1200 rows x outputs and 1e6 multiply-adds, each piece takes OpenBLAS's small-matrix kernel,
   which reads the weights once, unpacked, on one core: 8 x 512 x 1536 takes 0.22 ms instead of
-  0.30 on an idle 2-core Xeon, and 0.24 instead of ~1 ms while other processes load it. A fixed
-  rule (`split_matmuls_at`: <= 8 rows) sets the flag of the model's splittable layers
-  (`cpu_ops.use_cpu_ops`, applied by mlxrl's loader) for the decode steps.
+  0.30 on an idle 2-core AVX-512 Xeon, and 0.24 instead of ~1 ms while other processes load it.
+  That kernel is hand-written for AVX-512 only (on an AVX2 EPYC splitting is slower: 0.94 vs
+  0.70 ms), so a fixed rule (`split_matmuls_at`: <= 8 rows on an AVX-512 CPU) sets the flag of the
+  model's splittable layers (`cpu_ops.use_cpu_ops`, applied by mlxrl's loader) for the decode.
 - Sampling on the device: temperature, then top-k, top-p, min-p as one logit threshold per row
   (the Hugging Face order), then inverse-CDF sampling with one uniform per row and step. T = 0 is
   greedy (log-probs then use T = 1).
@@ -37,6 +38,7 @@ How it runs:
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import time
 from dataclasses import dataclass
@@ -47,6 +49,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
+from mlxrl._jit import cpu_flags
 from mlxrl.mlx.cache_utils import CacheLayout, left_padding, repeat_rows
 from mlxrl.mlx.cpu_ops import SplittableEmbedding, SplittableLinear
 
@@ -264,11 +267,23 @@ def _keep_threshold(z, cfg: _Settings):
 
 
 def split_matmuls_at(rows: int) -> bool:
-    """The rule for splitting decode matmuls: on the Linux CPU device (OpenBLAS), at <= 8 rows.
-    Measured on 2-core x86 machines (8 x 512 x 1536: 0.22 ms split vs 0.30 ms on an idle Xeon,
-    0.24 vs ~1 ms while other processes load it); above 8 rows the small-matrix kernel (one core)
-    loses its edge over the threaded GEMM on a quiet machine."""
-    return sys.platform.startswith("linux") and mx.default_device() == mx.cpu and rows <= SPLIT_MAX_ROWS
+    """The rule for splitting decode matmuls: at <= 8 rows, where OpenBLAS has hand-written
+    small-matrix kernels (`_small_kernels`). 8 x 512 x 1536 took 0.22 ms split vs 0.30 ms on an
+    idle 2-core AVX-512 Xeon (0.24 vs ~1 ms under load), but 0.94 vs 0.70 ms on a 2-core AVX2
+    EPYC; above 8 rows the small-matrix kernel (one core) loses its edge over the threaded GEMM
+    on a quiet machine."""
+    return rows <= SPLIT_MAX_ROWS and _small_kernels()
+
+
+@functools.cache
+def _small_kernels() -> bool:
+    """OpenBLAS's small-matrix sgemm kernels are hand-written for AVX-512 (SkylakeX:
+    kernel/x86_64/sgemm_small_kernel_*_skylakex.c, permitted up to 1e6 multiply-adds); on other
+    x86 targets its small-matrix path is generic C, slower than its threaded GEMM. So: the Linux
+    CPU device (OpenBLAS bound) on a CPU with AVX-512."""
+    avx512 = {"avx512f", "avx512vl", "avx512bw", "avx512dq"}
+    return (sys.platform.startswith("linux") and mx.default_device() == mx.cpu
+            and avx512 <= cpu_flags())
 
 
 @contextlib.contextmanager
