@@ -25,6 +25,7 @@ from mlx.utils import tree_flatten
 from mlxrl.errors import ModelError
 from mlxrl.lora_targets import select_lora_targets
 from mlxrl.mlx.cpu_ops import use_cpu_ops
+from mlxrl.mlx.model_config import load_model
 from mlxrl.model_names import local_model_path
 
 ADAPTER_FILE = "adapters.safetensors"
@@ -65,15 +66,12 @@ def load(model_params, peft_params=None, *, for_training: bool = False, gradient
     fresh LoRA layers are added, unless the name is a checkpoint, whose adapter is loaded and
     left trainable (continue training from it).
     """
-    from mlx_lm.utils import load_model, load_tokenizer
+    from mlx_lm.utils import load_tokenizer
 
     base_name, adapter_path = resolve_model(model_params.model_name)
     base_path = local_model_path(base_name, model_params.model_revision)
     saved = json.loads((adapter_path / ADAPTER_CONFIG).read_text()) if adapter_path else {}
-    try:
-        model, config = load_model(base_path, trust_remote_code=model_params.trust_remote_code)
-    except ValueError as e:
-        raise ModelError(f"cannot load {base_path}: {e}") from None
+    model, config = load_model(base_path, trust_remote_code=model_params.trust_remote_code)
     use_cpu_ops(model)
     tokenizer = load_tokenizer(base_path, eos_token_ids=config.get("eos_token_id"))
     _check_chat_template(tokenizer, model_params, base_name)
