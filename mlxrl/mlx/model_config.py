@@ -10,6 +10,11 @@ name of `rope_type`), then written in the form mlx-lm's `initialize_rope` reads:
 plus a `rope_scaling` dict whose numbers make mlx-lm compute transformers' frequencies and
 attention factor. A RoPE type mlx-lm cannot compute as transformers does stops with one line.
 
+This full reading covers llama, qwen2, qwen3 and falcon_h1 (`ROPE_CHECKED`). Other architectures
+keep mlx-lm's own reading, except that a transformers-5 `rope_parameters` of the default type gets
+its top-level `rope_theta` when the mlx-lm model does not read `rope_parameters` itself; a
+scaled type there is refused.
+
 Also filled where `config.json` leaves them out and mlx-lm's default differs from transformers':
 `head_dim` (falcon_h1: hidden_size / heads; qwen3: 128) and `tie_word_embeddings` (from whether
 the weights hold an `lm_head`). Sliding-window layers, which mlx-lm's qwen2/qwen3 do not
