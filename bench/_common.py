@@ -50,7 +50,7 @@ def model_path() -> Path:
 
 
 def _letter_rows(n: int, seed: int):
-    from mlxrl.data.letter_count import make_rows
+    from mlxrl.tasks.letter_count import make_rows
 
     for raw in make_rows(n, seed):
         meta = raw["metadata"]

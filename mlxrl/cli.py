@@ -157,7 +157,7 @@ def make():
 @_friendly_errors
 def make_letter_count(output, n, seed, debug=False):
     """Rows in oumi-ai/oumi-letter-count's raw format (conversation_id, messages, metadata)."""
-    from mlxrl.data.letter_count import write_jsonl
+    from mlxrl.tasks.letter_count import write_jsonl
 
     path = write_jsonl(output, n, seed)
     click.echo(f"wrote {n} rows to {path}")

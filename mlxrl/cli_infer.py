@@ -264,8 +264,8 @@ def _split_models(words: list[str]) -> tuple[list[str], list[str]]:
 def inspect(name, split, dataset_path, chars, debug):
     """Print rows as the walkthrough's Step 1 snippets do.
 
-    Preference rows as PROMPT / CHOSEN / REJECTED; letter-count rows after Oumi's transform
-    (`prompt[1]['content']`, `letter_count`); anything else as JSON.
+    Preference rows as PROMPT / CHOSEN / REJECTED; rows of a registered task as it shows them
+    (letter-count: PROMPT / ANSWER, after Oumi's transform); anything else as JSON.
     """
     _quiet_datasets()
     click.echo(format_rows(name, split, dataset_path, chars))
@@ -306,21 +306,22 @@ def plot(run_dirs, output, debug):
 
 def format_rows(name: str, split: str, dataset_path: str | None, chars: int = 100) -> str:
     """Rows of dataset `name` as text, in the walkthrough's Step 1 layout."""
+    from mlxrl import tasks
     from mlxrl.config import DatasetParams
     from mlxrl.data.loading import load_one
-    from mlxrl.evaluation import _letter_count_row
 
     dataset = load_one(DatasetParams(dataset_name=name, dataset_path=dataset_path, split=split),
                        where=name)
     out = []
-    for row in map(_letter_count_row, (dict(r) for r in dataset)):
+    for row in (dict(r) for r in dataset):
         out.append("=" * 50)
+        preview = tasks.preview(row)
         if {"chosen", "rejected"} <= set(row):
             out += [f"PROMPT: {_text(row.get('prompt'))[:chars]} ...", "",
                     f"\u2705 CHOSEN: {_text(row['chosen'])[:chars]} ...", "",
                     f"\u274c REJECTED: {_text(row['rejected'])[:chars]} ..."]
-        elif "letter_count" in row and isinstance(row.get("prompt"), list):
-            out += [f"PROMPT: {row['prompt'][1]['content']}", f"ANSWER: {row['letter_count']}"]
+        elif preview:
+            out += preview
         else:
             import json
 

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlxrl import chat_templates
 from mlxrl.config_parse import Builder, apply_override, key_path, load_yaml, split_overrides
+from mlxrl.data.collators import check_collator
 from mlxrl.errors import ConfigError
 
 METHODS = {"TRL_SFT": "sft", "TRL_DPO": "dpo", "TRL_GRPO": "grpo", "HF": "sft", "OUMI": "sft",
@@ -51,6 +53,7 @@ class ModelParams:
         valid = ("auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16")
         if self.torch_dtype_str not in valid:
             raise ValueError(f"torch_dtype_str {self.torch_dtype_str!r} is not one of {valid}")
+        chat_templates.check_name(self.chat_template)
 
 
 @dataclass
@@ -78,6 +81,7 @@ class DatasetSplitParams:
     datasets: list[DatasetParams] = field(default_factory=list)
     collator_name: str | None = None
     collator_kwargs: dict[str, Any] = field(default_factory=dict)
+    train_target: str | None = None  # all_assistant_turns | final_assistant_turn
     pack: bool = False
     stream: bool = False
     target_col: str | None = None
@@ -85,6 +89,9 @@ class DatasetSplitParams:
     seed: int | None = None
     use_async_dataset: bool = False
     use_torchdata: bool | None = None
+
+    def __post_init__(self):
+        self.train_target = check_collator(self.collator_name, self.train_target)
 
 
 @dataclass

@@ -5,17 +5,18 @@
     mlxrl eval --model.model_name CKPT --task reward --reward count_letters --output DIR
 
 Tasks (`--task`, or `tasks:` in a config, Oumi's `EvaluationConfig` shape):
-- `letter_count` (Oumi's `count_letters`): greedy answers to letter-count prompts (with the
-  `\\boxed{}` system prompt); an answer is exactly one `\\boxed{int}`. Metrics, as Oumi's:
-  `accuracy` = correct / all, `properly_extracted_accuracy` = correct / parsed (0 if none),
-  `num_samples`, `num_correct_answers`, `num_incorrect_answers`, `num_invalid_answers`.
+- `letter_count` (Oumi's `count_letters`, registered by `mlxrl.tasks.letter_count`): greedy
+  answers to letter-count prompts (with the `\\boxed{}` system prompt); an answer is exactly one
+  `\\boxed{int}`. Metrics, as Oumi's: `accuracy` = correct / all, `properly_extracted_accuracy`
+  = correct / parsed (0 if none), `num_samples`, `num_correct_answers`, `num_incorrect_answers`,
+  `num_invalid_answers`. Any task registered with `mlxrl.tasks.register_evaluation` runs the same way.
 - `preference`: on held-out pairs, the policy against its adapter-off reference (TRL's DPO
   metrics): `preference_accuracy` (pairs whose chosen reward beats the rejected one),
   `mean_reward_margin`, `mean_reward_chosen`, `mean_reward_rejected`, `loss`, `num_pairs`.
 - `reward`: the mean (and std) of each reward function over the model's answers to the prompts.
 
-Datasets: a hub name or a local file (`--dataset`, `--split`); raw letter-count rows are
-transformed. Without one, a generated held-out set (seed 1234) is used, so eval runs offline.
+Datasets: a hub name or a local file (`--dataset`, `--split`), transformed as registered
+(`mlxrl.tasks`: raw letter-count rows are recognised by their columns). Without one, a generated held-out set (seed 1234) is used, so eval runs offline.
 """
 
 from __future__ import annotations
@@ -31,14 +32,26 @@ from typing import Any
 import numpy as np
 
 from mlxrl.config import DatasetParams, GenerationParams, ModelParams, load_config
-from mlxrl.errors import ConfigError, DataError
+from mlxrl.errors import ConfigError
 
-TASKS = {"letter_count": "letter_count", "count_letters": "letter_count",
-         "preference": "preference", "dpo": "preference", "reward": "reward", "rewards": "reward"}
+BUILTIN_TASKS = {"preference": "preference", "dpo": "preference", "reward": "reward",
+                 "rewards": "reward"}
 EVAL_SEED = 1234  # generated sets: distinct from the seeds the quickstart data uses
-DEFAULT_SAMPLES = {"letter_count": 200, "preference": 64, "reward": 200}
-LETTER_COUNT_METRICS = ("accuracy", "properly_extracted_accuracy", "num_samples",
-                        "num_correct_answers", "num_incorrect_answers", "num_invalid_answers")
+DEFAULT_SAMPLES = {"preference": 64}
+DEFAULT_SAMPLE_COUNT = 200
+
+
+def task_kind(name: str) -> str:
+    """'preference', 'reward', or the name of a registered evaluation (`mlxrl.tasks`)."""
+    if name in BUILTIN_TASKS:
+        return BUILTIN_TASKS[name]
+    from mlxrl import tasks
+
+    found = tasks.evaluation(name)
+    if found is None:
+        raise ValueError(f"task_name {name!r} is not one of "
+                         f"{sorted([*BUILTIN_TASKS, *tasks.evaluation_names()])}")
+    return found.name
 
 
 @dataclass
@@ -55,14 +68,13 @@ class EvalTaskParams:
     eval_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.task_name not in TASKS:
-            raise ValueError(f"task_name {self.task_name!r} is not one of {sorted(TASKS)}")
+        task_kind(self.task_name)
         if self.num_samples is not None and self.num_samples < 1:
             raise ValueError(f"num_samples must be at least 1, got {self.num_samples}")
 
     @property
     def task(self) -> str:
-        return TASKS[self.task_name]
+        return task_kind(self.task_name)
 
 
 @dataclass
@@ -88,7 +100,8 @@ def load_eval_config(path=None, overrides=None) -> EvalConfig:
 
 
 def task_rows(task: EvalTaskParams, log=print) -> list[dict]:
-    """The task's rows: its dataset (first num_samples rows) or a generated held-out set."""
+    """The task's rows: its dataset (first num_samples rows, transformed as registered) or a
+    generated held-out set."""
     n = task.num_samples
     if task.dataset_name or task.dataset_path:
         from mlxrl.data.loading import load_one
@@ -96,51 +109,30 @@ def task_rows(task: EvalTaskParams, log=print) -> list[dict]:
         params = DatasetParams(dataset_name=task.dataset_name, dataset_path=task.dataset_path,
                                split=task.split)
         dataset = load_one(params, where=f"{task.task_name} dataset")
-        rows = [dict(r) for r in dataset.select(range(min(n or len(dataset), len(dataset))))]
-    else:
-        n = n or DEFAULT_SAMPLES[task.task]
-        rows = _generated(task.task, n)
-        log(f"note: {task.task}: {n} generated held-out rows (seed {EVAL_SEED}); "
-            f"--dataset NAME for another set")
-    if task.task != "preference":
-        rows = [_letter_count_row(r) for r in rows]
+        return [dict(r) for r in dataset.select(range(min(n or len(dataset), len(dataset))))]
+    n = n or DEFAULT_SAMPLES.get(task.task, DEFAULT_SAMPLE_COUNT)
+    rows = _generated(task.task, n)
+    log(f"note: {task.task}: {n} generated held-out rows (seed {EVAL_SEED}); "
+        f"--dataset NAME for another set")
     return rows
 
 
 def _generated(task: str, n: int) -> list[dict]:
+    """Held-out rows without a dataset: preference pairs, or the task's own generator (the
+    `reward` task scores answers to letter-count prompts)."""
+    from mlxrl import tasks
+
     if task == "preference":
         from mlxrl.data.synthetic import preference_rows
 
         return preference_rows(n, seed=EVAL_SEED)
-    from mlxrl.data.letter_count import make_rows
-
-    return make_rows(n, seed=EVAL_SEED)
-
-
-def _letter_count_row(row: dict) -> dict:
-    """Raw oumi-letter-count rows (messages + metadata) get Oumi's transform."""
-    if "prompt" not in row and "metadata" in row and "messages" in row:
-        from mlxrl.data.letter_count import transform
-
-        return transform(row)
-    return row
+    found = tasks.evaluation("letter_count" if task == "reward" else task)
+    if found is None or found.generate is None:
+        raise ConfigError(f"eval task {task!r} generates no rows; name a dataset (--dataset)")
+    return found.generate(n, EVAL_SEED)
 
 
 # ----------------------------------------------------------------------------- metrics
-
-
-def letter_count_metrics(responses: list[str], targets: list[int]) -> dict:
-    """Oumi's `count_letters` metrics for responses and their true counts."""
-    from mlxrl.rewards import _extract_prediction  # Oumi's rule: exactly one \boxed{int}
-
-    predictions = [_extract_prediction(r) for r in responses]
-    total = len(responses)
-    valid = sum(p is not None for p in predictions)
-    correct = sum(p is not None and p == int(t) for p, t in zip(predictions, targets))
-    return {"accuracy": correct / total if total else 0.0,
-            "properly_extracted_accuracy": correct / valid if valid else 0.0,
-            "num_samples": total, "num_correct_answers": correct,
-            "num_incorrect_answers": valid - correct, "num_invalid_answers": total - valid}
 
 
 def reward_metrics(task: EvalTaskParams, rows: list[dict], responses: list[str], tokenizer) -> dict:
@@ -188,9 +180,11 @@ class Evaluator:
     """Runs tasks on one model; answers to the same prompts are generated once."""
 
     def __init__(self, cfg: EvalConfig, log=print, engine=None):
+        from mlxrl.capabilities import check_inference
         from mlxrl.inference import Engine
 
         self.cfg, self.log = cfg, log
+        check_inference(cfg.generation, log)
         self.engine = engine or Engine(cfg.model, cfg.generation)
         self._answers: dict[str, tuple[list[dict], list[str]]] = {}
 
@@ -206,21 +200,14 @@ class Evaluator:
 
     def run_task(self, task: EvalTaskParams) -> tuple[dict, list[dict]]:
         """(metrics, per-row samples) of one task."""
-        from mlxrl.inference import as_messages
+        from mlxrl import tasks
 
         if task.task == "preference":
             return preference_metrics(self.engine, task, task_rows(task, self.log), self.log), []
         rows, responses = self.answers(task)
         if task.task == "reward":
             return reward_metrics(task, rows, responses, self.engine.hf_tokenizer), []
-        if "letter_count" not in rows[0]:
-            raise DataError(f"letter_count task: rows need a 'letter_count' column (or raw "
-                            f"oumi-letter-count rows); this dataset has {sorted(rows[0])}")
-        targets = [int(r["letter_count"]) for r in rows]
-        metrics = letter_count_metrics(responses, targets)
-        samples = [{"prompt": as_messages(r)[-1]["content"], "response": s, "target": t}
-                   for r, s, t in zip(rows, responses, targets)]
-        return metrics, samples
+        return tasks.evaluation(task.task).score(rows, responses)
 
     def run(self) -> dict:
         tasks = self.cfg.tasks or [EvalTaskParams()]

@@ -69,6 +69,9 @@ def load_inference_config(path=None, overrides=None) -> tuple[InferenceConfig, l
         notes.append(f"note: engine {cfg.engine} is not available here; mlxrl runs on MLX")
     if not cfg.model.model_name:
         raise ConfigError("model.model_name is required (-c CONFIG or --model.model_name NAME)")
+    from mlxrl.capabilities import check_inference
+
+    check_inference(cfg.generation, notes.append)
     return cfg, notes
 
 
@@ -236,13 +239,11 @@ def _stop_at(text: str, stop_strings) -> str | None:
 
 
 def system_prompt_text(value: str | None) -> str | None:
-    """`--system-prompt letter_count` is Oumi's letter-count system prompt (the `\\boxed{}`
-    instruction GRPO trained with); any other value is the system prompt itself."""
-    if value == "letter_count":
-        from mlxrl.data.letter_count import SYSTEM_PROMPT
+    """A registered system prompt's text (`--system-prompt letter_count` is the `\\boxed{}`
+    instruction the letter-count GRPO trains with); any other value is the system prompt itself."""
+    from mlxrl import tasks
 
-        return SYSTEM_PROMPT
-    return value or None
+    return tasks.system_prompt(value) or value or None
 
 
 def as_messages(item, system_prompt: str | None = None, where: str = "input") -> list[dict]:

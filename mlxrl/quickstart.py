@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlxrl.data.letter_count import SYSTEM_PROMPT
 from mlxrl.errors import MlxrlError
+from mlxrl.tasks.letter_count import SYSTEM_PROMPT
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "quickstart"
@@ -181,8 +181,8 @@ def majority_baseline(n: int) -> dict:
     """The accuracy of always answering the commonest count of the held-out letter-count set."""
     from collections import Counter
 
-    from mlxrl.data.letter_count import make_rows
     from mlxrl.evaluation import EVAL_SEED
+    from mlxrl.tasks.letter_count import make_rows
 
     counts = Counter(r["metadata"]["letter_count_integer"] for r in make_rows(n, seed=EVAL_SEED))
     answer, hits = counts.most_common(1)[0]

@@ -1,4 +1,5 @@
-"""Reward functions: a registry, the built-ins, user functions, and scoring a batch.
+"""Reward functions: resolving names (registered, `module:function`, `file.py:function`) and
+scoring a batch. The functions themselves live with their tasks (`mlxrl/tasks/`).
 
 A reward function has TRL's signature, so one file serves the MLX and the TRL backends:
 
@@ -9,7 +10,8 @@ A reward function has TRL's signature, so one file serves the MLX and the TRL ba
 `None` means "no opinion" and becomes NaN.
 
 In a config, `training.reward_functions` names each function as one of:
-- a registered name (`count_letters`, `letter_count`, or one added with `@register`),
+- a registered name (Oumi's `count_letters`, `countdown`, `gsm8k`, `soft_20tokens_completions`,
+  ..., mlxrl's `letter_count`, or one a task registers with `mlxrl.tasks.register_reward`),
 - `package.module:function` (imported when named),
 - `path/to/file.py:function` (relative paths from the working directory, then from `base_dir`,
   the config's folder).
@@ -23,105 +25,20 @@ import importlib.util
 import inspect
 import math
 import numbers
-import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from mlxrl.data.letter_count import NUMBER_WORDS
+from mlxrl import tasks
 from mlxrl.errors import RewardError
 
-_REGISTRY: dict[str, Callable] = {}
-
-
-def register(name: str) -> Callable[[Callable], Callable]:
-    """Decorator: make `fn` available as `name` in `training.reward_functions`."""
-
-    def deco(fn: Callable) -> Callable:
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
+register = tasks.register_reward  # decorator: make `fn` available as `name` in reward_functions
 
 
 def registered_names() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-# ----------------------------------------------------------------------------- built-ins
-
-_BOXED_INT = re.compile(r"\\boxed\{([-+]?\d+)\}")
-_BOXED_ANY = re.compile(r"\\boxed\{([^{}]*)\}")
-_DIGITS = re.compile(r"[-+]?\d+")
-_NUMBER = re.compile(r"[-+]?\d+|\b(?:" + "|".join(NUMBER_WORDS) + r")\b", re.IGNORECASE)
-
-
-def _text(completion) -> str:
-    """The completion's text: a string, or the first message's content (conversational)."""
-    if isinstance(completion, str):
-        return completion
-    return completion[0]["content"]
-
-
-def _extract_prediction(response: str) -> int | None:
-    """Oumi's rule: exactly one `\\boxed{int}` in the response, else None."""
-    found = _BOXED_INT.findall(response)
-    return int(found[0]) if len(found) == 1 else None
-
-
-def compute_letter_count_reward(completion: str, target_count: int) -> float:
-    """Oumi's values: 0.0 when exact, 1/(|error| + 0.5) - 2 when off, -3.0 when unparsable."""
-    count = _extract_prediction(completion)
-    if count is None:
-        return -3.0
-    return 1 / (abs(count - int(target_count)) + 0.5) - 2
-
-
-@register("count_letters")
-def count_letters(completions, letter_count, **kwargs) -> list[float]:
-    """Oumi's `count_letters` reward, value for value (oumi-compat.md section 4).
-
-    Exact count in a single `\\boxed{n}`: 0.0 (the maximum). Off by d: 1/(d + 0.5) - 2
-    (-1.333 for 1, -1.6 for 2, towards -2). No box, a non-digit box, or several boxes: -3.0.
-    """
-    return [compute_letter_count_reward(_text(c), t) for c, t in zip(completions, letter_count)]
-
-
-def _parse_number(token: str) -> int | None:
-    token = token.strip().lower()
-    if _DIGITS.fullmatch(token):
-        return int(token)
-    return NUMBER_WORDS.index(token) if token in NUMBER_WORDS else None
-
-
-def letter_count_score(response: str, target: int) -> float:
-    """1.0 / 0.5 / 0.0 for one response; see `letter_count`."""
-    target = int(target)
-    boxes = _BOXED_ANY.findall(response)
-    if boxes:
-        values = [_parse_number(b) for b in boxes]
-        if len(boxes) == 1 and _DIGITS.fullmatch(boxes[0]):
-            return 1.0 if values[0] == target else 0.0
-        return 0.5 if all(v == target for v in values) else 0.0
-    numbers_ = _NUMBER.findall(response)
-    return 0.5 if numbers_ and _parse_number(numbers_[-1]) == target else 0.0
-
-
-@register("letter_count")
-def letter_count(completions, letter_count, **kwargs) -> list[float]:
-    """The walkthrough's reward: 1.0 correct, 0.0 wrong, 0.5 for a right answer in the wrong form.
-
-    - 1.0: exactly one `\\boxed{n}` with digits (sign allowed, `\\boxed{+3}`) and n is the count.
-    - 0.5: the right count, but not as one boxed integer: `\\boxed{three}`, the same right value
-      boxed several times, or no box at all and the LAST number in the text (digits or a number
-      word zero..twenty) is the count ("There are 3 r's.").
-    - 0.0: a wrong boxed value, boxes that disagree (hedging, "\\boxed{2} or \\boxed{3}"), or no
-      box and the last number is wrong or missing.
-    Taking the last number, not any number, keeps "1 2 3 4 5" from earning credit.
-    """
-    return [letter_count_score(_text(c), t) for c, t in zip(completions, letter_count)]
+    return tasks.reward_names()
 
 
 # ----------------------------------------------------------------------------- resolving names
@@ -164,8 +81,9 @@ def get_reward(name: str, base_dir: str | Path | None = None) -> Callable:
 
     A dotted `package.module.function` (TRL's form) also works when it is not registered.
     """
-    if name in _REGISTRY:
-        return _REGISTRY[name]
+    registered = tasks.reward(name)
+    if registered is not None:
+        return registered
     if ":" in name:
         where, func_name = name.rsplit(":", 1)
         is_file = where.endswith(".py") or "/" in where or "\\" in where
@@ -260,7 +178,7 @@ class RewardSet:
 
 def _display_name(name: str, fn: Callable) -> str:
     """The name used for `rewards/<name>/mean`: the config name, or the function's own name."""
-    if name in _REGISTRY:
+    if tasks.reward(name) is not None:
         return name
     return getattr(fn, "__name__", name.rsplit(":", 1)[-1])
 

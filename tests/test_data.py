@@ -6,7 +6,6 @@ import datasets
 import pytest
 import transformers
 
-from mlxrl.data import letter_count as lc
 from mlxrl.data.formats import (
     Truncation,
     encode_preference,
@@ -16,6 +15,7 @@ from mlxrl.data.formats import (
 )
 from mlxrl.data.loading import load_one, load_split
 from mlxrl.errors import DataError
+from mlxrl.tasks import letter_count as lc
 from mlxrl.testing import tiny_model
 
 ROWS = [{"prompt": f"question {i}", "chosen": f"good {i}", "rejected": f"bad {i}"}

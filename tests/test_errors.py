@@ -65,6 +65,10 @@ CASES = {
                                         "--training.reward_functions", f"['{_raising_reward(t)}']"], "boom"),
     "num-generations": (GRPO, lambda t: ["--training.grpo.num_generations", "1"], "at least 2"),
     "generations-batch": (GRPO, lambda t: ["--training.grpo.num_generations", "3"], "multiple of grpo.num_generations"),
+    "unknown-chat-template": (DPO, lambda t: ["--model.chat_template", "qwen2-instruckt"], "not a known template name"),
+    "pad-token": (DPO, lambda t: ["--model.tokenizer_pad_token", "<pad>"], "'<pad>' is not a token"),
+    "collator": (DPO, lambda t: ["--data.train.collator_name", "text_only"], "collator_name 'text_only' is not one of"),
+    "freeze-everything": (DPO, lambda t: ["--model.freeze_layers", "[model]"], "freezes every trainable parameter"),
 }
 
 
@@ -85,5 +89,6 @@ def test_bad_input_gives_one_line(case, backend, tmp_path, monkeypatch):
 def test_docs_table_lists_every_case():
     doc = (ROOT / "docs/errors.md").read_text()
     ids = set(re.findall(r"^\| `([a-z-]+)` \|", doc, re.M))
-    tested_elsewhere = {"output-dir-in-use", "disk-full", "non-finite", "interrupted", "pickle-checkpoint"}
+    tested_elsewhere = {"output-dir-in-use", "disk-full", "non-finite", "interrupted", "pickle-checkpoint",
+                        "refused-setting", "untrained-arch", "task-import", "ambiguous-format"}
     assert ids == set(CASES) | tested_elsewhere

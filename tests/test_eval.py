@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from mlxrl.cli import main
-from mlxrl.data.letter_count import SYSTEM_PROMPT, make_row
-from mlxrl.evaluation import EvalConfig, EvalTaskParams, Evaluator, letter_count_metrics
+from mlxrl.evaluation import EvalConfig, EvalTaskParams, Evaluator
+from mlxrl.tasks.letter_count import SYSTEM_PROMPT, letter_count_metrics, make_row
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tiny://qwen2"

@@ -1,7 +1,7 @@
 import json
 from collections import Counter
 
-from mlxrl.data import letter_count as lc
+from mlxrl.tasks import letter_count as lc
 
 EXPECTED_SYSTEM_PROMPT = (
     'Your final answer should be an integer written as digits and formatted as '

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from mlxrl.errors import RewardError
-from mlxrl.rewards import count_letters, get_reward, letter_count, load_rewards, register
+from mlxrl.rewards import get_reward, load_rewards, register
+from mlxrl.tasks.letter_count import count_letters, letter_count
 
 # (completion, target, count_letters value (Oumi), letter_count value (walkthrough))
 CASES = [

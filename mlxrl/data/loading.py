@@ -5,9 +5,12 @@ Each entry (`mlxrl.config.DatasetParams`, read by attribute) is one of:
   (a folder written by `Dataset.save_to_disk` also works as `dataset_path`);
 - a Hugging Face hub name, loaded with `datasets.load_dataset` (from the local cache when
   offline);
-- a registered name (`oumi-ai/oumi-letter-count`, `oumi-ai/oumi-letter-count-clean`): loaded like
-  the above, then its transform applied; `dataset_path` points the name at a local copy of the
-  raw rows.
+- a registered name (`mlxrl.tasks`: `yahma/alpaca-cleaned`, `oumi-ai/oumi-letter-count`, ...):
+  loaded like the above, then its transform applied; `dataset_path` points the name at a local
+  copy of the raw rows. Other data whose rows have a registered format's columns (a local file
+  of alpaca, ShareGPT or letter-count rows) gets that format's transform too, with one note.
+  `dataset_kwargs` that a transform takes (`include_system_prompt`) go to it, the rest to
+  `datasets.load_dataset`.
 
 `split` is the HF split spec and may slice (`train[:100]`, `train[10%:20%]`); for a local file
 the split name before the brackets names the file's only split, so `test[:20]` reads its first 20
@@ -30,27 +33,19 @@ from urllib.parse import urlparse
 
 import datasets
 
-from mlxrl.data import letter_count
+from mlxrl import tasks
 from mlxrl.errors import DataError
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
-# name -> transform applied row by row (columns not in its output are dropped)
-REGISTRY: dict[str, Callable[[dict], dict]] = {
-    "oumi-ai/oumi-letter-count": letter_count.transform,
-    "oumi-ai/oumi-letter-count-clean": letter_count.transform,
-}
-# columns that show a row is already transformed (the transform is then skipped)
-_TRANSFORMED_COLUMNS = {"oumi-ai/oumi-letter-count": {"prompt", "letter_count"},
-                        "oumi-ai/oumi-letter-count-clean": {"prompt", "letter_count"}}
 
-
-def load_split(split_params, where: str = "data") -> datasets.Dataset:
+def load_split(split_params, where: str = "data", log: Callable[[str], None] | None = None
+               ) -> datasets.Dataset:
     """All of `split_params.datasets`, loaded and concatenated (or interleaved)."""
     entries = list(getattr(split_params, "datasets", None) or [])
     if not entries:
         raise DataError(f"{where}: no datasets configured")
-    parts = [load_one(dp, where=f"{where}.datasets[{i}]") for i, dp in enumerate(entries)]
+    parts = [load_one(dp, where=f"{where}.datasets[{i}]", log=log) for i, dp in enumerate(entries)]
     if len(parts) == 1:
         return parts[0]
     proportions = [getattr(dp, "mixture_proportion", None) for dp in entries]
@@ -67,7 +62,8 @@ def load_split(split_params, where: str = "data") -> datasets.Dataset:
                         f"columns {columns}") from e
 
 
-def load_one(dataset_params, where: str = "dataset") -> datasets.Dataset:
+def load_one(dataset_params, where: str = "dataset", log: Callable[[str], None] | None = None
+             ) -> datasets.Dataset:
     """One `data.<split>.datasets[i]` entry as a `datasets.Dataset`."""
     name = getattr(dataset_params, "dataset_name", None)
     path = getattr(dataset_params, "dataset_path", None)
@@ -76,6 +72,8 @@ def load_one(dataset_params, where: str = "dataset") -> datasets.Dataset:
     label = f"{where} ({name or path!s})"
     if not name and not path:
         raise DataError(f"{where}: dataset_name is required")
+    registered = tasks.dataset_named(name)
+    options = {k: kwargs.pop(k) for k in list(kwargs) if registered and k in registered.options()}
 
     local = _local_file(name, path, label)
     if local is not None:
@@ -84,8 +82,7 @@ def load_one(dataset_params, where: str = "dataset") -> datasets.Dataset:
         ds = _load_hub(name, getattr(dataset_params, "subset", None), split, kwargs, label)
     if len(ds) == 0:
         raise DataError(f"{label}: no rows in split {split!r}")
-    if name in REGISTRY:
-        ds = _apply_transform(ds, name, label)
+    ds = _transformed(ds, registered, options, label, log)
     ds = _sample(ds, getattr(dataset_params, "sample_count", None),
                  bool(getattr(dataset_params, "shuffle", False)),
                  getattr(dataset_params, "seed", None))
@@ -258,14 +255,44 @@ def _load_hub(name: str, subset, split: str, kwargs: dict, label: str) -> datase
 # ----------------------------------------------------------------------------- transform, sample
 
 
-def _apply_transform(ds: datasets.Dataset, name: str, label: str) -> datasets.Dataset:
-    if _TRANSFORMED_COLUMNS.get(name, set()) <= set(ds.column_names):
+def _transformed(ds: datasets.Dataset, registered, options: dict, label: str, log) -> datasets.Dataset:
+    """The rows after their registered transform: the named dataset's, or the one format whose
+    raw columns the first row has (then one note says so)."""
+    first = ds[0]
+    entry = registered
+    if entry is None:
+        found = tasks.datasets_matching(first)
+        if len(found) > 1:
+            raise DataError(f"{label}: rows match several registered formats "
+                            f"({', '.join(d.name for d in found)}); name one as dataset_name")
+        entry = found[0] if found else None
+        if entry is not None and log is not None:
+            log(f"note: {label}: rows have the columns of {entry.name} "
+                f"({', '.join(sorted(entry.columns))}); transformed as it is")
+    elif not entry.is_raw(first):
+        return ds  # already in the trainer's columns (e.g. a transformed local copy)
+    if entry is None:
         return ds
     try:
-        return ds.map(REGISTRY[name], remove_columns=ds.column_names)
+        # fresh dicts both ways: `datasets` drops the removed columns from a row the function
+        # returns as it was given (an identity transform would give no rows)
+        return ds.map(lambda row: dict(entry.transform(dict(row), **options)),
+                      remove_columns=ds.column_names)
     except (KeyError, TypeError, IndexError, ValueError) as e:
-        raise DataError(f"{label}: rows are not in {name}'s raw format (columns "
+        raise DataError(f"{label}: rows are not in {entry.name}'s raw format (columns "
                         f"{sorted(ds.column_names)}): {type(e).__name__}: {e}") from e
+
+
+def with_chat_template_kwargs(ds: datasets.Dataset, kwargs: dict | None) -> datasets.Dataset:
+    """`model.chat_template_kwargs` as every row's `chat_template_kwargs` (a row's own win), which
+    the encoders pass to the chat template."""
+    if not kwargs:
+        return ds
+    own = ds["chat_template_kwargs"] if "chat_template_kwargs" in ds.column_names else [None] * len(ds)
+    merged = [{**kwargs, **(row or {})} for row in own]
+    if "chat_template_kwargs" in ds.column_names:
+        ds = ds.remove_columns("chat_template_kwargs")
+    return ds.add_column("chat_template_kwargs", merged)
 
 
 def _sample(ds: datasets.Dataset, count, shuffle: bool, seed) -> datasets.Dataset:

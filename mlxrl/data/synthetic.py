@@ -10,7 +10,7 @@ import json
 import random
 from pathlib import Path
 
-from mlxrl.data.letter_count import SYSTEM_PROMPT, make_rows
+from mlxrl.tasks.letter_count import SYSTEM_PROMPT, make_rows
 
 
 def _answer(word: str, letter: str, count: int) -> str:

@@ -32,6 +32,7 @@ import numpy as np
 
 from mlxrl.data.formats import encode_prompt, unwrap
 from mlxrl.errors import ConfigError
+from mlxrl.mlx.grpo_reuse import RolloutReuse
 from mlxrl.mlx.logprobs import per_token_logps
 from mlxrl.mlx.model import adapters_disabled
 from mlxrl.mlx.trainer import IndexStream, StepBatch, StreamPosition, bucket, pad_rows
@@ -266,7 +267,9 @@ def grpo_loss(
 # the prefix-shared batched sampler; scores them with the reward functions; turns the group
 # advantages into `grad_accum` micro-batches of `per_device_train_batch_size` completions. One
 # update per rollout batch, so the sampling policy's log-probs are `stop_gradient(logps)` (the
-# ratio is 1 in value, its gradient is the policy gradient), as TRL does without vLLM.
+# ratio is 1 in value, its gradient is the policy gradient), as TRL does without vLLM; with
+# `num_iterations` > 1 the batch serves several updates against stored old log-probs
+# (grpo_reuse.py).
 
 
 def _completion_text(tokenizer, ids: list[int]) -> str:
@@ -318,21 +321,27 @@ class GRPOMethod(StreamPosition):
         self.stream = IndexStream(len(self.rows), self.training.seed)
         self.step_count = 0
         self.completions_log = Path(self.training.output_dir) / "completions.jsonl" if s.log_completions else None
+        self.reuse = RolloutReuse(self, s.num_iterations) if s.num_iterations > 1 else None
 
-    examples_per_step = property(lambda self: self.prompts_per_step)
+    # with num_iterations (TRL's mu) a rollout batch serves mu optimizer steps (grpo_reuse.py)
+    examples_per_step = property(lambda self: self.prompts_per_step / self.settings.num_iterations)
     dataset_size = property(lambda self: len(self.rows))
 
     def state(self) -> dict:
-        return {"position": self.stream.position, "step_count": self.step_count}
+        reuse = {"reuse": self.reuse.state()} if self.reuse is not None else {}
+        return {"position": self.stream.position, "step_count": self.step_count, **reuse}
 
     def restore(self, state: dict) -> None:
         self.stream.position, self.step_count = state["position"], state["step_count"]
+        if self.reuse is not None:
+            self.reuse.restore(state["reuse"])
 
-    def loss(self, input_ids, mask, advantages, ref_logps, num_items):
+    def loss(self, input_ids, mask, advantages, ref_logps, num_items, old_logps=None):
         s = self.settings
         logps = per_token_logps(self.model, input_ids, s.temperature)
         ref = ref_logps if s.beta != 0.0 else None
-        return grpo_loss(logps, mx.stop_gradient(logps), ref, advantages, mask[:, 1:],
+        old = mx.stop_gradient(logps) if old_logps is None else old_logps
+        return grpo_loss(logps, old, ref, advantages, mask[:, 1:],
                          beta=s.beta, epsilon=s.epsilon, epsilon_high=s.epsilon_high,
                          loss_type=s.loss_type, importance_sampling_level=s.importance_sampling_level,
                          max_completion_length=s.max_completion_length, num_items_in_batch=num_items,
@@ -347,7 +356,8 @@ class GRPOMethod(StreamPosition):
             rollout = sample(self.model, [self.prompt_ids[i] for i in indices], num_generations=s.num_generations,
                              max_tokens=s.max_completion_length, temperature=s.temperature, top_p=s.top_p,
                              top_k=s.top_k, min_p=s.min_p, eos_token_ids=self.eos_ids,
-                             seed=self.training.seed * 100_003 + self.step_count)
+                             seed=self.training.seed * 100_003 + self.step_count,
+                             repetition_penalty=self.training.grpo.repetition_penalty or 1.0)
         finally:
             self.model.train()
         return rollout
@@ -372,6 +382,10 @@ class GRPOMethod(StreamPosition):
                 f.write(json.dumps(record) + "\n")
 
     def next_step(self) -> StepBatch:
+        return self.rollout_step() if self.reuse is None else self.reuse.next_step()
+
+    def rollout_step(self) -> StepBatch:
+        """Sample, score and batch one rollout: the micro-batches of one optimizer step."""
         s = self.settings
         indices = self.stream.take(self.prompts_per_step)
         rollout = self._rollout(indices)

@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlxrl.chat_templates import configure_tokenizer
 from mlxrl.errors import ModelError
 from mlxrl.lora_targets import select_lora_targets
 from mlxrl.mlx.cpu_ops import use_cpu_ops
@@ -71,10 +72,17 @@ def load(model_params, peft_params=None, *, for_training: bool = False, gradient
     base_name, adapter_path = resolve_model(model_params.model_name)
     base_path = local_model_path(base_name, model_params.model_revision)
     saved = json.loads((adapter_path / ADAPTER_CONFIG).read_text()) if adapter_path else {}
-    model, config = load_model(base_path, trust_remote_code=model_params.trust_remote_code)
+    if model_params.load_pretrained_weights:
+        model, config = load_model(base_path, trust_remote_code=model_params.trust_remote_code)
+    else:
+        model, config = _load_untrained(base_path, model_params.trust_remote_code)
     use_cpu_ops(model)
-    tokenizer = load_tokenizer(base_path, eos_token_ids=config.get("eos_token_id"))
-    _check_chat_template(tokenizer, model_params, base_name)
+    tokenizer_path = base_path
+    if model_params.tokenizer_name:
+        tokenizer_path = local_model_path(model_params.tokenizer_name, model_params.model_revision)
+    tokenizer = load_tokenizer(tokenizer_path, tokenizer_config_extra=model_params.tokenizer_kwargs or None,
+                               eos_token_ids=config.get("eos_token_id"))
+    configure_tokenizer(tokenizer._tokenizer, model_params, base_name)
     cast(model, model_params.torch_dtype_str)
     model.freeze()
     quant = saved.get("mlxrl", {}).get("quantization")
@@ -97,12 +105,45 @@ def load(model_params, peft_params=None, *, for_training: bool = False, gradient
     return LoadedModel(model, tokenizer, base_path, base_name, adapter_path, bool(quant), lora)
 
 
-def _check_chat_template(tokenizer, model_params, name: str) -> None:
-    if model_params.chat_template:
-        tokenizer._tokenizer.chat_template = model_params.chat_template
-    if not getattr(tokenizer._tokenizer, "chat_template", None):
-        raise ModelError(f"the tokenizer of {name} has no chat template; set model.chat_template "
-                         f"to a Jinja template")
+
+
+def _load_untrained(base_path: Path, trust_remote_code: bool):
+    """The architecture of `base_path` with fresh weights (`model.load_pretrained_weights: false`):
+    mlx-lm builds it from a folder holding only the config (and custom code), so no weight file
+    is read."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for file in base_path.iterdir():
+            if file.suffix in (".json", ".py") and not file.name.startswith("model"):
+                (Path(tmp) / file.name).symlink_to(file.resolve())
+        try:
+            model, config = load_model(Path(tmp), strict=False, trust_remote_code=trust_remote_code)
+        except KeyError as e:  # a `sanitize` that rewrites weights it expects to find
+            raise ModelError(f"model.load_pretrained_weights: false is not supported for "
+                             f"{base_path.name} on MLX (mlx-lm needs its weight {e}); "
+                             f"use --backend torch") from None
+    init_weights(model, config)
+    return model, config
+
+
+def init_weights(model: nn.Module, config: dict) -> None:
+    """`load_pretrained_weights: false`: fresh weights drawn as transformers' `from_config` does
+    for the transformer parts: linear and embedding weights N(0, initializer_range), biases 0,
+    norm scales 1. Other parameters (an SSM's A_log, D, convolutions) keep mlx-lm's initial values.
+    Uses MLX's global RNG, seeded by `train()` from training.seed."""
+    std = float(config.get("initializer_range", 0.02))
+    for _, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight = mx.random.normal(module.weight.shape) * std
+            if "bias" in module:
+                module.bias = mx.zeros_like(module.bias)
+        elif isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
+            if "weight" in module:
+                module.weight = mx.ones_like(module.weight)
+            if "bias" in module:
+                module.bias = mx.zeros_like(module.bias)
+    mx.eval(model.parameters())
 
 
 def cast(model: nn.Module, dtype_name: str) -> None:
@@ -202,6 +243,16 @@ def checkpoint_blocks(model: nn.Module) -> None:
             return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
 
         layer.__class__ = type(type(layer).__name__, (type(layer),), {"__call__": checkpointed})
+
+
+def freeze_layers(model: nn.Module, names: list[str]) -> list[str]:
+    """`model.freeze_layers` (Oumi's): nothing under these module paths (`model.layers.0`,
+    Hugging Face names, which mlx-lm keeps) trains, adapters included. Returns the names not found."""
+    modules = dict(model.named_modules())
+    for name in names:
+        if name in modules:
+            modules[name].freeze()
+    return [n for n in names if n not in modules]
 
 
 def adapter_weights(model: nn.Module) -> dict[str, mx.array]:

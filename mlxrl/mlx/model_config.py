@@ -37,15 +37,17 @@ ROPE_CHECKED = ("llama", "qwen2", "qwen3", "falcon_h1")
 NO_SLIDING_WINDOW = ("qwen2", "qwen3", "falcon_h1")  # mlx-lm attends to every token here
 
 
-def load_model(path: Path, *, lazy: bool = False, trust_remote_code: bool = False):
-    """mlx-lm's `load_model` with the config normalised; returns (model, config)."""
+def load_model(path: Path, *, lazy: bool = False, strict: bool = True,
+               trust_remote_code: bool = False):
+    """mlx-lm's `load_model` with the config normalised; returns (model, config).
+    `strict=False` builds the architecture without weight files (fresh weights)."""
     from mlx_lm.utils import load_config
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
     path = Path(path)
     overrides = mlx_lm_overrides(load_config(path), path)
     try:
-        return mlx_lm_load_model(path, lazy=lazy, model_config=overrides,
+        return mlx_lm_load_model(path, lazy=lazy, strict=strict, model_config=overrides,
                                  trust_remote_code=trust_remote_code)
     except (ValueError, FileNotFoundError) as e:
         raise ModelError(f"cannot load {path}: {e}") from None
@@ -60,8 +62,9 @@ def mlx_lm_overrides(config: dict, path: Path) -> dict:
         overrides["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
     if "head_dim" not in config and arch == "qwen3":
         overrides["head_dim"] = 128  # Qwen3Config's default
-    if "tie_word_embeddings" not in config:
-        overrides["tie_word_embeddings"] = "lm_head.weight" not in _weight_names(path)
+    names = _weight_names(path)
+    if "tie_word_embeddings" not in config:  # transformers' classes default to untied
+        overrides["tie_word_embeddings"] = bool(names) and "lm_head.weight" not in names
     if arch in NO_SLIDING_WINDOW:
         _refuse_sliding_window(config, where)
     return overrides

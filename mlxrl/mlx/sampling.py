@@ -76,24 +76,33 @@ class _Settings:
     top_k: int
     min_p: float
     eos: tuple[int, ...]
+    repetition_penalty: float = 1.0
 
 
 def sample(model: nn.Module, prompts: list[list[int]], *, num_generations: int = 1,
            max_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-           min_p: float = 0.0, eos_token_ids, seed: int | None = None) -> Rollout:
-    """Sample `num_generations` completions of each prompt (token ids) with `model`."""
+           min_p: float = 0.0, eos_token_ids, seed: int | None = None,
+           repetition_penalty: float = 1.0) -> Rollout:
+    """Sample `num_generations` completions of each prompt (token ids) with `model`.
+
+    `repetition_penalty` (transformers' rule, applied before temperature): the logit of every
+    token already in the row (prompt or completion) is divided by it when positive, multiplied
+    when negative. It changes what is sampled, not the returned log-probs (still those of
+    softmax(logits / T), which GRPO recomputes)."""
     eos = (eos_token_ids,) if isinstance(eos_token_ids, int) else tuple(eos_token_ids)
-    cfg = _Settings(float(temperature), float(top_p), int(top_k), float(min_p), eos)
+    cfg = _Settings(float(temperature), float(top_p), int(top_k), float(min_p), eos,
+                    float(repetition_penalty))
     _validate(prompts, num_generations, max_tokens, cfg)
     start = time.perf_counter()
     G, N = num_generations, len(prompts) * num_generations
     caches, width = _prefill(model, prompts)
     first = mx.array([p[-1] for p in prompts for _ in range(G)], dtype=mx.int32)
+    history = _history(prompts, G, max_tokens, cfg)
     with _small_matmuls(model, N):
         tokens, logprobs, alive, done = _decode(
             model, cfg, [repeat_rows(c, G) for c in caches], first,
             mx.repeat(left_padding(caches, len(prompts)), G), width,
-            mx.array(_uniforms(seed, N, max_tokens)), max_tokens)
+            mx.array(_uniforms(seed, N, max_tokens)), max_tokens, history)
     lengths = alive.sum(axis=1)
     width_out = int(lengths.max())
     seconds = time.perf_counter() - start
@@ -108,9 +117,24 @@ def _validate(prompts, num_generations, max_tokens, cfg: _Settings) -> None:
     if num_generations < 1 or max_tokens < 1:
         raise ValueError(f"sample: num_generations ({num_generations}) and max_tokens "
                          f"({max_tokens}) must be >= 1")
-    if cfg.temperature < 0 or not 0 < cfg.top_p <= 1 or cfg.top_k < 0 or not 0 <= cfg.min_p < 1:
-        raise ValueError(f"sample: need temperature >= 0, 0 < top_p <= 1, top_k >= 0 and "
-                         f"0 <= min_p < 1, got {cfg}")
+    if cfg.temperature < 0 or not 0 < cfg.top_p <= 1 or cfg.top_k < 0 or not 0 <= cfg.min_p < 1 \
+            or cfg.repetition_penalty <= 0:
+        raise ValueError(f"sample: need temperature >= 0, 0 < top_p <= 1, top_k >= 0, "
+                         f"0 <= min_p < 1 and repetition_penalty > 0, got {cfg}")
+
+
+def _history(prompts, G: int, max_tokens: int, cfg: _Settings) -> tuple[mx.array, int] | None:
+    """For a repetition penalty: [N, P + max_tokens] token ids of each row, the prompt first and
+    the completion written at column P + t; unused columns repeat the row's first token (a
+    duplicate index changes nothing). None without a penalty."""
+    if cfg.repetition_penalty == 1.0:
+        return None
+    width = max(map(len, prompts))
+    rows = np.empty((len(prompts) * G, width + max_tokens), dtype=np.int32)
+    for i, p in enumerate(prompts):
+        rows[i * G:(i + 1) * G] = p[0]
+        rows[i * G:(i + 1) * G, :len(p)] = p
+    return mx.array(rows), width
 
 
 def _uniforms(seed: int | None, rows: int, steps: int) -> np.ndarray:
@@ -144,13 +168,14 @@ def _prefill(model: nn.Module, prompts: list[list[int]]):
 # ----------------------------------------------------------------------------- decode
 
 
-def _decode(model, cfg, caches, first, left_pad, width, uniforms, max_tokens):
+def _decode(model, cfg, caches, first, left_pad, width, uniforms, max_tokens, history=None):
     """Run up to `max_tokens` steps; numpy tokens, log-probs, alive flags [N, steps], done [N]."""
     layout = CacheLayout.of(caches)
     state = layout.flatten(caches)
     token, done = first, mx.zeros(first.shape, dtype=mx.bool_)
     compiled = _compiled_step(model, layout, cfg)
     size, out = width, []
+    seen, prompt_width = history if history is not None else (mx.zeros((first.shape[0], 1), mx.int32), 0)
     for t in range(max_tokens):
         column = width + t
         if column >= size:
@@ -160,7 +185,9 @@ def _decode(model, cfg, caches, first, left_pad, width, uniforms, max_tokens):
         if any(a is None for a in state):  # empty prefill: the eager step allocates the state
             step = partial(_step, model, layout, cfg, size=size)
         idx = mx.array(column, dtype=mx.int32)
-        token, logp, alive, done, state = step(token, state, left_pad, idx, uniforms[t], done)
+        token, logp, alive, done, state = step(token, state, left_pad, idx, uniforms[t], done, seen)
+        if history is not None:  # the sampled token joins the row's history
+            seen = mx.where(mx.arange(seen.shape[1]) == prompt_width + t, token[:, None], seen)
         out.append((token, logp, alive))
         if (t + 1) % CHUNK == 0 or t + 1 == max_tokens:
             mx.eval(out[-CHUNK:], done, state)
@@ -171,12 +198,12 @@ def _decode(model, cfg, caches, first, left_pad, width, uniforms, max_tokens):
 
 
 def _step(model, layout: CacheLayout, cfg: _Settings, tokens, state, left_pad, idx, u, done,
-          size=None):
+          seen, size=None):
     """One decode step for all rows, writing column `idx`: returns the sampled tokens, their
     log-probs, which rows were still alive, the new done flags and the new cache arrays."""
     caches = layout.build(state, left_pad, idx, size)
     logits = model(tokens[:, None], cache=caches)[:, -1, :].astype(mx.float32)
-    token, logp = _sample_token(logits, u, cfg)
+    token, logp = _sample_token(logits, u, cfg, _penalized(logits, seen, cfg.repetition_penalty))
     alive = mx.logical_not(done)
     token = mx.where(alive, token, PAD_ID)
     logp = mx.where(alive, logp, 0.0)
@@ -208,8 +235,22 @@ def _python_scalar(value):
     return value if isinstance(value, (int, float)) else None
 
 
-def _sample_token(logits, u, cfg: _Settings):
-    """Token per row and its log-prob under softmax(logits / T), T = 1 when greedy."""
+def _penalized(logits, seen, penalty: float):
+    """transformers' RepetitionPenaltyLogitsProcessor over the ids in `seen` ([N, K])."""
+    if penalty == 1.0:
+        return logits
+    old = mx.take_along_axis(logits, seen, axis=-1)
+    return mx.put_along_axis(logits, seen, mx.where(old < 0, old * penalty, old / penalty), axis=-1)
+
+
+def _sample_token(logits, u, cfg: _Settings, sampling_logits=None):
+    """Token per row and its log-prob under softmax(logits / T), T = 1 when greedy. The token is
+    drawn from `sampling_logits` (the penalized logits) when given."""
+    if sampling_logits is not None and sampling_logits is not logits:
+        token, _ = _sample_token(sampling_logits, u, cfg)
+        z = logits / cfg.temperature if cfg.temperature not in (0.0, 1.0) else logits
+        lse = mx.logsumexp(z, axis=-1, keepdims=True)
+        return token, (mx.take_along_axis(z, token[:, None], axis=-1) - lse).squeeze(-1)
     z = logits / cfg.temperature if cfg.temperature not in (0.0, 1.0) else logits
     top = z.max(axis=-1, keepdims=True)
     e = mx.exp(z - top)

@@ -2,6 +2,8 @@
 
 Objective, as TRL's `SFTTrainer` with a completion mask: the mean negative log-likelihood of the
 completion (assistant) tokens of a micro-batch; prompt, system and padding tokens are masked out.
+`data.train.collator_name` / `train_target` choose those tokens and `data.train.pack` packs rows
+into bins (`mlxrl/data/collators.py`).
 With gradient accumulation each micro-batch's mean is divided by the number of micro-batches.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from mlxrl.data.collators import apply_target, pack_bfd, sft_target
 from mlxrl.data.formats import Truncation, encode_sft
 from mlxrl.errors import DataError
 from mlxrl.mlx.logprobs import per_token_logps
@@ -27,17 +30,24 @@ class SFTMethod(StreamPosition):
     def __init__(self, cfg, loaded, dataset, log=print):
         self.model = loaded.model
         self.training = cfg.training
-        truncation = Truncation(cfg.model.model_max_length or 1024)  # TRL SFTConfig.max_length
-        self.rows = []
+        max_length = cfg.model.model_max_length or 1024  # TRL SFTConfig.max_length
+        truncation = Truncation(max_length)
+        target = sft_target(cfg.data.train)
+        rows = []
         for i, row in enumerate(dataset):
-            enc = truncation.sft(encode_sft(row, loaded.tokenizer, i))
+            enc = truncation.sft(apply_target(encode_sft(row, loaded.tokenizer, i), target))
             if enc is not None:
-                self.rows.append((enc["input_ids"], enc["completion_mask"]))
+                rows.append((enc["input_ids"], enc["completion_mask"]))
         if truncation.message():
             log(truncation.message())
-        if not self.rows:
+        if not rows:
             raise DataError("no SFT rows left after truncation to model.model_max_length")
-        self.stream = IndexStream(len(self.rows), self.training.seed)
+        # An example is a row, or with data.train.pack a bin of rows (TRL's bfd packing).
+        self.examples = [[r] for r in rows]
+        self.pack = cfg.data.train.pack
+        if self.pack:
+            self.examples = [[rows[i] for i in b] for b in pack_bfd([len(r[0]) for r in rows], max_length)]
+        self.stream = IndexStream(len(self.examples), self.training.seed)
         self.accum = self.training.gradient_accumulation_steps
 
     @property
@@ -46,7 +56,7 @@ class SFTMethod(StreamPosition):
 
     @property
     def dataset_size(self) -> int:
-        return len(self.rows)
+        return len(self.examples)
 
     def loss(self, input_ids, completion_mask):
         logps = per_token_logps(self.model, input_ids)
@@ -58,8 +68,10 @@ class SFTMethod(StreamPosition):
         bs = self.training.per_device_train_batch_size
         micro, tokens = [], 0
         for _ in range(self.accum):
-            rows = [self.rows[i] for i in self.stream.take(bs)]
+            rows = [r for i in self.stream.take(bs) for r in self.examples[i]]
             width = bucket(max(len(ids) for ids, _ in rows))
+            if self.pack:  # bins hold varying numbers of rows: pad with empty ones
+                rows += [([], [])] * (bucket(len(rows), 4) - len(rows))
             micro.append((pad_rows([r[0] for r in rows], width), pad_rows([r[1] for r in rows], width)))
             tokens += sum(len(ids) for ids, _ in rows)
         return StepBatch(micro, num_tokens=tokens)

@@ -6,7 +6,8 @@ import dataclasses
 
 import mlx.core as mx
 
-from mlxrl.data.loading import load_split
+from mlxrl import capabilities
+from mlxrl.data.loading import load_split, with_chat_template_kwargs
 from mlxrl.errors import ConfigError, DataError
 from mlxrl.mlx import model as mlx_model
 from mlxrl.mlx.trainer import Trainer, total_steps_for
@@ -24,19 +25,16 @@ def _method_class(name: str):
     return GRPOMethod
 
 
-def _notes(cfg, log) -> None:
-    """One line for each setting that the MLX backend accepts but cannot honour."""
-    t = cfg.training
-    if not t.use_peft:
-        log("note: training.use_peft is false; the MLX backend trains LoRA adapters "
-            f"(r={cfg.peft.lora_r}, alpha={cfg.peft.lora_alpha}) on a frozen base")
-    if t.method == "grpo" and t.grpo.use_vllm:
-        log("note: training.grpo.use_vllm is ignored on MLX; rollouts use mlxrl's batched sampler")
-    if cfg.peft.q_lora and cfg.peft.bnb_4bit_quant_type != "fp4" or cfg.peft.llm_int8_skip_modules:
-        log(f"note: peft.q_lora uses MLX {cfg.peft.q_lora_bits}-bit affine quantization "
-            "(bitsandbytes settings do not apply)")
-    if t.enable_wandb or t.enable_mlflow:
-        log("note: W&B / MLflow logging is not built in; metrics go to metrics.jsonl")
+def _freeze(model, names: list[str], log) -> None:
+    """model.freeze_layers; a name the model does not have gets a note (as Oumi warns)."""
+    if not names:
+        return
+    missing = mlx_model.freeze_layers(model, names)
+    if missing:
+        log(f"note: model.freeze_layers: {missing} not found in the model (module paths such as "
+            f"model.layers.0)")
+    if mlx_model.trainable_count(model)[0] == 0:
+        raise ConfigError(f"model.freeze_layers {names} freezes every trainable parameter")
 
 
 def train(cfg, *, quiet: bool = False, log=print, overwrite: bool = False) -> dict:
@@ -50,12 +48,14 @@ def train(cfg, *, quiet: bool = False, log=print, overwrite: bool = False) -> di
         raise ConfigError("model.model_name is required")
     if not cfg.data.train.datasets:
         raise ConfigError("data.train.datasets is empty: name at least one dataset")
-    _notes(cfg, log)
+    capabilities.check(cfg, "mlx", log)
     resume = resume_folder(cfg.training, overwrite)
     mx.random.seed(cfg.training.seed)
     loaded = mlx_model.load(cfg.model, cfg.peft, for_training=True,
                             gradient_checkpointing=cfg.training.enable_gradient_checkpointing)
-    dataset = load_split(cfg.data.train, where="data.train")
+    _freeze(loaded.model, cfg.model.freeze_layers, log)
+    dataset = load_split(cfg.data.train, where="data.train", log=log)
+    dataset = with_chat_template_kwargs(dataset, cfg.model.chat_template_kwargs)
     try:
         method = _method_class(cfg.training.method)(cfg, loaded, dataset, log=log)
     except DataError as e:

@@ -134,8 +134,7 @@ def make_optimizer(training, total_steps: int, log=print):
     if "adam" not in name:
         raise MlxrlError(f"training.optimizer {training.optimizer!r} is not supported on MLX; "
                          f"use adamw_torch, adafactor or sgd")
-    if name not in ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw", "adam"):
-        log(f"note: optimizer {training.optimizer} is not available on MLX; using AdamW")
+    # other AdamW variants (adamw_torch_fused, ...) get a note from mlxrl.capabilities
     return optim.AdamW(learning_rate=lr, betas=[training.adam_beta1, training.adam_beta2],
                        eps=training.adam_epsilon, weight_decay=training.weight_decay,
                        bias_correction=True)

@@ -1,6 +1,7 @@
 """The PyTorch/TRL backend: the same configs through TRL's SFT, DPO and GRPO trainers with PEFT LoRA.
 
-    translate.py   the one translation point: config -> TRL config, LoRA, quantization, notes
+    translate.py   the one translation point: config -> TRL config, LoRA, quantization (what it
+                   cannot honour: the table in mlxrl/capabilities.py)
     model.py       base model, tokenizer and LoRA targets through transformers
     methods.py     mlxrl's token ids and reward functions handed to TRL's three trainers
     callbacks.py   metrics.jsonl with MLX's metric names, MLX's checkpoint steps, progress bar

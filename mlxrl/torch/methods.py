@@ -2,7 +2,8 @@
 
 Both backends must see the same tokens, so the datasets are encoded by `mlxrl.data.formats`, as
 on MLX, and truncated by its `Truncation` (TRL's keep_start):
-- SFT: `input_ids` + `completion_mask` (SFTTrainer takes tokenized rows as they are);
+- SFT: `input_ids` + `completion_mask` (SFTTrainer takes tokenized rows as they are; it packs
+  them itself with `data.train.pack`, strategy `bfd`, as mlxrl does on MLX);
 - DPO: `prompt_ids` / `chosen_ids` / `rejected_ids` (TRL 1.16's DPOTrainer has no path for
   tokenized rows, so `_prepare_dataset` is overridden to keep them);
 - GRPO: TRL samples and tokenizes prompts itself through the chat template, so a plain-string
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import datasets
 
+from mlxrl.data.collators import apply_target, sft_target
 from mlxrl.data.formats import Truncation, encode_preference, encode_sft
 from mlxrl.errors import ConfigError, DataError
 from mlxrl.rewards import load_rewards
@@ -34,9 +36,11 @@ def _encoded(rows: list[dict], what: str, truncation: Truncation, log) -> datase
     return datasets.Dataset.from_list(rows)
 
 
-def sft_dataset(dataset, tokenizer, max_length: int, log=print) -> datasets.Dataset:
+def sft_dataset(dataset, tokenizer, max_length: int, log=print, target: str = "completion"
+                ) -> datasets.Dataset:
     truncation = Truncation(max_length)
-    rows = [truncation.sft(encode_sft(row, tokenizer, i)) for i, row in enumerate(dataset)]
+    rows = [truncation.sft(apply_target(encode_sft(row, tokenizer, i), target))
+            for i, row in enumerate(dataset)]
     return _encoded([r for r in rows if r is not None], "SFT rows", truncation, log)
 
 
@@ -119,7 +123,7 @@ def build_trainer(cfg, loaded, dataset, args, peft_config, callbacks, log=print)
     common = dict(model=loaded.model, args=args, processing_class=tok, callbacks=callbacks,
                   peft_config=peft_config)
     if method == "sft":
-        data = sft_dataset(dataset, tok, args.max_length, log)
+        data = sft_dataset(dataset, tok, args.max_length, log, sft_target(cfg.data.train))
         return SFTTrainer(train_dataset=data, **common)
     if method == "dpo":
         data = dpo_dataset(dataset, tok, args.max_length, log)

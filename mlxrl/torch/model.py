@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mlxrl.chat_templates import configure_tokenizer
 from mlxrl.errors import ModelError
 from mlxrl.lora_targets import select_lora_targets
 from mlxrl.model_names import TINY_SCHEME, local_model_path, tiny_path
@@ -63,15 +64,7 @@ def load_tokenizer(model_params, base: str):
                                             revision=model_params.model_revision, **kwargs)
     except OSError as e:
         raise ModelError(f"cannot load the tokenizer of {base}: {_first_line(e)}") from None
-    if model_params.chat_template:
-        tok.chat_template = model_params.chat_template
-    if not getattr(tok, "chat_template", None):
-        raise ModelError(f"the tokenizer of {base} has no chat template; set model.chat_template "
-                         f"to a Jinja template")
-    if model_params.tokenizer_pad_token:
-        tok.pad_token = model_params.tokenizer_pad_token
-    elif tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    configure_tokenizer(tok, model_params, base)
     return tok
 
 
@@ -90,8 +83,11 @@ def load(cfg, quantization=None) -> Loaded:
         kwargs["quantization_config"] = quantization
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            base, trust_remote_code=mp.trust_remote_code, revision=mp.model_revision, **kwargs)
+        if mp.load_pretrained_weights:
+            model = AutoModelForCausalLM.from_pretrained(
+                base, trust_remote_code=mp.trust_remote_code, revision=mp.model_revision, **kwargs)
+        else:
+            model = _untrained(base, mp, kwargs)
     except OSError as e:
         raise ModelError(f"cannot load model {base!r}: {_first_line(e)} "
                          f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')})") from None
@@ -100,6 +96,33 @@ def load(cfg, quantization=None) -> Loaded:
 
         model = PeftModel.from_pretrained(model, str(peft_dir), is_trainable=True)
     return Loaded(model, tokenizer, mp.model_name if peft_dir is None else base, peft_dir)
+
+
+def _untrained(base: str, mp, kwargs: dict):
+    """`model.load_pretrained_weights: false`: the architecture with transformers' own init."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base, trust_remote_code=mp.trust_remote_code,
+                                        revision=mp.model_revision)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("quantization_config", "device_map")}
+    if kwargs.get("dtype") == "auto":
+        kwargs["dtype"] = getattr(config, "dtype", None) or torch.float32
+    return AutoModelForCausalLM.from_config(config, trust_remote_code=mp.trust_remote_code, **kwargs)
+
+
+def freeze_layers(model: nn.Module, names: list[str]) -> tuple[int, list[str]]:
+    """`model.freeze_layers` (Oumi's): no parameter under these module paths trains, adapters
+    included. Returns (parameters frozen, names not found in the model)."""
+    frozen, found = 0, set()
+    for full_name, param in model.named_parameters():
+        name = full_name.removeprefix("base_model.model.")
+        for layer in names:
+            if name.startswith(layer + "."):
+                found.add(layer)
+                if param.requires_grad:
+                    param.requires_grad_(False)
+                    frozen += param.numel()
+    return frozen, [n for n in names if n not in found]
 
 
 def _first_line(error: Exception) -> str:

@@ -18,7 +18,8 @@ import os
 import warnings
 from pathlib import Path
 
-from mlxrl.data.loading import load_split
+from mlxrl import capabilities
+from mlxrl.data.loading import load_split, with_chat_template_kwargs
 from mlxrl.errors import ConfigError
 from mlxrl.run_dir import STATE_FILE, read_state, resume_folder, write_json
 from mlxrl.stopping import StopOnSignal, interrupted
@@ -70,7 +71,7 @@ def build(cfg, *, quiet: bool = False, log=print):
     device = torch_model.device_kind()
     if device == "cuda":
         _avoid_cudnn_attention()
-    translate.notes(cfg, log)
+    capabilities.check(cfg, "torch", log)
     quantization = translate.quantization_config(cfg.peft, device, log)
     use_vllm = translate.vllm_choice(cfg, device, log)
     loaded = torch_model.load(cfg, quantization)
@@ -79,12 +80,27 @@ def build(cfg, *, quiet: bool = False, log=print):
     if loaded.peft_dir is None:  # a PEFT folder brings its own adapter
         targets = torch_model.lora_targets(loaded.model, cfg.peft)
         peft_config = translate.lora_config(cfg.peft, targets)
-    dataset = load_split(cfg.data.train)
+    dataset = load_split(cfg.data.train, where="data.train", log=log)
     t = cfg.training
+    if t.method != "grpo":  # GRPO: TRL templates the prompts with args.chat_template_kwargs
+        dataset = with_chat_template_kwargs(dataset, cfg.model.chat_template_kwargs)
     callback = MlxrlCallback(t.output_dir, t.save_steps, quiet=quiet, desc=f"{t.method} ")
     trainer = methods.build_trainer(cfg, loaded, dataset, args, peft_config, [callback], log)
+    _freeze(trainer.model, cfg.model.freeze_layers, log)
     _use_mlxrl_bar(trainer)
     return trainer, loaded, device
+
+
+def _freeze(model, names: list[str], log) -> None:
+    """model.freeze_layers, after TRL wrapped the model with PEFT (before its optimizer exists)."""
+    if not names:
+        return
+    _, missing = torch_model.freeze_layers(model, names)
+    if missing:
+        log(f"note: model.freeze_layers: {missing} not found in the model (module paths such as "
+            f"model.layers.0)")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"model.freeze_layers {names} freezes every trainable parameter")
 
 
 def _use_mlxrl_bar(trainer) -> None:

@@ -1,5 +1,7 @@
 """The one translation point: mlxrl's config -> TRL's SFTConfig / DPOConfig / GRPOConfig, PEFT's
-LoraConfig, bitsandbytes' quantization, and one note for each key this backend cannot honour.
+LoraConfig and bitsandbytes' quantization. What this backend cannot honour is in the one table
+of both backends (`mlxrl/capabilities.py`); the notes here are the ones that depend on the
+machine (no CUDA, a package not installed).
 
 Every TRL field that can change a run is set here explicitly, from the config or from
 `cfg.dpo_settings()` / `cfg.grpo_settings()` (the same objects the MLX backend reads), so TRL's own
@@ -13,7 +15,9 @@ Where the two backends' defaults differ, this module follows mlxrl's (= the MLX 
 - `gradient_checkpointing` from `training.enable_gradient_checkpointing` (TRL: on by default);
 - bf16 only when the model is bf16 or `training.mixed_precision_dtype` asks (TRL: on by default);
 - GRPO `steps_per_generation` = `gradient_accumulation_steps`: one rollout batch per optimizer
-  step, as the MLX loop samples it.
+  step, as the MLX loop samples it;
+- `pad_token` None: `model.tokenizer_pad_token` is set on the tokenizer itself, on both backends
+  (`mlxrl.chat_templates.configure_tokenizer`).
 """
 
 from __future__ import annotations
@@ -76,9 +80,12 @@ def _optimizer(t) -> dict:
 
 
 def _workers(t, log) -> int:
+    """An int as it is; Oumi's "auto" (or any other word) loads in-process: mlxrl hands TRL rows
+    that are tokenized already, so worker processes have little to do."""
     if isinstance(t.dataloader_num_workers, int):
         return t.dataloader_num_workers
-    log(f"note: training.dataloader_num_workers={t.dataloader_num_workers!r} is not a number; using 0")
+    log(f"note: training.dataloader_num_workers={t.dataloader_num_workers!r}: the rows are tokenized "
+        f"already; loading them in-process (0 workers, no prefetch)")
     return 0
 
 
@@ -86,6 +93,7 @@ def common_fields(cfg, bf16: bool, fp16: bool, device: str, log) -> dict:
     """The TrainingArguments fields every method shares."""
     t = cfg.training
     steps = t.save_steps > 0
+    workers = _workers(t, log)
     return dict(
         output_dir=t.output_dir, run_name=t.run_name, seed=t.seed, data_seed=t.data_seed,
         full_determinism=t.full_determinism or t.use_deterministic,
@@ -105,12 +113,14 @@ def common_fields(cfg, bf16: bool, fp16: bool, device: str, log) -> dict:
         gradient_checkpointing_kwargs={"use_reentrant": False, **(t.gradient_checkpointing_kwargs or {})},
         torch_compile=bool(t.compile or cfg.model.compile), use_liger_kernel=False,
         report_to=_report_to(t, log), disable_tqdm=True,  # mlxrl draws its own bar
-        dataloader_num_workers=_workers(t, log),
-        dataloader_persistent_workers=t.dataloader_persistent_workers,
-        dataloader_prefetch_factor=t.dataloader_prefetch_factor, dataloader_drop_last=False,
+        dataloader_num_workers=workers,
+        dataloader_persistent_workers=t.dataloader_persistent_workers and workers > 0,
+        dataloader_prefetch_factor=t.dataloader_prefetch_factor if workers > 0 else None,
+        dataloader_drop_last=False,
         dataloader_pin_memory=device == "cuda", use_cpu=device == "cpu",
         ddp_find_unused_parameters=bool(t.ddp_find_unused_parameters),  # LoRA uses every adapter
         torch_empty_cache_steps=t.empty_device_cache_steps, average_tokens_across_devices=True,
+        ddp_timeout=int(t.nccl_default_timeout_minutes * 60) if t.nccl_default_timeout_minutes else 1800,
         push_to_hub=False, label_smoothing_factor=0.0, auto_find_batch_size=False,
         model_init_kwargs=None, trust_remote_code=cfg.model.trust_remote_code,
         pad_to_multiple_of=None,
@@ -125,9 +135,10 @@ def sft_config(cfg, common: dict):
 
     return _build(SFTConfig, common, dict(
         max_length=cfg.model.model_max_length or 1024, truncation_mode="keep_start",
-        packing=False, padding_free=False, completion_only_loss=True, assistant_only_loss=False,
+        packing=cfg.data.train.pack, packing_strategy="bfd", padding_free=False,
+        completion_only_loss=True, assistant_only_loss=False,
         loss_type="nll", shuffle_dataset=False, remove_unused_columns=True,
-        pad_token=cfg.model.tokenizer_pad_token, eos_token=None, activation_offloading=False,
+        pad_token=None, eos_token=None, activation_offloading=False,
         dataset_num_proc=None, dataset_kwargs=None,
     ))
 
@@ -145,7 +156,7 @@ def dpo_config(cfg, common: dict):
         disable_dropout=bool(kw.get("disable_dropout", False)),
         f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, ld_alpha=None,
         use_weighting=False, discopop_tau=0.05, sync_ref_model=False,
-        remove_unused_columns=True, pad_token=cfg.model.tokenizer_pad_token,
+        remove_unused_columns=True, pad_token=None,
         activation_offloading=False, dataset_num_proc=kw.get("dataset_num_proc"),
     ))
 
@@ -172,7 +183,7 @@ def grpo_config(cfg, common: dict, use_vllm: bool):
         vllm_gpu_memory_utilization=g.vllm_gpu_memory_utilization,
         vllm_importance_sampling_correction=True, use_transformers_continuous_batching=False,
         log_completions=False,  # mlxrl writes completions.jsonl itself, as on MLX
-        chat_template_kwargs=None, num_generations_eval=None,
+        chat_template_kwargs=dict(cfg.model.chat_template_kwargs) or None, num_generations_eval=None,
     ))
 
 
@@ -250,33 +261,3 @@ def vllm_choice(cfg, device: str, log) -> bool:
     why = "vllm is not installed" if device == "cuda" else f"no CUDA ({device})"
     log(f"note: training.grpo.use_vllm: {why}; generating with transformers instead")
     return False
-
-
-# ----------------------------------------------------------------------------- notes
-
-
-def notes(cfg, log) -> None:
-    """One line for each setting the torch backend accepts but cannot honour."""
-    t, p = cfg.training, cfg.peft
-    if not t.use_peft:
-        log(f"note: training.use_peft is false; mlxrl trains LoRA adapters (r={p.lora_r}, "
-            f"alpha={p.lora_alpha}) on a frozen base")
-    if t.method == "grpo" and t.grpo.max_prompt_length is not None:
-        log("note: training.grpo.max_prompt_length is not a TRL setting since v0.28; prompts are "
-            "not truncated")
-    if t.method == "grpo" and t.grpo.rollout_function:
-        log("note: training.grpo.rollout_function is not supported; TRL generates the rollouts")
-    if p.peft_save_mode != "ADAPTER_ONLY":
-        log(f"note: peft.peft_save_mode={p.peft_save_mode} is not supported; the adapter alone is "
-            f"saved (`mlxrl fuse` merges it)")
-    if cfg.data.train.pack:
-        log("note: data.train.pack is not supported; sequences are padded, not packed")
-    if cfg.data.validation.datasets or t.eval_strategy != "no":
-        log("note: validation data is not evaluated during training (training.eval_strategy)")
-    if cfg.fsdp or cfg.deepspeed:
-        log("note: fsdp / deepspeed sections are not read; configure them with `accelerate config` "
-            "and run `accelerate launch -m mlxrl.cli train ...`")
-    if t.method == "dpo" and cfg.dpo_settings().truncation_mode != "keep_start":
-        log("note: training.trainer_kwargs.truncation_mode: sequences are truncated keep_start, as on MLX")
-    if cfg.model.enable_liger_kernel:
-        log("note: model.enable_liger_kernel is not supported (TRL deprecated it)")

@@ -1,4 +1,6 @@
-"""Oumi's letter-count task: the raw dataset format, its transform, and an offline generator.
+"""Oumi's letter-count task as one plug-in: the dataset and its transform, an offline generator,
+the `count_letters` and `letter_count` rewards, the `letter_count` eval and its system prompt.
+It registers itself through `mlxrl.tasks`, as a user's own task would.
 
 A raw row of `oumi-ai/oumi-letter-count` looks like this (columns `conversation_id`, `messages`,
 `metadata`):
@@ -10,7 +12,8 @@ A raw row of `oumi-ai/oumi-letter-count` looks like this (columns `conversation_
                   "word": "pandered"}}
 
 `transform` turns it into what a GRPO trainer sees: `prompt` = [system prompt, the user message]
-and `letter_count` = the integer answer (the column the `count_letters` reward reads).
+and `letter_count` = the integer answer (the column the `count_letters` reward reads). Rows in
+this format are recognised in any file, under any dataset name.
 
 `make_rows` writes rows in the raw format from a built-in word list and prompt templates, so the
 walkthrough runs without the hub. Counts are exact (`word.count(letter)`); about one row in five
@@ -21,7 +24,15 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
+
+from mlxrl.tasks import (
+    register_dataset,
+    register_evaluation,
+    register_reward,
+    register_system_prompt,
+)
 
 SYSTEM_PROMPT = (
     'Your final answer should be an integer written as digits and formatted as "\\boxed{your_answer}". '
@@ -83,6 +94,18 @@ def number_word(n: int) -> str:
     return NUMBER_WORDS[n] if 0 <= n < len(NUMBER_WORDS) else str(n)
 
 
+def _is_letter_count(row: dict) -> bool:
+    return isinstance(row.get("metadata"), dict) and "letter_count_integer" in row["metadata"]
+
+
+def _preview(row: dict) -> list[str] | None:
+    if "letter_count" not in row or not isinstance(row.get("prompt"), list):
+        return None
+    return [f"PROMPT: {row['prompt'][-1]['content']}", f"ANSWER: {row['letter_count']}"]
+
+
+@register_dataset("oumi-ai/oumi-letter-count", aliases=["oumi-ai/oumi-letter-count-clean"],
+                  columns=["messages", "metadata"], accepts=_is_letter_count, preview=_preview)
 def transform(raw_row: dict) -> dict:
     """Oumi's transform: `prompt` = [system, messages[0]], `letter_count` from the metadata.
 
@@ -147,3 +170,118 @@ def write_jsonl(path: str | Path, n: int, seed: int = 0) -> Path:
         for row in make_rows(n, seed):
             f.write(json.dumps(row) + "\n")
     return path
+
+
+register_system_prompt("letter_count", SYSTEM_PROMPT)
+
+
+# ----------------------------------------------------------------------------- rewards
+
+_BOXED_INT = re.compile(r"\\boxed\{([-+]?\d+)\}")
+_BOXED_ANY = re.compile(r"\\boxed\{([^{}]*)\}")
+_DIGITS = re.compile(r"[-+]?\d+")
+_NUMBER = re.compile(r"[-+]?\d+|\b(?:" + "|".join(NUMBER_WORDS) + r")\b", re.IGNORECASE)
+
+
+def _text(completion) -> str:
+    """The completion's text: a string, or the first message's content (conversational)."""
+    if isinstance(completion, str):
+        return completion
+    return completion[0]["content"]
+
+
+def extract_prediction(response: str) -> int | None:
+    """Oumi's rule: exactly one `\\boxed{int}` in the response, else None."""
+    found = _BOXED_INT.findall(response)
+    return int(found[0]) if len(found) == 1 else None
+
+
+def compute_letter_count_reward(completion: str, target_count: int) -> float:
+    """Oumi's values: 0.0 when exact, 1/(|error| + 0.5) - 2 when off, -3.0 when unparsable."""
+    count = extract_prediction(completion)
+    if count is None:
+        return -3.0
+    return 1 / (abs(count - int(target_count)) + 0.5) - 2
+
+
+@register_reward("count_letters")
+def count_letters(completions, letter_count, **kwargs) -> list[float]:
+    """Oumi's `count_letters` reward, value for value (oumi-compat.md section 4).
+
+    Exact count in a single `\\boxed{n}`: 0.0 (the maximum). Off by d: 1/(d + 0.5) - 2
+    (-1.333 for 1, -1.6 for 2, towards -2). No box, a non-digit box, or several boxes: -3.0.
+    """
+    return [compute_letter_count_reward(_text(c), t) for c, t in zip(completions, letter_count)]
+
+
+def _parse_number(token: str) -> int | None:
+    token = token.strip().lower()
+    if _DIGITS.fullmatch(token):
+        return int(token)
+    return NUMBER_WORDS.index(token) if token in NUMBER_WORDS else None
+
+
+def letter_count_score(response: str, target: int) -> float:
+    """1.0 / 0.5 / 0.0 for one response; see `letter_count`."""
+    target = int(target)
+    boxes = _BOXED_ANY.findall(response)
+    if boxes:
+        values = [_parse_number(b) for b in boxes]
+        if len(boxes) == 1 and _DIGITS.fullmatch(boxes[0]):
+            return 1.0 if values[0] == target else 0.0
+        return 0.5 if all(v == target for v in values) else 0.0
+    numbers_ = _NUMBER.findall(response)
+    return 0.5 if numbers_ and _parse_number(numbers_[-1]) == target else 0.0
+
+
+@register_reward("letter_count")
+def letter_count(completions, letter_count, **kwargs) -> list[float]:
+    """The walkthrough's reward: 1.0 correct, 0.0 wrong, 0.5 for a right answer in the wrong form.
+
+    - 1.0: exactly one `\\boxed{n}` with digits (sign allowed, `\\boxed{+3}`) and n is the count.
+    - 0.5: the right count, but not as one boxed integer: `\\boxed{three}`, the same right value
+      boxed several times, or no box at all and the LAST number in the text (digits or a number
+      word zero..twenty) is the count ("There are 3 r's.").
+    - 0.0: a wrong boxed value, boxes that disagree (hedging, "\\boxed{2} or \\boxed{3}"), or no
+      box and the last number is wrong or missing.
+    Taking the last number, not any number, keeps "1 2 3 4 5" from earning credit.
+    """
+    return [letter_count_score(_text(c), t) for c, t in zip(completions, letter_count)]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _prompt_text(prompt) -> str:
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def letter_count_metrics(responses: list[str], targets: list[int]) -> dict:
+    """Oumi's `count_letters` eval metrics for responses and their true counts."""
+    predictions = [extract_prediction(r) for r in responses]
+    total = len(responses)
+    valid = sum(p is not None for p in predictions)
+    correct = sum(p is not None and p == int(t) for p, t in zip(predictions, targets))
+    return {"accuracy": correct / total if total else 0.0,
+            "properly_extracted_accuracy": correct / valid if valid else 0.0,
+            "num_samples": total, "num_correct_answers": correct,
+            "num_incorrect_answers": valid - correct, "num_invalid_answers": total - valid}
+
+
+def _generated(n: int, seed: int) -> list[dict]:
+    return [transform(row) for row in make_rows(n, seed)]
+
+
+@register_evaluation("letter_count", aliases=["count_letters"], generate=_generated)
+def evaluate_letter_count(rows: list[dict], responses: list[str]) -> tuple[dict, list[dict]]:
+    """Greedy answers to letter-count prompts (with the `\\boxed{}` system prompt): Oumi's metrics
+    and one sample per row."""
+    from mlxrl.errors import DataError
+
+    if "letter_count" not in rows[0]:
+        raise DataError(f"letter_count task: rows need a 'letter_count' column (or raw "
+                        f"oumi-letter-count rows); this dataset has {sorted(rows[0])}")
+    targets = [int(r["letter_count"]) for r in rows]
+    samples = [{"prompt": _prompt_text(r["prompt"]), "response": s, "target": t}
+               for r, s, t in zip(rows, responses, targets)]
+    return letter_count_metrics(responses, targets), samples
