@@ -90,5 +90,6 @@ def test_docs_table_lists_every_case():
     doc = (ROOT / "docs/errors.md").read_text()
     ids = set(re.findall(r"^\| `([a-z-]+)` \|", doc, re.M))
     tested_elsewhere = {"output-dir-in-use", "disk-full", "non-finite", "interrupted", "pickle-checkpoint",
-                        "refused-setting", "untrained-arch", "task-import", "ambiguous-format"}
+                        "refused-setting", "untrained-arch", "task-import", "ambiguous-format",
+                        "rope-unsupported", "real-model-missing"}  # test_model_config, test_real_model
     assert ids == set(CASES) | tested_elsewhere
