@@ -24,8 +24,11 @@ import mlx.core as mx
 
 from mlxrl.adapter_hub import model_card, push_to_hub
 from mlxrl.adapter_maps import LAYER_PATH, AdapterError, AdapterNote, arch_map, from_hf, to_hf
+from mlxrl.errors import MlxrlError
+from mlxrl.integrity import check_adapter
 from mlxrl.mlx.model import ADAPTER_CONFIG, ADAPTER_FILE, resolve_model
 from mlxrl.model_names import local_model_path
+from mlxrl.output_folder import staged
 
 __all__ = ["AdapterError", "AdapterNote", "export_peft", "import_peft", "fuse", "push_to_hub"]
 
@@ -50,6 +53,8 @@ def _read_json(path: Path) -> dict:
 
 def _mlx_adapter(folder: Path) -> tuple[dict, dict[str, mx.array]]:
     config = _read_json(folder / ADAPTER_CONFIG)
+    if "peft_type" not in config:
+        check_adapter(folder)
     if "peft_type" in config:
         raise AdapterError(f"{folder} holds a PEFT adapter; use `mlxrl import` to convert it")
     if config.get("fine_tune_type", "lora") not in ("lora", "dora"):
@@ -119,8 +124,15 @@ def _warn(notes: list[str]) -> None:
 
 # --- export --------------------------------------------------------------------------------------
 
-def export_peft(checkpoint_dir, output_dir) -> Path:
-    """Write the adapter in `checkpoint_dir` as a Hugging Face PEFT adapter into `output_dir`."""
+EXPORT_FILES = (PEFT_WEIGHTS, PEFT_CONFIG, "README.md", DEQUANTIZED_BASE)
+IMPORT_FILES = (ADAPTER_FILE, ADAPTER_CONFIG)
+FUSE_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+              "config.json", "README.md", *TOKENIZER_FILES)
+
+
+def export_peft(checkpoint_dir, output_dir, overwrite: bool = False) -> Path:
+    """Write the adapter in `checkpoint_dir` as a Hugging Face PEFT adapter into `output_dir`
+    (which must be empty unless `overwrite`; written whole or not at all: `output_folder`)."""
     folder, out = Path(checkpoint_dir), Path(output_dir)
     config, tensors = _mlx_adapter(folder)
     params = config["lora_parameters"]
@@ -142,15 +154,16 @@ def export_peft(checkpoint_dir, output_dir) -> Path:
     for module, parts in sorted(modules.items()):
         for key, value in to_hf(module, amap, parts["A"], parts["B"], parts.get("m")).items():
             peft[PREFIX + key] = value
-    out.mkdir(parents=True, exist_ok=True)
-    base_for_peft = base_name
-    if mlxrl_block.get("quantization") or "quantization" in hf_config:
-        base_for_peft = str(_write_fused(folder, out / DEQUANTIZED_BASE, with_adapter=False).resolve())
-    mx.save_safetensors(str(out / PEFT_WEIGHTS), peft, metadata={"format": "pt"})
-    peft_config = _peft_config(params, dora, sorted(modules), base_for_peft)
-    (out / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
     notes = amap.notes()
-    _write_card(out, "adapter", base_name, base_for_peft, mlxrl_block, notes)
+    with staged(out, overwrite, EXPORT_FILES, AdapterError) as tmp:
+        base_for_peft = base_name
+        if mlxrl_block.get("quantization") or "quantization" in hf_config:
+            _write_fused(folder, tmp / DEQUANTIZED_BASE, with_adapter=False)
+            base_for_peft = str((out / DEQUANTIZED_BASE).resolve())
+        mx.save_safetensors(str(tmp / PEFT_WEIGHTS), peft, metadata={"format": "pt"})
+        peft_config = _peft_config(params, dora, sorted(modules), base_for_peft)
+        (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
+        _write_card(tmp, "adapter", base_name, base_for_peft, mlxrl_block, notes)
     _warn(notes)
     return out
 
@@ -215,19 +228,20 @@ def _check_peft_config(pcfg: dict, where: str) -> tuple[int, float, bool]:
     return rank, float(scale), dora
 
 
-def import_peft(peft_dir, output_dir, base_model: str | None = None) -> Path:
-    """Convert the PEFT adapter in `peft_dir` to an mlxrl/mlx-lm adapter in `output_dir`."""
+def import_peft(peft_dir, output_dir, base_model: str | None = None, overwrite: bool = False) -> Path:
+    """Convert the PEFT adapter in `peft_dir` to an mlxrl/mlx-lm adapter in `output_dir` (empty
+    unless `overwrite`). Another architecture or shape than the adapter's is refused first."""
     folder, out = Path(peft_dir), Path(output_dir)
     pcfg = _read_json(folder / PEFT_CONFIG)
     rank, scale, dora = _check_peft_config(pcfg, str(folder / PEFT_CONFIG))
     weights = folder / PEFT_WEIGHTS
-    if not weights.is_file():
-        raise AdapterError(f"{weights} not found (pickled adapter_model.bin is not read; save "
-                           "the adapter with safe_serialization=True)")
+    check_adapter(folder)  # weights missing, truncated, or only a pickled adapter_model.bin
     base = base_model or pcfg.get("base_model_name_or_path")
     if not base:
         raise AdapterError(f"{folder / PEFT_CONFIG} names no base model; pass --base MODEL")
     base_path, hf_config = _base(base, None if base_model else pcfg.get("revision"))
+    if base_model:
+        _check_same_architecture(pcfg, hf_config, base_model, str(folder / PEFT_CONFIG))
     amap = arch_map(hf_config)
     tensors = mx.load(str(weights))
     if not tensors or any(not k.startswith(PREFIX) for k in tensors):
@@ -253,16 +267,33 @@ def import_peft(peft_dir, output_dir, base_model: str | None = None) -> Path:
         "mlxrl": {"base_model": base, "method": "import",
                   "source": {"format": "peft", "path": str(folder), "config": pcfg}},
     }
-    out.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(out / ADAPTER_FILE), mlx_tensors, metadata={"format": "mlx"})
-    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    with staged(out, overwrite, IMPORT_FILES, AdapterError) as tmp:
+        mx.save_safetensors(str(tmp / ADAPTER_FILE), mlx_tensors, metadata={"format": "mlx"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     _warn(amap.notes())
     return out
 
 
+def _check_same_architecture(pcfg: dict, hf_config: dict, base_model: str, where: str) -> None:
+    """`--base` of another architecture than the adapter's recorded base is refused (PEFT's
+    tensor names fit many architectures); when that base is not here, only shapes are checked."""
+    recorded = pcfg.get("base_model_name_or_path")
+    if not recorded or recorded == base_model:
+        return
+    try:
+        _, theirs = _base(recorded, pcfg.get("revision"))
+    except MlxrlError:
+        return
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size")
+    differ = [f"{k} {theirs.get(k)} vs {hf_config.get(k)}" for k in keys if theirs.get(k) != hf_config.get(k)]
+    if differ:
+        raise AdapterError(f"{where}: the adapter was trained on {recorded}, and --base {base_model} "
+                           f"is another model ({'; '.join(differ)}); pass the base it was trained on")
+
+
 # --- fuse ----------------------------------------------------------------------------------------
 
-def fuse(checkpoint_dir, output_dir, quantize: bool = False) -> Path:
+def fuse(checkpoint_dir, output_dir, quantize: bool = False, overwrite: bool = False) -> Path:
     """Merge the adapter in `checkpoint_dir` into its base and write the model to `output_dir`.
 
     Dequantized, in Hugging Face layout, by default. `quantize=True` (quantized bases only) keeps
@@ -271,11 +302,13 @@ def fuse(checkpoint_dir, output_dir, quantize: bool = False) -> Path:
     """
     folder, out = Path(checkpoint_dir), Path(output_dir)
     config, _ = _mlx_adapter(folder)
-    if quantize:
-        return _write_quantized(folder, out)
-    _write_fused(folder, out, with_adapter=True)
-    base_name, _ = resolve_model(str(folder))
-    _write_card(out, "fused", base_name, base_name, config.get("mlxrl", {}), [])
+    with staged(out, overwrite, FUSE_FILES, AdapterError) as tmp:
+        if quantize:
+            _write_quantized(folder, tmp)
+        else:
+            _write_fused(folder, tmp, with_adapter=True)
+            base_name, _ = resolve_model(str(folder))
+            _write_card(tmp, "fused", base_name, base_name, config.get("mlxrl", {}), [])
     return out
 
 

@@ -217,7 +217,7 @@ _TRAINING.update({
 _TRAINER_KWARGS = {
     "training.trainer_kwargs.num_iterations": both(H, methods=("grpo",)),
     "training.trainer_kwargs.padding_free": both(note("rows are padded (the loss is the same)")),
-    "training.trainer_kwargs.disable_dropout": mlx_only("MLX applies peft.lora_dropout; set it to 0"),
+    "training.trainer_kwargs.disable_dropout": both(H, methods=("dpo", "grpo")),  # TRL's default: DPO on
     "training.trainer_kwargs.dataset_num_proc": mlx_only("rows are encoded in-process"),
     "training.trainer_kwargs.ref_model_init_kwargs": both(note("the reference is the base model "
                                                                "without the adapter")),

@@ -78,8 +78,11 @@ def pick_backend(requested: str, explain: bool = False):
 @click.option("--backend", type=click.Choice(["auto", "mlx", "torch"]), default="auto", show_default=True,
               help="mlx: Apple's MLX (any OS); torch: PyTorch + TRL (CUDA/CPU); auto: pick the best here.")
 @click.option("--resume", is_flag=True,
-              help="Continue from the newest complete checkpoint in training.output_dir.")
-@click.option("--overwrite", is_flag=True, help="Delete another run's checkpoints in training.output_dir.")
+              help="Continue the run in training.output_dir from its newest complete and readable "
+                   "checkpoint; changed settings (learning rate, max_steps, ...) apply from there on.")
+@click.option("--overwrite", is_flag=True,
+              help="Start over: remove what an earlier run wrote in training.output_dir "
+                   "(checkpoints, adapter, logs); other files stay.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.pass_context

@@ -1,8 +1,11 @@
 """`mlxrl export`, `mlxrl import` and `mlxrl fuse`: adapters to and from Hugging Face.
 
-    mlxrl export CKPT --format peft --output DIR [--push-to-hub REPO]
-    mlxrl import DIR --output CKPT [--base MODEL]
-    mlxrl fuse CKPT --output DIR [--quantize] [--push-to-hub REPO]
+    mlxrl export CKPT --format peft --output DIR [--overwrite] [--push-to-hub REPO]
+    mlxrl import DIR --output CKPT [--base MODEL] [--overwrite]
+    mlxrl fuse CKPT --output DIR [--quantize] [--overwrite] [--push-to-hub REPO]
+
+Each writes its output folder whole or not at all (`mlxrl.output_folder`): a full disk or Ctrl-C
+leaves it as it was. A folder that is not empty needs `--overwrite`.
 
 `register(main)` adds them to the `mlxrl` click group.
 """
@@ -23,22 +26,27 @@ _PUSH = click.option("--push-to-hub", "repo", metavar="REPO",
                      help="Also upload the folder to this Hugging Face repo (owner/name); "
                           "uses your `hf auth login` token.")
 _PRIVATE = click.option("--private", is_flag=True, help="Create the hub repo as private.")
+_OVERWRITE = click.option("--overwrite", is_flag=True,
+                          help="Write into a folder that is not empty: replaces an earlier output "
+                               "of this command there and keeps other files.")
 
 
 def _friendly(fn):
     """User errors print one line and exit 1 (`--debug` or MLXRL_DEBUG=1 shows the traceback);
-    warnings from the conversion print as `note:` lines."""
+    warnings from the conversion print as `note:` lines. Ctrl-C leaves the output as it was."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         debug = kwargs.get("debug") or os.environ.get("MLXRL_DEBUG") == "1"
         try:
             from mlxrl.adapter_maps import AdapterNote
+            from mlxrl.output_folder import OutputNote
 
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", AdapterNote)
+                warnings.simplefilter("always", OutputNote)
                 result = fn(*args, **kwargs)
             for w in caught:
-                if issubclass(w.category, AdapterNote):
+                if issubclass(w.category, (AdapterNote, OutputNote)):
                     click.echo(f"note: {w.message}", err=True)
                 else:
                     warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -48,6 +56,9 @@ def _friendly(fn):
                 raise
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo(f"interrupted: {kwargs.get('output')} was left as it was", err=True)
+            sys.exit(130)
     return wrapper
 
 
@@ -64,11 +75,12 @@ def _push(folder, repo, private) -> None:
               help="peft: Hugging Face PEFT (adapter_model.safetensors + adapter_config.json).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
               help="Folder to write the adapter (and a README.md model card) to.")
+@_OVERWRITE
 @_PUSH
 @_PRIVATE
 @_DEBUG
 @_friendly
-def export(checkpoint, fmt, output, repo, private, debug):
+def export(checkpoint, fmt, output, overwrite, repo, private, debug):
     """Export an mlxrl adapter (a training output or checkpoint-N folder) for Hugging Face PEFT.
 
     Load the result with `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE),
@@ -79,7 +91,7 @@ def export(checkpoint, fmt, output, repo, private, debug):
 
     from mlxrl.adapters import DEQUANTIZED_BASE, export_peft
 
-    out = export_peft(checkpoint, output)
+    out = export_peft(checkpoint, output, overwrite=overwrite)
     base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
     click.echo(f"wrote a PEFT adapter to {out}")
     if (out / DEQUANTIZED_BASE).is_dir():
@@ -96,9 +108,10 @@ def export(checkpoint, fmt, output, repo, private, debug):
               help="Folder to write the mlxrl adapter (adapters.safetensors + adapter_config.json).")
 @click.option("--base", help="Base model (hub id or folder); default: the adapter's "
                              "base_model_name_or_path.")
+@_OVERWRITE
 @_DEBUG
 @_friendly
-def import_adapter(peft_dir, output, base, debug):
+def import_adapter(peft_dir, output, base, overwrite, debug):
     """Import a Hugging Face PEFT LoRA/DoRA adapter as an mlxrl adapter.
 
     Use it with `--model.model_name OUTPUT` (train on from it, evaluate) or
@@ -107,7 +120,7 @@ def import_adapter(peft_dir, output, base, debug):
     """
     from mlxrl.adapters import import_peft
 
-    out = import_peft(peft_dir, output, base_model=base)
+    out = import_peft(peft_dir, output, base_model=base, overwrite=overwrite)
     click.echo(f"wrote an mlxrl adapter to {out}")
 
 
@@ -118,11 +131,12 @@ def import_adapter(peft_dir, output, base, debug):
 @click.option("--quantize", is_flag=True,
               help="Keep a quantized base quantized (MLX format, for mlx-lm only; re-quantizing "
                    "may erase small adapter deltas). Default: dequantized, for transformers.")
+@_OVERWRITE
 @_PUSH
 @_PRIVATE
 @_DEBUG
 @_friendly
-def fuse(checkpoint, output, quantize, repo, private, debug):
+def fuse(checkpoint, output, quantize, overwrite, repo, private, debug):
     """Merge an mlxrl adapter into its base model.
 
     The default output is a dequantized model in Hugging Face layout (transformers' tensor names,
@@ -130,7 +144,7 @@ def fuse(checkpoint, output, quantize, repo, private, debug):
     """
     from mlxrl.adapters import fuse as fuse_model
 
-    out = fuse_model(checkpoint, output, quantize=quantize)
+    out = fuse_model(checkpoint, output, quantize=quantize, overwrite=overwrite)
     if quantize:
         click.echo(f"wrote an MLX-quantized merged model to {out}: load it with mlx_lm.load; "
                    "transformers cannot load it, and re-quantizing W + dW may erase small deltas")

@@ -15,15 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlxrl import chat_templates
+from mlxrl import chat_templates, config_ranges, loss_types, schedules
 from mlxrl.config_parse import Builder, apply_override, key_path, load_yaml, split_overrides
 from mlxrl.data.collators import check_collator
 from mlxrl.errors import ConfigError
 
 METHODS = {"TRL_SFT": "sft", "TRL_DPO": "dpo", "TRL_GRPO": "grpo", "HF": "sft", "OUMI": "sft",
            "SFT": "sft", "DPO": "dpo", "GRPO": "grpo"}
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr",
-              "cosine_with_restarts")
 
 
 @dataclass
@@ -53,6 +51,7 @@ class ModelParams:
         valid = ("auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16")
         if self.torch_dtype_str not in valid:
             raise ValueError(f"torch_dtype_str {self.torch_dtype_str!r} is not one of {valid}")
+        config_ranges.check(self)
         chat_templates.check_name(self.chat_template)
 
 
@@ -74,6 +73,7 @@ class DatasetParams:
     def __post_init__(self):
         if not self.dataset_name and not self.dataset_path:
             raise ValueError("dataset_name is required (a hub name or a local .jsonl/.json/.parquet path)")
+        config_ranges.check(self)
 
 
 @dataclass
@@ -91,6 +91,7 @@ class DatasetSplitParams:
     use_torchdata: bool | None = None
 
     def __post_init__(self):
+        config_ranges.check(self)
         self.train_target = check_collator(self.collator_name, self.train_target)
 
 
@@ -118,11 +119,7 @@ class GrpoParams:
     rollout_function: str | None = None
 
     def __post_init__(self):
-        if not 0.0 <= self.temperature <= 1.0:
-            raise ValueError(f"grpo.temperature must be within [0, 1], got {self.temperature}")
-        if self.num_generations is not None and self.num_generations < 2:
-            raise ValueError(f"grpo.num_generations must be at least 2 (GRPO compares completions "
-                             f"within a group), got {self.num_generations}")
+        config_ranges.check(self)
 
 
 @dataclass
@@ -202,11 +199,8 @@ class TrainingParams:
             close = difflib.get_close_matches(self.trainer_type.upper(), list(METHODS), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"trainer_type {self.trainer_type!r} is not supported{hint}; use one of {valid}")
-        if self.lr_scheduler_type not in SCHEDULERS:
-            raise ValueError(f"lr_scheduler_type {self.lr_scheduler_type!r} is not one of {SCHEDULERS}")
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        config_ranges.check(self)
+        schedules.check(self.lr_scheduler_type, self.lr_scheduler_kwargs, self.learning_rate)
         if self.max_steps == 0 or self.num_train_epochs < 1 and self.max_steps < 0:
             raise ValueError("nothing to train: set max_steps > 0 or num_train_epochs >= 1")
 
@@ -239,10 +233,7 @@ class PeftParams:
     peft_save_mode: str = "ADAPTER_ONLY"
 
     def __post_init__(self):
-        if self.lora_r < 1:
-            raise ValueError(f"lora_r must be at least 1, got {self.lora_r}")
-        if self.q_lora_bits not in (2, 3, 4, 5, 6, 8):
-            raise ValueError(f"q_lora_bits must be one of 2, 3, 4, 5, 6, 8, got {self.q_lora_bits}")
+        config_ranges.check(self)
 
     @property
     def lora_scale(self) -> float:
@@ -271,6 +262,9 @@ class GenerationParams:
     skip_special_tokens: bool = True
     guided_decoding: dict[str, Any] | None = None
 
+    def __post_init__(self):
+        config_ranges.check(self)
+
 
 @dataclass
 class TrainConfig:
@@ -282,11 +276,25 @@ class TrainConfig:
     fsdp: dict[str, Any] = field(default_factory=dict)
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self):
+        # resolve the method's settings (trainer_kwargs, their ranges and loss options) now, so a bad
+        # value stops at load, not at step 1
+        try:
+            if self.training.method == "dpo":
+                self.dpo_settings()
+            elif self.training.method == "grpo":
+                self.grpo_settings(check_batch=False)
+        except (ValueError, TypeError) as e:
+            message = str(e)
+            if not message.startswith("training.trainer_kwargs"):
+                message = f"training.trainer_kwargs: {message}"
+            raise ValueError(message) from None
+
     def dpo_settings(self) -> DpoSettings:
         return _settings(DpoSettings, self.training.trainer_kwargs, "dpo",
                          max_length=self.model.model_max_length or DpoSettings.max_length)
 
-    def grpo_settings(self) -> GrpoSettings:
+    def grpo_settings(self, check_batch: bool = True) -> GrpoSettings:
         g = self.training.grpo
         fixed = {"temperature": g.temperature, "epsilon": g.epsilon,
                  "num_generations": g.num_generations or GrpoSettings.num_generations,
@@ -295,8 +303,11 @@ class TrainConfig:
         for key in fixed.keys() & self.training.trainer_kwargs.keys():
             raise ConfigError(f"training.trainer_kwargs.{key} duplicates training.grpo.{key}; "
                               f"set it under training.grpo")
+        if g.vllm_mode is not None and "vllm_mode" not in self.training.trainer_kwargs:
+            fixed["vllm_mode"] = g.vllm_mode
         settings = _settings(GrpoSettings, self.training.trainer_kwargs, "grpo", **fixed)
-        _check_grpo_batch(self.training, settings.num_generations)
+        if check_batch:
+            _check_grpo_batch(self.training, settings.num_generations)
         return settings
 
 
@@ -308,9 +319,18 @@ class DpoSettings:
     loss_type: str | list = "sigmoid"
     loss_weights: list | None = None
     label_smoothing: float = 0.0
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    ld_alpha: float | None = None  # LD-DPO: weight of the tokens past the shorter completion
+    use_weighting: bool = False  # WPO
+    discopop_tau: float = 0.05
     max_length: int = 1024
     precompute_ref_log_probs: bool = False
     truncation_mode: str = "keep_start"
+    disable_dropout: bool = True  # TRL's DPO default: LoRA dropout off
+
+    def __post_init__(self):
+        loss_types.check_dpo(self)
 
 
 @dataclass
@@ -322,24 +342,34 @@ class GrpoSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    min_p: float = 0.0
+    min_p: float | None = None
     epsilon: float = 0.2
     epsilon_high: float | None = None
     delta: float | None = None  # two-sided clip of the ratio (INTELLECT-2)
     beta: float = 0.0
-    use_bias_correction_kl: bool = False  # TRL 1.16 defaults it on; mlxrl keeps plain k3
+    use_bias_correction_kl: bool = True  # k3 KL times the importance ratio (TRL 1.16's default)
     loss_type: str = "dapo"
+    sapo_temperature_neg: float = 1.05
+    sapo_temperature_pos: float = 1.0
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
     scale_rewards: str | bool = "group"
     importance_sampling_level: str = "token"
     mask_truncated_completions: bool = False
     reward_weights: list | None = None
     log_completions: bool = False
     num_iterations: int = 1
-    vllm_mode: str | None = None
+    vllm_mode: str = "colocate"
+    disable_dropout: bool = False
+
+    def __post_init__(self):
+        loss_types.check_grpo(self)
 
 
-_IGNORED_TRL_KEYS = {"dpo": {"padding_free", "disable_dropout", "dataset_num_proc", "ref_model_init_kwargs"},
-                     "grpo": {"vllm_mode", "disable_dropout", "shuffle_dataset", "generation_kwargs"}}
+_IGNORED_TRL_KEYS = {"dpo": {"padding_free", "dataset_num_proc", "ref_model_init_kwargs"},
+                     "grpo": {"shuffle_dataset", "generation_kwargs"}}
 
 
 def _settings(cls, trainer_kwargs: dict, method: str, **fixed):
@@ -352,7 +382,11 @@ def _settings(cls, trainer_kwargs: dict, method: str, **fixed):
             close = difflib.get_close_matches(key, sorted(names), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"training.trainer_kwargs.{key} is not a {method.upper()} setting mlxrl knows{hint}")
-    return cls(**values)
+    settings = cls(**values)
+    for name, problem in config_ranges.problems(settings)[:1]:
+        where = "training.trainer_kwargs" if name in trainer_kwargs else f"training.{method}"
+        raise ConfigError(f"{where}.{problem}")
+    return settings
 
 
 def _check_grpo_batch(training: TrainingParams, num_generations: int) -> None:

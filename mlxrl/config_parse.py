@@ -49,9 +49,12 @@ def parse_value(text: str) -> Any:
 def load_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
     """Read a YAML mapping; return it and the line (1-based) of each key path."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                          f"{e.start}); save the file as UTF-8") from None
     loader = _Loader(text)
     try:
         node = loader.get_single_node()

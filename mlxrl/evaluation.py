@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from mlxrl import config_ranges
 from mlxrl.config import DatasetParams, GenerationParams, ModelParams, load_config
 from mlxrl.errors import ConfigError
 
@@ -69,8 +68,7 @@ class EvalTaskParams:
 
     def __post_init__(self):
         task_kind(self.task_name)
-        if self.num_samples is not None and self.num_samples < 1:
-            raise ValueError(f"num_samples must be at least 1, got {self.num_samples}")
+        config_ranges.check(self)
 
     @property
     def task(self) -> str:
@@ -137,6 +135,7 @@ def _generated(task: str, n: int) -> list[dict]:
 
 def reward_metrics(task: EvalTaskParams, rows: list[dict], responses: list[str], tokenizer) -> dict:
     """Mean and std of each reward function over the responses (TRL's reward contract)."""
+    from mlxrl.reward_metrics import reward_metrics as trl_reward_metrics
     from mlxrl.rewards import load_rewards
 
     names = task.reward_functions or ["count_letters", "letter_count"]
@@ -147,12 +146,8 @@ def reward_metrics(task: EvalTaskParams, rows: list[dict], responses: list[str],
     ids = [tokenizer.encode(r, add_special_tokens=False) for r in responses]
     columns = {k: [row.get(k) for row in rows] for k in rows[0] if k not in ("prompt", "completion")}
     scores = rewards.score([row.get("prompt") for row in rows], completions, ids, columns)
-    out = {}
-    for j, name in enumerate(rewards.names):
-        column = scores[:, j]
-        out[f"rewards/{name}/mean"] = float(np.nanmean(column)) if np.isfinite(column).any() else float("nan")
-        out[f"rewards/{name}/std"] = float(np.nanstd(column)) if np.isfinite(column).any() else float("nan")
-    out["reward"] = float(np.nanmean(rewards.total(scores)))
+    out = trl_reward_metrics(rewards.names, scores, rewards.total(scores))  # as GRPO logs them
+    out = {k: None if v != v else v for k, v in out.items()}  # NaN (no value) -> null, as TRL's log
     out["num_samples"] = len(rows)
     return out
 
@@ -227,14 +222,15 @@ class Evaluator:
 
 
 def write_results(folder: Path, results: dict, samples: dict[str, list]) -> Path:
-    """`eval_results.json` and `<task>_samples.jsonl` in `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """`eval_results.json` and `<task>_samples.jsonl` in `folder`, each replaced whole."""
+    from mlxrl.output_folder import write_text_atomic
+
     path = folder / "eval_results.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
     for name, rows in samples.items():
         if rows:
-            (folder / f"{name}_samples.jsonl").write_text(
-                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            write_text_atomic(folder / f"{name}_samples.jsonl",
+                              "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_text_atomic(path, json.dumps(results, indent=2) + "\n")
     return path
 
 
@@ -334,8 +330,9 @@ def compare_models(models: list[str], prompts: list, *, overrides=None, system_p
     out = {"models": list(models), "prompts": [c[-1]["content"] for c in conversations],
            "answers": {name: a for name, a in zip(models, answers)}, "metrics": results}
     if output:
-        Path(output).mkdir(parents=True, exist_ok=True)
-        (Path(output) / "compare.json").write_text(json.dumps(out, indent=2) + "\n")
+        from mlxrl.output_folder import write_text_atomic
+
+        write_text_atomic(Path(output) / "compare.json", json.dumps(out, indent=2) + "\n")
         log(f"wrote {Path(output) / 'compare.json'}")
     return out
 

@@ -134,10 +134,12 @@ def load_model(model_params: ModelParams, cache: bool = True):
 
 def _mlx_checkpoint(name: str) -> str:
     """A PEFT adapter folder (a `--backend torch` checkpoint) converted once to mlxrl's format."""
+    from mlxrl.integrity import adapter_kind, check_adapter
+
     folder = Path(name).expanduser()
-    config = folder / "adapter_config.json"
-    if not (config.is_file() and "peft_type" in json.loads(config.read_text())):
+    if not folder.is_dir() or adapter_kind(folder) != "torch":
         return name
+    check_adapter(folder)
     import hashlib
 
     from mlxrl.adapters import import_peft
@@ -147,17 +149,44 @@ def _mlx_checkpoint(name: str) -> str:
     stamp = f"{folder.resolve()}:{weights.stat().st_mtime_ns if weights.is_file() else 0}"
     out = cache_dir() / "imported" / hashlib.sha256(stamp.encode()).hexdigest()[:16]
     if not (out / "adapters.safetensors").is_file():
-        import_peft(folder, out)
+        import_peft(folder, out, overwrite=True)
     return str(out)
 
 
-class Engine:
-    """A loaded model with its generation settings: prompts in, replies out."""
+def model_context(model_params: ModelParams, base_path: Path) -> int | None:
+    """Tokens the model can attend to: model.model_max_length, else its config's positions."""
+    if model_params.model_max_length:
+        return model_params.model_max_length
+    try:
+        config = json.loads((Path(base_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(config.get(key), int) and config[key] > 0:
+            return config[key]
+    return None
 
-    def __init__(self, model_params: ModelParams, generation: GenerationParams, loaded=None):
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+class Engine:
+    """A loaded model with its generation settings: prompts in, replies out.
+
+    `generation.max_new_tokens` is capped at the model's context (`model_context`), and each reply
+    at what its prompt leaves of it, with a note (`log`)."""
+
+    def __init__(self, model_params: ModelParams, generation: GenerationParams, loaded=None,
+                 log=_stderr):
         from mlxrl.data.formats import end_of_turn_ids, unwrap
 
         self.loaded = loaded or load_model(model_params)
+        self.context = model_context(model_params, self.loaded.base_path)
+        if self.context and generation.max_new_tokens > self.context:
+            log(f"note: generation.max_new_tokens {generation.max_new_tokens} is more than the "
+                f"model's context of {self.context} tokens; capped at {self.context}")
+            generation = dataclasses.replace(generation, max_new_tokens=self.context)
         self.model_params, self.generation = model_params, generation
         self.tokenizer = self.loaded.tokenizer
         self.hf_tokenizer = unwrap(self.tokenizer)
@@ -174,6 +203,12 @@ class Engine:
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                        **(self.model_params.chat_template_kwargs or {}))
         return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    def max_tokens(self, prompt_length: int) -> int:
+        """New tokens a reply to a prompt of `prompt_length` tokens may have (at least 1)."""
+        if not self.context:
+            return self.generation.max_new_tokens
+        return max(1, min(self.generation.max_new_tokens, self.context - prompt_length))
 
     def decode(self, ids) -> str:
         skip = self.generation.skip_special_tokens
@@ -193,7 +228,7 @@ class Engine:
         self.tokenizer.eos_token_ids = set(self.eos_ids)  # stream_generate stops on these
         text = ""
         for response in stream_generate(self.loaded.model, self.tokenizer, prompt_ids,
-                                        max_tokens=g.max_new_tokens, sampler=sampler):
+                                        max_tokens=self.max_tokens(len(prompt_ids)), sampler=sampler):
             cut = _stop_at(text + response.text, g.stop_strings)
             if cut is not None:
                 yield cut[len(text):]
@@ -216,7 +251,8 @@ class Engine:
                    file=sys.stderr, dynamic_ncols=True)
         for start in range(0, len(order), size):
             chunk = order[start:start + size]
-            rollout = sample(self.loaded.model, [prompts[i] for i in chunk], max_tokens=g.max_new_tokens,
+            longest = max(len(prompts[i]) for i in chunk)
+            rollout = sample(self.loaded.model, [prompts[i] for i in chunk], max_tokens=self.max_tokens(longest),
                              temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, min_p=g.min_p,
                              eos_token_ids=self.eos_ids, seed=g.seed)
             for row, i in enumerate(chunk):
@@ -273,12 +309,17 @@ def as_messages(item, system_prompt: str | None = None, where: str = "input") ->
 
 def read_rows(path: str) -> list[dict]:
     """JSON lines (or one JSON list) of rows; errors name the file and line."""
+    from mlxrl.data.loading import utf8_text
+
     p = Path(path)
     if not p.is_file():
         raise DataError(f"input_path not found: {p}")
-    text = p.read_text(encoding="utf-8")
+    text = utf8_text(p.read_bytes(), p)
     if text.lstrip().startswith("["):
-        return json.loads(text)
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}:{e.lineno}: malformed JSON ({e.msg})") from None
     rows = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if line.strip():
@@ -306,9 +347,10 @@ def run_batch(cfg: InferenceConfig, system_prompt: str | None = None, engine=Non
         record["response"] = reply
         out.append(record)
     if cfg.output_path:
+        from mlxrl.output_folder import write_text_atomic
+
         path = Path(cfg.output_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out))
+        write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out))
         log(f"wrote {len(out)} rows to {path}")
     return out
 

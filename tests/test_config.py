@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from mlxrl.config import load_config
@@ -93,3 +95,54 @@ def test_dpo_settings_from_trainer_kwargs():
     c = load_config(DPO, ["--training.trainer_kwargs", "{beta: 0.25, loss_type: ipo}"])
     s = c.dpo_settings()
     assert (s.beta, s.loss_type, s.max_length) == (0.25, "ipo", 2048)
+
+
+def test_every_numeric_and_enumerated_field_has_a_range():
+    """config_ranges.RULES covers each int/float field and each string field that is a choice;
+    what is left out is listed here with the reason."""
+    import dataclasses
+    import types
+    import typing
+
+    from mlxrl import config, config_ranges
+
+    free = {  # fields with no range: free text, names, or values the libraries check themselves
+        "ModelParams": {"torch_dtype_str", "attn_implementation", "device_map", "model_name", "adapter_model",
+                        "tokenizer_name", "tokenizer_pad_token", "chat_template", "model_revision"},
+        "DatasetParams": {"dataset_name", "dataset_path", "subset", "split"},
+        "DatasetSplitParams": {"collator_name", "target_col", "train_target"},  # collators.check_collator
+        "GrpoParams": {"rollout_function"},
+        "TrainingParams": {"trainer_type", "lr_scheduler_type", "optimizer", "output_dir", "run_name",
+                           "metrics_function", "logging_dir", "resume_from_checkpoint", "label_ignore_index"},
+        "PeftParams": {"lora_init_weights", "bnb_4bit_quant_storage", "bnb_4bit_compute_dtype"},
+        "GenerationParams": set(),
+        "DpoSettings": {"loss_type"},  # each DPO loss type is checked by name where the loss is built
+        "GrpoSettings": {"loss_type"},  # as DPO's
+    }
+    for cls in (config.ModelParams, config.DatasetParams, config.DatasetSplitParams, config.GrpoParams,
+                config.TrainingParams, config.PeftParams, config.GenerationParams, config.DpoSettings,
+                config.GrpoSettings):
+        hints = typing.get_type_hints(cls)
+
+        def is_scalar(hint) -> bool:
+            if typing.get_origin(hint) in (typing.Union, types.UnionType):
+                return any(is_scalar(h) for h in typing.get_args(hint))
+            return hint in (int, float, str)
+
+        scalar = {f.name for f in dataclasses.fields(cls) if is_scalar(hints[f.name])}
+        missing = scalar - set(config_ranges.RULES.get(cls.__name__, {})) - free[cls.__name__]
+        assert not missing, (cls.__name__, sorted(missing))
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["--training.learning_rate", "-1"], "learning_rate must be at least 0, got -1.0"),
+    (["--training.adam_beta2", "1.0"], "adam_beta2 must be at least 0 and below 1"),
+    (["--training.warmup_ratio", ".nan"], "warmup_ratio must be a finite number"),
+    (["--peft.lora_dropout", "1"], "lora_dropout must be at least 0 and below 1"),
+    (["--training.logging_strategy", "step"], "did you mean 'steps'?"),
+    (["--training.trainer_kwargs", "{label_smoothing: 0.5}"], "training.trainer_kwargs.label_smoothing must be"),
+    (["--data.train.datasets[0].sample_count", "0"], "sample_count must be at least 1"),
+])
+def test_values_out_of_range_are_refused_at_load(overrides, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(DPO, overrides)

@@ -120,12 +120,11 @@ def test_uncached_hub_name_fails_fast_offline():
 
 
 def test_encode_preference_strings(tok):
-    out = encode_preference({"prompt": "hi there", "chosen": "hello friend",
-                             "rejected": "Greetings."}, tok)
-    expected_prompt = tok.apply_chat_template([{"role": "user", "content": "hi there"}],
-                                              tokenize=False, add_generation_prompt=True)
-    assert tok.decode(out["prompt_ids"]) == expected_prompt
-    assert tok.decode(out["chosen_ids"]) == "hello friend<|im_end|>"
+    """Standard (string) rows are TRL's: no chat template, EOS appended to the answers."""
+    out = encode_preference({"prompt": "hi there", "chosen": " hello friend",
+                             "rejected": " Greetings."}, tok)
+    assert tok.decode(out["prompt_ids"]) == "hi there"
+    assert tok.decode(out["chosen_ids"]) == " hello friend<|im_end|>"
     assert out["rejected_ids"][-1] == tok.eos_token_id
 
 
@@ -135,10 +134,11 @@ def test_encode_preference_conversational_and_implicit(tok):
     rejected = [{"role": "assistant", "content": "go away"}]
     explicit = encode_preference({"prompt": prompt, "chosen": chosen, "rejected": rejected}, tok)
     full = tok.apply_chat_template(prompt + chosen, tokenize=False)
-    assert tok.decode(explicit["prompt_ids"] + explicit["chosen_ids"]) + "\n" == full
-    assert explicit["chosen_ids"][-1] == tok.eos_token_id
+    assert tok.decode(explicit["prompt_ids"] + explicit["chosen_ids"]) == full  # ends "<|im_end|>\n"
     implicit = encode_preference({"chosen": prompt + chosen, "rejected": prompt + rejected}, tok)
     assert implicit == explicit
+    mixed = encode_preference({"prompt": "hi", "chosen": chosen, "rejected": rejected}, tok)
+    assert mixed == encode_preference({"prompt": prompt[1:], "chosen": chosen, "rejected": rejected}, tok)
 
 
 def test_missing_fields_name_field_and_row(tok):
@@ -160,11 +160,13 @@ def test_encode_sft_masks_assistant_turns(tok):
     ids, mask = out["input_ids"], out["completion_mask"]
     assert len(ids) == len(mask)
     assert tok.decode(ids) == tok.apply_chat_template(messages, tokenize=False)
-    assert tok.decode([t for t, m in zip(ids, mask) if m]) == "a1<|im_end|>a2<|im_end|>"
-    pc = encode_sft({"prompt": "q", "completion": "a"}, tok)
+    assert tok.decode([t for t, m in zip(ids, mask) if m]) == "a1<|im_end|>\na2<|im_end|>\n"
+    pc = encode_sft({"prompt": [messages[1]], "completion": [messages[2]]}, tok)
     assert tok.decode([t for t, m in zip(pc["input_ids"], pc["completion_mask"]) if m]) == (
-        "a<|im_end|>")
-    assert pc["input_ids"][: pc["completion_mask"].index(1)] == encode_prompt({"prompt": "q"}, tok)
+        "a1<|im_end|>\n")
+    assert pc["input_ids"][: pc["completion_mask"].index(1)] == encode_prompt({"prompt": [messages[1]]}, tok)
+    plain = encode_sft({"prompt": "q", "completion": " a"}, tok)  # standard: no template, EOS added
+    assert tok.decode(plain["input_ids"]) == "q a<|im_end|>"
 
 
 def test_encode_prompt_with_mlx_lm_wrapper(tok):

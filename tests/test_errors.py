@@ -40,6 +40,51 @@ def _raising_reward(tmp: Path) -> str:
     return _write(tmp / "bad_reward.py", "def boom(completions, **kw):\n    raise ValueError('oops')\n") + ":boom"
 
 
+def _not_utf8(tmp: Path) -> str:
+    (tmp / "latin1.jsonl").write_bytes(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
+                                       b'{"prompt": "caf\xe9", "chosen": "b", "rejected": "c"}\n')
+    return str(tmp / "latin1.jsonl")
+
+
+def _huge_row(tmp: Path) -> str:
+    row = {"prompt": "a", "chosen": "word " * (11 * 2**20 // 5), "rejected": "c"}
+    return _write(tmp / "huge.jsonl", '{"prompt": "a", "chosen": "b", "rejected": "c"}\n' + json.dumps(row) + "\n")
+
+
+def _copy_of_tiny(tmp: Path, drop: tuple[str, ...]) -> Path:
+    import shutil
+
+    from mlxrl.testing import tiny_model
+
+    folder = tmp / "model"
+    shutil.copytree(tiny_model("qwen2"), folder)
+    for pattern in drop:
+        for path in folder.glob(pattern):
+            path.unlink()
+    return folder
+
+
+def _pickled_model(tmp: Path) -> str:
+    """The tiny model with its weights only as a pickle that would create a file when loaded."""
+    import pickle
+
+    folder = _copy_of_tiny(tmp, ("*.safetensors",))
+
+    class Bomb:
+        def __reduce__(self):
+            return (Path.mkdir, (tmp / "unpickled",))
+
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Bomb()))
+    return str(folder)
+
+
+INF = "float('inf')"
+
+
+def _reward_returning(tmp: Path, value: str) -> str:
+    return _write(tmp / "r.py", f"def r(completions, **kw):\n    return [{value}] * len(completions)\n") + ":r"
+
+
 # id -> (config, extra args given tmp, substring of the one-line message)
 CASES = {
     "unknown-key": (DPO, lambda t: ["--training.lerning_rate", "1"], "did you mean 'training.learning_rate'"),
@@ -65,10 +110,24 @@ CASES = {
                                         "--training.reward_functions", f"['{_raising_reward(t)}']"], "boom"),
     "num-generations": (GRPO, lambda t: ["--training.grpo.num_generations", "1"], "at least 2"),
     "generations-batch": (GRPO, lambda t: ["--training.grpo.num_generations", "3"], "multiple of grpo.num_generations"),
+    "out-of-range": (DPO, lambda t: ["--training.learning_rate", "-1e-4"], "learning_rate must be at least 0"),
+    "grpo-temperature-zero": (GRPO, lambda t: ["--training.grpo.temperature", "0"], "temperature must be above 0"),
+    "not-utf8": (DPO, lambda t: ["--data.train.datasets[0].dataset_name", _not_utf8(t)], "latin1.jsonl:2: not UTF-8"),
+    "row-too-long": (DPO, lambda t: ["--data.train.datasets[0].dataset_name", _huge_row(t)],
+                     "huge.jsonl:2: the row is 11.0 MB"),
+    "pickled-weights": (DPO, lambda t: ["--model.model_name", _pickled_model(t)], "pytorch_model.bin"),
+    "no-tokenizer": (DPO, lambda t: ["--model.model_name", str(_copy_of_tiny(t, ("tokenizer*", "vocab*", "merges*")))],
+                     "has no tokenizer files"),
+    "infinite-reward": (GRPO, lambda t: ["--data.train.datasets[0].dataset_path", str(LETTERS), "--training.max_steps", "1",
+                                         "--training.reward_functions", f"['{_reward_returning(t, INF)}']"],
+                        "returned inf at index 0; rewards must be finite"),
     "unknown-chat-template": (DPO, lambda t: ["--model.chat_template", "qwen2-instruckt"], "not a known template name"),
     "pad-token": (DPO, lambda t: ["--model.tokenizer_pad_token", "<pad>"], "'<pad>' is not a token"),
     "collator": (DPO, lambda t: ["--data.train.collator_name", "text_only"], "collator_name 'text_only' is not one of"),
     "freeze-everything": (DPO, lambda t: ["--model.freeze_layers", "[model]"], "freezes every trainable parameter"),
+    "lr-scheduler": (DPO, lambda t: ["--training.lr_scheduler_type", "reduce_lr_on_plateau"], "is not supported"),
+    "loss-option": (DPO, lambda t: ["--training.trainer_kwargs", "{loss_type: [sigmoid, hinge], use_weighting: true}"],
+                    "use_weighting does not work with loss_type hinge"),
 }
 
 
@@ -84,12 +143,19 @@ def test_bad_input_gives_one_line(case, backend, tmp_path, monkeypatch):
     assert len(lines) == 1, result.stderr
     assert needle in lines[0], lines[0]
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "unpickled").exists()  # no pickle was loaded
+    assert not (tmp_path / "out").exists()  # nothing written for a run that did not start
 
 
 def test_docs_table_lists_every_case():
     doc = (ROOT / "docs/errors.md").read_text()
-    ids = set(re.findall(r"^\| `([a-z-]+)` \|", doc, re.M))
-    tested_elsewhere = {"output-dir-in-use", "disk-full", "non-finite", "interrupted", "pickle-checkpoint",
-                        "refused-setting", "untrained-arch", "task-import", "ambiguous-format",
-                        "rope-unsupported", "real-model-missing"}  # test_model_config, test_real_model
+    ids = set(re.findall(r"^\| `([a-z0-9-]+)` \|", doc, re.M))
+    tested_elsewhere = {  # test_resume.py, test_run_folder.py, test_faults.py, and MLX's alone (above)
+        "unfinished-run", "finished-run", "run-in-progress", "another-run", "other-backend", "changed-settings",
+        "damaged-checkpoint", "output-dir-not-a-folder", "output-dir-not-writable", "disk-full", "non-finite",
+        "interrupted", "pickle-checkpoint", "chosen-equals-rejected", "damaged-adapter", "pickled-adapter",
+        "output-not-empty", "output-write-failed", "import-other-base", "max-new-tokens", "nan-reward",
+        "hub-misspelled", "shared-output-file", "infer-out-of-range",
+        "refused-setting", "untrained-arch", "task-import", "ambiguous-format",
+        "rope-unsupported", "real-model-missing"}  # test_model_config.py, test_real_model.py
     assert ids == set(CASES) | tested_elsewhere

@@ -107,10 +107,11 @@ def checkpoint(tmp_path_factory):
 
 
 def _completion_logps(model, tok, prompt: str, answer: str) -> float:
-    """Summed log-probs of the answer's tokens (to <|im_end|>) after the ChatML prompt."""
-    head = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
-    ids = tok(head + answer + "<|im_end|>")["input_ids"]
-    n = len(tok(head)["input_ids"])
+    """Summed log-probs of the answer's tokens and the EOS after the prompt: string pairs are
+    TRL's standard format (plain text, no chat template)."""
+    ids = tok(prompt + answer + "<|im_end|>")["input_ids"]
+    head = tok(prompt)["input_ids"]
+    n = next((i for i, (a, b) in enumerate(zip(head, ids)) if a != b), len(head))
     logits = np.array(model(mx.array([ids]))[0].astype(mx.float32), dtype=np.float64)
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)

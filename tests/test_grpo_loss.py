@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from mlxrl.mlx.grpo import (
-    GRPO_AGGREGATIONS,
     IMPORTANCE_SAMPLING_LEVELS,
     group_advantages,
     grpo_loss,
@@ -170,9 +169,10 @@ def mlx_loss_fn(batch, **kwargs):
     return lambda logps: grpo_loss(logps, old, ref, adv, mask, **options)
 
 
+CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo")  # transcribed below; every type: test_trl_loss_parity.py
 CASES = [
     (t, lvl, b)
-    for t in GRPO_AGGREGATIONS
+    for t in CLIPPED
     for lvl in IMPORTANCE_SAMPLING_LEVELS
     for b in (0.0, 0.05)
 ]
@@ -249,7 +249,7 @@ NORMALISERS = {
 }
 
 
-@pytest.mark.parametrize("loss_type", sorted(GRPO_AGGREGATIONS))
+@pytest.mark.parametrize("loss_type", sorted(NORMALISERS))
 @pytest.mark.parametrize("level", sorted(IMPORTANCE_SAMPLING_LEVELS))
 def test_on_policy_ratio_is_one_and_gradient_is_minus_advantage(batch, loss_type, level):
     logps, _, ref, adv, mask = batch

@@ -130,7 +130,8 @@ def test_chat_template_kwargs_reach_the_template():
     tok = transformers.AutoTokenizer.from_pretrained(tiny_model("qwen2"))
     tok.chat_template = ("{% for m in messages %}{{ m['role'][0] + ':' + m['content'] }}{% if shout %}!{% endif %}"
                          "<|im_end|>{% endfor %}{% if add_generation_prompt %}a:{% endif %}")
-    rows = datasets.Dataset.from_list([{"prompt": "hi", "completion": "yo"}])
+    rows = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}],
+                                        "completion": [{"role": "assistant", "content": "yo"}]}])
     rows = with_chat_template_kwargs(rows, {"shout": True})
     encoded = encode_sft(rows[0], tok)
     assert tok.decode(encoded["input_ids"]) == "u:hi!<|im_end|>a:yo!<|im_end|>"

@@ -114,8 +114,9 @@ def test_dpo_ultrafeedback_prompt_taken_from_the_conversations(tmp_path, monkeyp
     # from the conversation, which a plain concatenation would give)
     assert prompt == (f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                       f"{row['prompt']}<|im_end|>\n<|im_start|>assistant\n")
-    assert tok.decode(first["chosen_ids"]) == row["chosen"][1]["content"] + "<|im_end|>"
-    assert tok.decode(first["rejected_ids"]) == row["rejected"][1]["content"] + "<|im_end|>"
+    # TRL scores the template's text after the end-of-turn token too
+    assert tok.decode(first["chosen_ids"]) == row["chosen"][1]["content"] + "<|im_end|>\n"
+    assert tok.decode(first["rejected_ids"]) == row["rejected"][1]["content"] + "<|im_end|>\n"
 
 
 def test_grpo_with_oumi_reward_name(tmp_path):

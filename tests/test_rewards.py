@@ -46,6 +46,23 @@ def test_oumi_table():
     assert got == pytest.approx([0.0, -1.3333333, -1.6, -1.7142857, -1.8666667])
 
 
+def test_count_letters_compares_the_target_as_given():
+    """Oumi's `abs(count - target_count)` on the row's value: no int() cast (oumi-compat.md 4)."""
+    assert count_letters(["\\boxed{2}"], [2.5]) == [pytest.approx(1 / (0.5 + 0.5) - 2)]  # -1.0, not 0.0
+    assert count_letters(["\\boxed{3}"], [2.75]) == [pytest.approx(1 / 0.75 - 2)]
+    rs = load_rewards(["count_letters"])
+    with pytest.raises(RewardError, match="count_letters"):  # Oumi raises on a string count too
+        _score(rs, ["\\boxed{3}"], letter_count=["3"])
+
+
+def test_letter_count_transform_keeps_the_metadata_value():
+    from mlxrl.tasks.letter_count import transform
+
+    raw = {"messages": [{"role": "user", "content": "q"}],
+           "metadata": {"letter_count_integer": 2.5}}
+    assert transform(raw)["letter_count"] == 2.5
+
+
 def _score(rs, texts, **columns):
     n = len(texts)
     return rs.score(["p"] * n, texts, [[1]] * n, columns)

@@ -1,32 +1,55 @@
-"""Rows -> token ids, through the tokenizer's chat template.
+"""Rows -> token ids, as TRL 1.16's trainers tokenize them (both backends use these ids).
 
-Every row is turned into messages and templated, as TRL does for conversational data and Oumi
-does for its registered DPO datasets:
-- a plain-string `prompt` is one user message; plain-string `chosen`/`rejected`/`completion` are
-  one assistant message each (so HumanLLMs/Human-Like-DPO-Dataset's strings are chat-templated);
-- prompt ids = template(prompt, add_generation_prompt=True); full = template(prompt + answer);
-  completion ids = full[len(prompt ids):];
-- a completion ends with the template's end-of-turn token: tokens the template adds after it
-  (ChatML's trailing newline) are cut, and the tokenizer's EOS is appended when the template
-  adds no end-of-turn token. Generation stops at that token, so it is part of what is scored.
+A row is conversational when its `prompt` / `chosen` / `rejected` / `completion` / `messages`
+are lists of {role, content} messages, standard when they are strings (TRL's
+`is_conversational`). A row that mixes the two, which TRL cannot run, is read as conversational:
+its strings become one message each (`prompt` a user message, the others assistant messages).
 
-Per-row `tools` and `chat_template_kwargs` columns are forwarded to the template, as in TRL.
+Preference rows (`DPOTrainer._prepare_dataset`):
+- no `prompt`: the longest common prefix of chosen and rejected is the prompt (TRL's
+  `extract_prompt`: message-wise, or character-wise without the space before the divergence);
+- conversational: prompt ids = template(prompt, add_generation_prompt=True), full ids =
+  template(prompt + answer), the per-row `tools` and `chat_template_kwargs` passed on;
+- standard: the tokenizer's EOS is appended to chosen / rejected unless they end with it, and
+  `tokenizer(prompt)` / `tokenizer(prompt + answer)` are tokenized plainly (no chat template;
+  the tokenizer's own special tokens, e.g. a BOS, are added);
+- the completion starts where prompt ids and full ids first differ (the shorter of chosen's and
+  rejected's common prefix): everything the template renders after the prompt is scored,
+  ChatML's `<|im_end|>\n` included.
+
+SFT rows (`SFTTrainer`): `prompt` + `completion` as the preference answers above (a standard
+completion gets the EOS); `messages` are templated whole and the assistant turns are the
+completion: the template's `{% generation %}` spans when it has them (TRL's
+`assistant_only_loss`), else what each assistant message adds after the generation prompt before
+it, its end-of-turn text included (the span TRL's own training templates mark). TRL without
+`assistant_only_loss` trains a `messages` row on every token; mlxrl masks the system and user
+turns, as TRL's `assistant_only_loss` does.
+
+GRPO prompts (`GRPOTrainer._tokenize_prompts`): conversational prompts get the chat template with
+the generation prompt and the trainer's `chat_template_kwargs` (`model.chat_template_kwargs`); a
+string prompt is tokenized plainly. As in TRL, a row's own `tools` and `chat_template_kwargs` do
+not reach the prompt's template (they reach the reward functions); `grpo_template_note` says so.
 
 Truncation follows TRL's `keep_start`: a sequence keeps its first `max_length` tokens, and a row
 whose prompt alone is `>= max_length` tokens is dropped. `Truncation` counts both so a trainer can
-report them once.
+report them once. Before templating, each text is cut to `char_limit` characters, a bound past
+which no kept token can come from (a token covers at most as many characters as its longest
+spelling), so a 10 MB row costs what a row of max_length tokens costs. A preference row whose
+chosen and rejected completions are the same tokens teaches nothing: it is dropped and counted.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mlxrl.errors import DataError
 
 # End-of-turn tokens of common chat templates, used when the tokenizer has them as tokens.
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_text|>",
                 "<|endoftext|>", "</s>")
+_TEXT_FIELDS = ("prompt", "chosen", "rejected", "completion", "messages")
 
 
 def unwrap(tokenizer):
@@ -46,7 +69,7 @@ def end_of_turn_ids(tokenizer) -> set[int]:
     return ids
 
 
-# ----------------------------------------------------------------------------- templating
+# ----------------------------------------------------------------------------- reading rows
 
 
 def _where(index: int | None) -> str:
@@ -61,105 +84,178 @@ def _field(row: dict, name: str, index: int | None):
     return value
 
 
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def is_conversational(row: dict) -> bool:
+    """Whether any of the row's text fields is a list of messages."""
+    return any(_is_messages(row.get(name)) for name in _TEXT_FIELDS)
+
+
 def _as_messages(value, role: str, name: str, index: int | None) -> list[dict]:
     """A string becomes one `role` message; a list of {role, content} dicts stays as it is."""
     if isinstance(value, str):
         return [{"role": role, "content": value}]
-    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value):
+    if _is_messages(value):
         return [dict(m) for m in value]
     raise DataError(f"{_where(index)}: field {name!r} must be a string or a list of "
                     f"{{role, content}} messages, got {type(value).__name__}")
 
 
-def _template(tok, row: dict, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    kwargs = dict(row.get("chat_template_kwargs") or {})
-    if row.get("tools"):
-        kwargs["tools"] = row["tools"]
-    text = tok.apply_chat_template(messages, tokenize=False,
-                                   add_generation_prompt=add_generation_prompt, **kwargs)
-    return list(tok(text, add_special_tokens=False)["input_ids"])
+def _as_text(value, name: str, index: int | None) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{_where(index)}: field {name!r} must be a string, got {type(value).__name__}")
+    return value
 
 
-def _end_at_eos(tok, completion: list[int]) -> list[int]:
-    """Cut what follows the last end-of-turn token; append EOS when there is none."""
-    ends = end_of_turn_ids(tok)
-    last = max((i for i, t in enumerate(completion) if t in ends), default=None)
-    if last is None:
-        return completion + [tok.eos_token_id]
-    return completion[: last + 1]
+_LONGEST_TOKEN: dict[int, int] = {}
+
+
+def char_limit(tokenizer, max_length: int | None) -> int | None:
+    """Characters of a text that can hold the first `max_length` tokens, with a margin: any
+    token covers at most `longest spelling` characters, so text past this cannot be kept."""
+    if max_length is None:
+        return None
+    tok = unwrap(tokenizer)
+    if id(tok) not in _LONGEST_TOKEN:
+        _LONGEST_TOKEN[id(tok)] = max(map(len, tok.get_vocab()), default=16)
+    return 2 * max_length * max(_LONGEST_TOKEN[id(tok)], 1) + 1024
+
+
+def cut_row(row: dict, limit: int | None) -> dict:
+    """`row` with every text (a string column, or the content of a message in a list column) cut
+    to `limit` characters; `row` itself when nothing is that long."""
+    if limit is None:
+        return row
+
+    def cut(value):
+        if isinstance(value, str) and len(value) > limit:
+            return value[:limit]
+        if isinstance(value, list) and any(isinstance(m, dict) for m in value):
+            return [{**m, "content": cut(m["content"])} if isinstance(m, dict) and "content" in m
+                    else m for m in value]
+        return value
+
+    cut_values = {k: cut(v) for k, v in row.items()}
+    return cut_values if any(cut_values[k] is not row[k] for k in row) else row
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+
+def _template_kwargs(row: dict) -> dict:
+    """TRL's per-row `tools` (a JSON string is parsed) and `chat_template_kwargs`."""
+    tools = row.get("tools")
+    tools = json.loads(tools) if isinstance(tools, str) else tools
+    return {"tools": tools, **(row.get("chat_template_kwargs") or {})}
+
+
+def _template(tok, row: dict, messages: list[dict], add_generation_prompt: bool,
+              assistant_mask: bool = False):
+    out = tok.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                  add_generation_prompt=add_generation_prompt,
+                                  return_assistant_tokens_mask=assistant_mask, **_template_kwargs(row))
+    ids = list(out["input_ids"])
+    return (ids, list(out["assistant_masks"])) if assistant_mask else ids
+
+
+def _plain(tok, text: str) -> list[int]:
+    return list(tok(text)["input_ids"])
+
+
+def _with_eos(tok, text: str) -> str:
+    return text if text.endswith(tok.eos_token) else text + tok.eos_token
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 _warned_prefix = False
 
 
-def _split_completion(prompt_ids: list[int], full_ids: list[int]) -> list[int]:
+def _prompt_length(prompt_ids: list[int], *full: list[int]) -> int:
+    """Where the completions start: the prompt's common prefix with every full sequence."""
     global _warned_prefix
-    if full_ids[: len(prompt_ids)] != prompt_ids and not _warned_prefix:
+    length = min(_common_prefix(prompt_ids, f) for f in full)
+    if length < len(prompt_ids) and not _warned_prefix:
         _warned_prefix = True
-        warnings.warn("the chat template renders the prompt differently once an answer follows; "
-                      "completion ids are taken after len(prompt ids), as TRL does", stacklevel=3)
-    return full_ids[len(prompt_ids):]
+        warnings.warn("the tokenized prompt is not a prefix of prompt + completion (the chat template "
+                      "renders it differently, or tokens merge across the boundary); the completion "
+                      "starts where they differ, as in TRL", stacklevel=3)
+    return length
 
 
-def _prompt_and_answer(tok, row: dict, prompt: list[dict], answer: list[dict]):
-    prompt_ids = _template(tok, row, prompt, add_generation_prompt=True)
-    full_ids = _template(tok, row, prompt + answer, add_generation_prompt=False)
-    return prompt_ids, _end_at_eos(tok, _split_completion(prompt_ids, full_ids))
+# ----------------------------------------------------------------------------- preference rows
 
 
-# ----------------------------------------------------------------------------- row encoders
-
-
-def _implicit_prompt(chosen: list[dict], rejected: list[dict], index: int | None):
-    """TRL's extract_prompt for conversations: the longest common message prefix."""
-    n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-        n += 1
+def _extract_prompt(chosen, rejected, index: int | None):
+    """TRL's `extract_prompt`: the longest common prefix (messages, or characters without the
+    space before the divergence)."""
+    n = _common_prefix(list(chosen), list(rejected))
+    if isinstance(chosen, str) and 0 < n < min(len(chosen), len(rejected)) and chosen[n - 1] == " ":
+        n -= 1
     if n == 0 or n == len(chosen) or n == len(rejected):
         raise DataError(f"{_where(index)}: no 'prompt' field and chosen/rejected share no "
-                        "leading messages to use as the prompt (or one is all prompt)")
+                        "leading part to use as the prompt (or one is all prompt)")
     return chosen[:n], chosen[n:], rejected[n:]
 
 
+def _preference_fields(row: dict, index: int | None):
+    chosen, rejected = _field(row, "chosen", index), _field(row, "rejected", index)
+    prompt = row.get("prompt")
+    if prompt is None:
+        if isinstance(chosen, str) != isinstance(rejected, str):
+            raise DataError(f"{_where(index)}: no 'prompt' field, and chosen / rejected are not both "
+                            "strings or both message lists")
+        return _extract_prompt(chosen, rejected, index)
+    return _field(row, "prompt", index), chosen, rejected
+
+
 def encode_preference(row: dict, tokenizer, index: int | None = None) -> dict[str, list[int]]:
-    """`{"prompt_ids", "chosen_ids", "rejected_ids"}`; chosen/rejected are completion tokens."""
+    """`{"prompt_ids", "chosen_ids", "rejected_ids"}`: DPOTrainer's ids for the row."""
     tok = unwrap(tokenizer)
-    chosen_raw = _field(row, "chosen", index)
-    rejected_raw = _field(row, "rejected", index)
-    if row.get("prompt") is None:
-        if isinstance(chosen_raw, str) or isinstance(rejected_raw, str):
-            raise DataError(f"{_where(index)}: field 'prompt' is missing (an implicit prompt "
-                            "needs chosen/rejected as message lists)")
-        chosen = _as_messages(chosen_raw, "assistant", "chosen", index)
-        rejected = _as_messages(rejected_raw, "assistant", "rejected", index)
-        prompt, chosen, rejected = _implicit_prompt(chosen, rejected, index)
+    prompt, chosen, rejected = _preference_fields(row, index)
+    if is_conversational({"prompt": prompt, "chosen": chosen, "rejected": rejected}):
+        prompt = _as_messages(prompt, "user", "prompt", index)
+        prompt_ids = _template(tok, row, prompt, add_generation_prompt=True)
+        chosen_full, rejected_full = (
+            _template(tok, row, prompt + _as_messages(answer, "assistant", name, index), False)
+            for name, answer in (("chosen", chosen), ("rejected", rejected)))
     else:
-        prompt = _as_messages(_field(row, "prompt", index), "user", "prompt", index)
-        chosen = _as_messages(chosen_raw, "assistant", "chosen", index)
-        rejected = _as_messages(rejected_raw, "assistant", "rejected", index)
-    prompt_ids, chosen_ids = _prompt_and_answer(tok, row, prompt, chosen)
-    _, rejected_ids = _prompt_and_answer(tok, row, prompt, rejected)
-    return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
+        prompt = _as_text(prompt, "prompt", index)
+        prompt_ids = _plain(tok, prompt)
+        chosen_full, rejected_full = (_plain(tok, prompt + _with_eos(tok, _as_text(answer, name, index)))
+                                      for name, answer in (("chosen", chosen), ("rejected", rejected)))
+    start = _prompt_length(prompt_ids, chosen_full, rejected_full)
+    return {"prompt_ids": prompt_ids[:start], "chosen_ids": chosen_full[start:],
+            "rejected_ids": rejected_full[start:]}
+
+
+# ----------------------------------------------------------------------------- SFT rows
+
+
+def _has_generation_tags(tok) -> bool:
+    template = tok.chat_template if isinstance(tok.chat_template, str) else ""
+    return "{% generation %}" in template or "{%- generation %}" in template
 
 
 def _encode_messages(tok, row: dict, messages: list[dict], index: int | None):
-    """Template the whole conversation; assistant turns (to their end-of-turn) are completion."""
-    full = _template(tok, row, messages, add_generation_prompt=False)
-    mask = [0] * len(full)
-    ends = end_of_turn_ids(tok)
-    for i, message in enumerate(messages):
-        if message.get("role") != "assistant":
-            continue
-        start = len(_template(tok, row, messages[:i], add_generation_prompt=True)) if i else 0
-        upto = _template(tok, row, messages[: i + 1], add_generation_prompt=False)
-        _split_completion(upto, full)  # warns once if earlier turns render differently later
-        stop = len(upto)
-        segment = full[start:stop]
-        last = max((j for j, t in enumerate(segment) if t in ends), default=len(segment) - 1)
-        for j in range(start, start + last + 1):
-            mask[j] = 1
-    if messages[-1].get("role") == "assistant" and not (ends & set(full)):
-        full, mask = full + [tok.eos_token_id], mask + [1]
+    """Template the whole conversation; assistant turns are the completion."""
+    if _has_generation_tags(tok):  # TRL's assistant_only_loss
+        full, mask = _template(tok, row, messages, False, assistant_mask=True)
+    else:
+        full = _template(tok, row, messages, add_generation_prompt=False)
+        mask = [0] * len(full)
+        for i, message in enumerate(messages):
+            if message.get("role") == "assistant":
+                start = len(_template(tok, row, messages[:i], True)) if i else 0
+                stop = len(_template(tok, row, messages[: i + 1], False))
+                mask[start:stop] = [1] * (stop - start)
     if not any(mask):
         raise DataError(f"{_where(index)}: 'messages' has no assistant message to learn from")
     return full, mask
@@ -175,18 +271,45 @@ def encode_sft(row: dict, tokenizer, index: int | None = None) -> dict[str, list
     if row.get("prompt") is None and row.get("completion") is None:
         raise DataError(f"{_where(index)}: needs 'messages', or 'prompt' and 'completion' "
                         f"(has {sorted(row)})")
-    prompt = _as_messages(_field(row, "prompt", index), "user", "prompt", index)
-    answer = _as_messages(_field(row, "completion", index), "assistant", "completion", index)
-    prompt_ids, completion_ids = _prompt_and_answer(tok, row, prompt, answer)
-    return {"input_ids": prompt_ids + completion_ids,
-            "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids)}
+    prompt, completion = _field(row, "prompt", index), _field(row, "completion", index)
+    if is_conversational({"prompt": prompt, "completion": completion}):
+        prompt = _as_messages(prompt, "user", "prompt", index)
+        prompt_ids = _template(tok, row, prompt, add_generation_prompt=True)
+        full = _template(tok, row, prompt + _as_messages(completion, "assistant", "completion", index), False)
+    else:
+        prompt_ids = _plain(tok, _as_text(prompt, "prompt", index))
+        full = _plain(tok, prompt + _with_eos(tok, _as_text(completion, "completion", index)))
+    start = _prompt_length(prompt_ids, full)
+    return {"input_ids": full, "completion_mask": [0] * start + [1] * (len(full) - start)}
 
 
-def encode_prompt(row: dict, tokenizer, index: int | None = None) -> list[int]:
-    """GRPO prompt ids: `prompt` (string = one user message, or messages) + generation prompt."""
+def encode_prompt(row: dict, tokenizer, index: int | None = None,
+                  chat_template_kwargs: dict | None = None) -> list[int]:
+    """GRPO prompt ids: messages templated with the generation prompt and the trainer's
+    `chat_template_kwargs`, a string tokenized plainly."""
     tok = unwrap(tokenizer)
-    prompt = _as_messages(_field(row, "prompt", index), "user", "prompt", index)
-    return _template(tok, row, prompt, add_generation_prompt=True)
+    prompt = _field(row, "prompt", index)
+    if isinstance(prompt, str):
+        return _plain(tok, prompt)
+    return _template(tok, {"chat_template_kwargs": chat_template_kwargs},
+                     _as_messages(prompt, "user", "prompt", index), add_generation_prompt=True)
+
+
+def grpo_template_note(rows, chat_template_kwargs: dict | None = None) -> str | None:
+    """The note for GRPO rows that carry template arguments of their own, which the prompts do
+    not get (`rows`: dicts, or a datasets.Dataset)."""
+    columns = rows.column_names if hasattr(rows, "column_names") else (rows[0] if len(rows) else {})
+    unused = ["tools"] if "tools" in columns else []
+    if "chat_template_kwargs" in columns:
+        own = rows["chat_template_kwargs"] if hasattr(rows, "column_names") else \
+            [r.get("chat_template_kwargs") for r in rows]
+        if any((kw or {}) != (chat_template_kwargs or {}) for kw in own):
+            unused.append("chat_template_kwargs")
+    if not unused:
+        return None
+    return (f"note: GRPO prompts are templated without the rows' own {' / '.join(unused)} (as TRL "
+            f"1.16's GRPOTrainer does; model.chat_template_kwargs applies); they reach the reward "
+            f"functions only")
 
 
 # ----------------------------------------------------------------------------- truncation
@@ -213,10 +336,19 @@ class Truncation:
     rows: int = 0
     truncated: int = 0
     dropped: int = 0
+    identical: list[int] = field(default_factory=list)  # rows whose chosen equals rejected
 
-    def preference(self, encoded: dict) -> dict | None:
+    def cut(self, row, tokenizer) -> dict:
+        """The row with its texts cut to what can reach the kept tokens (`char_limit`), to
+        encode before `preference` / `sft`."""
+        return cut_row(dict(row), char_limit(tokenizer, self.max_length))
+
+    def preference(self, encoded: dict, index: int | None = None) -> dict | None:
         """Truncate chosen and rejected after the shared prompt; None if the row is dropped."""
         self.rows += 1
+        if encoded["chosen_ids"] == encoded["rejected_ids"]:
+            self.identical.append(index if index is not None else self.rows - 1)
+            return None
         prompt = encoded["prompt_ids"]
         chosen = truncate_keep_start(prompt, encoded["chosen_ids"], self.max_length)
         rejected = truncate_keep_start(prompt, encoded["rejected_ids"], self.max_length)
@@ -241,8 +373,14 @@ class Truncation:
         return {"input_ids": ids, "completion_mask": mask}
 
     def message(self) -> str | None:
-        """"N of M rows truncated to max_length=L; K dropped (...)", or None if none were."""
-        if not self.truncated and not self.dropped:
-            return None
-        return (f"{self.truncated} of {self.rows} rows truncated to max_length={self.max_length}; "
-                f"{self.dropped} dropped (prompt alone >= max_length)")
+        """"N of M rows truncated to max_length=L; K dropped (...)" and a warning line for pairs
+        whose chosen equals rejected, or None if there is nothing to say."""
+        lines = []
+        if self.truncated or self.dropped:
+            lines.append(f"{self.truncated} of {self.rows} rows truncated to max_length="
+                         f"{self.max_length}; {self.dropped} dropped (prompt alone >= max_length)")
+        if self.identical:
+            shown = ", ".join(map(str, self.identical[:5])) + (", ..." if len(self.identical) > 5 else "")
+            lines.append(f"warning: {len(self.identical)} of {self.rows} pairs dropped: chosen equals "
+                         f"rejected, which teaches nothing (rows {shown})")
+        return "\n".join(lines) or None

@@ -158,29 +158,48 @@ def _slice_saved(loaded, split: str) -> datasets.Dataset:
     return loaded.select(rows)
 
 
+MAX_ROW_BYTES = 10 * 2**20  # a JSONL row this long is a mistake (1,024 tokens are ~4 KB)
+
+
 def _validate_json(p: Path, label: str) -> None:
-    """JSON lines (one object a line), or one JSON document; errors give file:line."""
-    text = p.read_text(encoding="utf-8")
-    if not text.strip():
+    """JSON lines (one object a line), or one JSON document; errors give file:line. Each line must
+    be UTF-8 and at most MAX_ROW_BYTES long."""
+    data = p.read_bytes()
+    if not data.strip():
         raise DataError(f"{label}: {p} is empty")
-    if p.suffix.lower() == ".json" and text.lstrip()[:1] == "[":
-        try:
-            json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{e.lineno}: malformed JSON ({e.msg})") from e
+    if p.suffix.lower() == ".json" and data.lstrip()[:1] == b"[":
+        _validate_json_document(p, utf8_text(data, p))
         return
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
             continue
+        if len(raw) > MAX_ROW_BYTES:
+            raise DataError(f"{p}:{lineno}: the row is {len(raw) / 2**20:.1f} MB, over mlxrl's limit of "
+                            f"{MAX_ROW_BYTES // 2**20} MB per row; shorten or remove it")
+        line = utf8_text(raw, p, lineno)
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             if p.suffix.lower() == ".json" and lineno == 1 and e.msg != "Extra data":
-                _validate_json_document(p, text)
+                _validate_json_document(p, utf8_text(data, p))
                 return
             raise DataError(f"{p}:{lineno}: malformed JSON line ({e.msg})") from e
         if not isinstance(row, dict):
             raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(row).__name__}")
+
+
+def utf8_text(raw: bytes, p: Path, lineno: int | None = None) -> str:
+    """`raw` decoded, or a DataError naming the file, line and column of the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if lineno is None:
+            lineno = raw.count(b"\n", 0, e.start) + 1
+            column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        else:
+            column = e.start + 1
+        raise DataError(f"{p}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}); "
+                        f"save the file as UTF-8") from None
 
 
 def _validate_json_document(p: Path, text: str) -> None:

@@ -2,8 +2,9 @@
 
     output_dir/
       checkpoint-<step>/   adapters.safetensors, adapter_config.json (mlx-lm format),
-                           optimizer.safetensors, trainer_state.json
-      adapters.safetensors, adapter_config.json, trainer_state.json   (the final adapter)
+                           optimizer.safetensors, mlxrl_run.json, trainer_state.json
+      adapters.safetensors, adapter_config.json, trainer_state.json,
+      mlxrl_run.json       (the final adapter; mlxrl_run.json: backend, config, files written)
       metrics.jsonl
 
 A checkpoint is written into a hidden temporary folder and renamed into place when complete
@@ -13,6 +14,7 @@ complete. Only safetensors and JSON are ever read back.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -20,34 +22,61 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxrl.mlx.model import save_adapter
-from mlxrl.run_dir import STATE_FILE, publish_files, publish_folder, staging_folder, write_json
+from mlxrl.run_dir import (
+    RUN_FILE,
+    STATE_FILE,
+    leftovers,
+    publish_files,
+    publish_folder,
+    staging_folder,
+    write_json,
+)
+from mlxrl.stopping import is_write_error, save_failed, write_error_text
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 
 
 def write_checkpoint(output_dir: Path, step: int, model, adapter_config: dict, optimizer,
-                     trainer_state: dict) -> Path:
+                     trainer_state: dict, run_record: dict) -> Path:
     final = output_dir / f"checkpoint-{step}"
-    tmp = staging_folder(output_dir, final.name)
-    try:
+    with _one_line_write_errors(output_dir, final.name):
+        tmp = staging_folder(output_dir, final.name)
         save_adapter(model, tmp, adapter_config)
         if optimizer is not None:
             flat = dict(tree_flatten(optimizer.state))
             mx.save_safetensors(str(tmp / OPTIMIZER_FILE), {k: v for k, v in flat.items() if isinstance(v, mx.array)})
+        write_json(tmp / RUN_FILE, run_record)
         write_json(tmp / STATE_FILE, trainer_state)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    publish_folder(tmp, final)
+        publish_folder(tmp, final)
     return final
 
 
-def write_final(output_dir: Path, model, adapter_config: dict, trainer_state: dict) -> None:
-    """The final adapter in output_dir itself; each file replaced atomically."""
-    tmp = staging_folder(output_dir, "final")
-    save_adapter(model, tmp, adapter_config)
-    write_json(tmp / STATE_FILE, trainer_state)
-    publish_files(tmp, output_dir)
+def write_final(output_dir: Path, model, adapter_config: dict, trainer_state: dict,
+                run_record: dict) -> None:
+    """The final adapter in output_dir itself; each file replaced atomically. Its RUN_FILE lists
+    the files, so that `--overwrite` removes exactly these."""
+    with _one_line_write_errors(output_dir, "the final adapter"):
+        tmp = staging_folder(output_dir, "final")
+        save_adapter(model, tmp, adapter_config)
+        write_json(tmp / STATE_FILE, trainer_state)
+        names = sorted(p.name for p in tmp.iterdir())
+        write_json(tmp / RUN_FILE, {**run_record, "files": [*names, RUN_FILE]})
+        publish_files(tmp, output_dir)
+
+
+@contextlib.contextmanager
+def _one_line_write_errors(output_dir: Path, what: str):
+    """A failed write (disk full, read-only disk) removes the staging folder and becomes one
+    line that says what is intact; anything else (Ctrl-C too) still removes the staging folder."""
+    try:
+        yield
+    except BaseException as e:
+        reason = write_error_text(e, output_dir) if is_write_error(e) else None
+        for leftover in leftovers(output_dir):
+            shutil.rmtree(leftover, ignore_errors=True)
+        if reason is None:
+            raise
+        raise save_failed(output_dir, what, reason) from None
 
 
 def load_optimizer_state(folder: Path) -> dict | None:

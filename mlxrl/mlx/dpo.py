@@ -1,238 +1,25 @@
-"""DPO: the loss (this section) and its training loop (below).
+"""DPO on MLX: pairs, the reference, and the training loop.
 
-Objective, as TRL's `DPOTrainer` computes it. For a pair (chosen, rejected) with summed completion
-log-probs under the policy (`pc`, `pr`) and the reference (`rc`, `rr`), the log-ratios are
-`s_c = pc - rc`, `s_r = pr - rr` and `delta = s_c - s_r`. The default `sigmoid` loss is
-`-log sigmoid(beta * delta)`; the loss of a batch is the plain mean over pairs, and with several
-loss types it is the weighted sum of those means.
-
-Where TRL departs from the DPO paper (and so do we):
-- Sequence log-probs are SUMS over completion tokens (prompt and padding masked), not means.
-- `sigmoid` ignores `label_smoothing` (since TRL 0.29; cDPO is gone). Only `robust`, `exo_pair`
-  and `aot*` read it.
-- `ipo` and `sigmoid_norm` divide each log-ratio by its completion length before the margin
-  (TRL's choice, confirmed with the IPO authors); `beta` is IPO's tau.
-- Metrics are TRL's: `rewards/*` are `beta * log-ratio`, `rewards/accuracies` is the fraction of
-  pairs with `reward_c > reward_r` (per pair, not on batch means).
+The loss is TRL 1.16's, every `loss_type` and option (`mlxrl/mlx/dpo_loss.py`).
 """
 
 import contextlib
-import math
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from mlxrl.data.formats import Truncation, encode_preference
 from mlxrl.errors import DataError
-from mlxrl.mlx.logprobs import sequence_logps
+from mlxrl.mlx.dpo_loss import (  # noqa: F401  (re-exported: the loss's public names)
+    DPO_LOSSES,
+    F_DIVERGENCES,
+    completion_logps,
+    dpo_loss,
+    dpo_metrics,
+    settings_loss,
+)
+from mlxrl.mlx.logprobs import per_token_logps, per_token_logps_and_log_sum_sq
 from mlxrl.mlx.model import adapters_disabled
 from mlxrl.mlx.trainer import IndexStream, StepBatch, StreamPosition, bucket, pad_rows
-
-
-class PairTerms(NamedTuple):
-    """What a per-pair DPO loss may read; every field is `[P]`."""
-
-    policy_chosen: mx.array
-    policy_rejected: mx.array
-    ref_chosen: mx.array
-    ref_rejected: mx.array
-    chosen_lengths: mx.array | None
-    rejected_lengths: mx.array | None
-
-    @property
-    def chosen_logratios(self) -> mx.array:
-        return self.policy_chosen - self.ref_chosen
-
-    @property
-    def rejected_logratios(self) -> mx.array:
-        return self.policy_rejected - self.ref_rejected
-
-    @property
-    def delta(self) -> mx.array:
-        return self.chosen_logratios - self.rejected_logratios
-
-    def length_normalised_delta(self, loss_type: str) -> mx.array:
-        if self.chosen_lengths is None or self.rejected_lengths is None:
-            raise ValueError(
-                f"DPO loss_type {loss_type!r} needs chosen_lengths and rejected_lengths"
-            )
-        chosen = self.chosen_logratios / mx.maximum(self.chosen_lengths.astype(mx.float32), 1.0)
-        rejected = self.rejected_logratios / mx.maximum(
-            self.rejected_lengths.astype(mx.float32), 1.0
-        )
-        return chosen - rejected
-
-
-class LossParams(NamedTuple):
-    beta: float
-    label_smoothing: float
-    discopop_tau: float
-
-
-PairLoss = Callable[[PairTerms, LossParams], mx.array]
-
-
-def _sigmoid(t: PairTerms, p: LossParams) -> mx.array:
-    return -nn.log_sigmoid(p.beta * t.delta)
-
-
-def _hinge(t: PairTerms, p: LossParams) -> mx.array:
-    return nn.relu(1.0 - p.beta * t.delta)
-
-
-def _ipo(t: PairTerms, p: LossParams) -> mx.array:
-    return (t.length_normalised_delta("ipo") - 1.0 / (2.0 * p.beta)) ** 2
-
-
-def _robust(t: PairTerms, p: LossParams) -> mx.array:
-    ls, z = p.label_smoothing, p.beta * t.delta
-    return (-(1.0 - ls) * nn.log_sigmoid(z) + ls * nn.log_sigmoid(-z)) / (1.0 - 2.0 * ls)
-
-
-def _sigmoid_norm(t: PairTerms, p: LossParams) -> mx.array:
-    return -nn.log_sigmoid(p.beta * t.length_normalised_delta("sigmoid_norm"))
-
-
-def _bco_pair(t: PairTerms, p: LossParams) -> mx.array:
-    return -nn.log_sigmoid(p.beta * t.chosen_logratios) - nn.log_sigmoid(
-        -p.beta * t.rejected_logratios
-    )
-
-
-def _exo_pair(t: PairTerms, p: LossParams) -> mx.array:
-    if not 0.0 < p.label_smoothing < 1.0:
-        raise ValueError("DPO loss_type 'exo_pair' needs 0 < label_smoothing < 1")
-    z = p.beta * t.delta
-    log_p_chosen, log_p_rejected = math.log1p(-p.label_smoothing), math.log(p.label_smoothing)
-    return mx.sigmoid(z) * (nn.log_sigmoid(z) - log_p_chosen) + mx.sigmoid(-z) * (
-        nn.log_sigmoid(-z) - log_p_rejected
-    )
-
-
-def _nca_pair(t: PairTerms, p: LossParams) -> mx.array:
-    chosen, rejected = p.beta * t.chosen_logratios, p.beta * t.rejected_logratios
-    return -nn.log_sigmoid(chosen) - 0.5 * nn.log_sigmoid(-chosen) - 0.5 * nn.log_sigmoid(-rejected)
-
-
-def _sppo_hard(t: PairTerms, p: LossParams) -> mx.array:
-    return (t.chosen_logratios - 0.5 / p.beta) ** 2 + (t.rejected_logratios + 0.5 / p.beta) ** 2
-
-
-def _smoothed_sigmoid(delta: mx.array, p: LossParams) -> mx.array:
-    z = p.beta * delta
-    return -(1.0 - p.label_smoothing) * nn.log_sigmoid(z) - p.label_smoothing * nn.log_sigmoid(-z)
-
-
-def _aot(t: PairTerms, p: LossParams) -> mx.array:
-    policy = mx.sort(t.policy_chosen - t.policy_rejected, axis=0)
-    reference = mx.sort(t.ref_chosen - t.ref_rejected, axis=0)
-    return _smoothed_sigmoid(policy - reference, p)
-
-
-def _aot_unpaired(t: PairTerms, p: LossParams) -> mx.array:
-    chosen = mx.sort(t.chosen_logratios, axis=0)
-    rejected = mx.sort(t.rejected_logratios, axis=0)
-    return _smoothed_sigmoid(chosen - rejected, p)
-
-
-def _apo_zero(t: PairTerms, p: LossParams) -> mx.array:
-    return 1.0 - mx.sigmoid(p.beta * t.chosen_logratios) + mx.sigmoid(p.beta * t.rejected_logratios)
-
-
-def _apo_down(t: PairTerms, p: LossParams) -> mx.array:
-    return mx.sigmoid(p.beta * t.chosen_logratios) + 1.0 - mx.sigmoid(p.beta * t.delta)
-
-
-def _discopop(t: PairTerms, p: LossParams) -> mx.array:
-    z = p.beta * t.delta
-    mix = mx.sigmoid(z / p.discopop_tau)
-    return -nn.log_sigmoid(z) * (1.0 - mix) + mx.exp(-z) * mix
-
-
-# TRL's per-pair losses (`sft` needs per-token log-probs and lives with the training loop).
-DPO_LOSSES: dict[str, PairLoss] = {
-    "sigmoid": _sigmoid,
-    "hinge": _hinge,
-    "ipo": _ipo,
-    "robust": _robust,
-    "sigmoid_norm": _sigmoid_norm,
-    "bco_pair": _bco_pair,
-    "exo_pair": _exo_pair,
-    "nca_pair": _nca_pair,
-    "sppo_hard": _sppo_hard,
-    "aot": _aot,
-    "aot_unpaired": _aot_unpaired,
-    "apo_zero": _apo_zero,
-    "apo_down": _apo_down,
-    "discopop": _discopop,
-}
-
-
-def _weighted_loss_types(
-    loss_type: str | Sequence[str], loss_weights: Sequence[float] | None
-) -> list[tuple[PairLoss, float]]:
-    names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    unknown = [name for name in names if name not in DPO_LOSSES]
-    if unknown or not names:
-        raise ValueError(
-            f"unknown DPO loss_type {unknown or names!r}; valid: {', '.join(DPO_LOSSES)}"
-        )
-    weights = [1.0] * len(names) if loss_weights is None else list(loss_weights)
-    if len(weights) != len(names):
-        raise ValueError(f"loss_weights has {len(weights)} entries but loss_type has {len(names)}")
-    return [(DPO_LOSSES[name], float(weight)) for name, weight in zip(names, weights)]
-
-
-def dpo_metrics(terms: PairTerms, beta: float) -> dict[str, mx.array]:
-    """TRL's DPO metrics as mx scalars (no gradient flows through them)."""
-    chosen_rewards = mx.stop_gradient(beta * terms.chosen_logratios)
-    rejected_rewards = mx.stop_gradient(beta * terms.rejected_logratios)
-    return {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).astype(mx.float32).mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "logps/chosen": mx.stop_gradient(terms.policy_chosen).mean(),
-        "logps/rejected": mx.stop_gradient(terms.policy_rejected).mean(),
-    }
-
-
-def dpo_loss(
-    policy_chosen_logps: mx.array,
-    policy_rejected_logps: mx.array,
-    ref_chosen_logps: mx.array,
-    ref_rejected_logps: mx.array,
-    *,
-    beta: float = 0.1,
-    loss_type: str | Sequence[str] = "sigmoid",
-    loss_weights: Sequence[float] | None = None,
-    label_smoothing: float = 0.0,
-    chosen_lengths: mx.array | None = None,
-    rejected_lengths: mx.array | None = None,
-    discopop_tau: float = 0.05,
-) -> tuple[mx.array, dict[str, mx.array]]:
-    """DPO loss of a batch of `P` pairs and TRL's metrics.
-
-    Log-probs are `[P]` sums over completion tokens; `chosen_lengths` / `rejected_lengths` `[P]`
-    are completion token counts (needed by `ipo` and `sigmoid_norm`). `loss_type` is a name from
-    `DPO_LOSSES` or a list of them combined with `loss_weights` (default all 1.0).
-    Returns `(scalar loss, metrics)`.
-    """
-    weighted = _weighted_loss_types(loss_type, loss_weights)
-    terms = PairTerms(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        chosen_lengths,
-        rejected_lengths,
-    )
-    params = LossParams(beta, label_smoothing, discopop_tau)
-    loss = sum(weight * per_pair(terms, params).mean() for per_pair, weight in weighted)
-    return loss, dpo_metrics(terms, beta)
-
 
 # ---------------------------------------------------------------------------------------------
 # Training: chosen and rejected in one concatenated forward; the reference is the same model
@@ -254,7 +41,7 @@ def encode_pairs(dataset, tokenizer, max_length: int, log=print) -> list[tuple]:
     truncation = Truncation(max_length)
     pairs = []
     for i, row in enumerate(dataset):
-        pair = truncation.preference(encode_preference(row, tokenizer, i))
+        pair = truncation.preference(encode_preference(truncation.cut(row, tokenizer), tokenizer, i), i)
         if pair is not None:
             pairs.append(_pair_rows(pair))
     if truncation.message():
@@ -272,21 +59,22 @@ def pair_arrays(pairs: list[tuple]) -> tuple[mx.array, mx.array, int]:
     return pad_rows(rows, width), pad_rows(masks, width), sum(len(r) for r in rows)
 
 
-def settings_loss(settings, logps, ref_logps, mask):
-    """`dpo_loss` on [chosen; rejected] sequence log-probs with the run's DPO settings."""
-    lengths = mask[:, 1:].sum(axis=-1).astype(mx.float32)
-    pc, pr = mx.split(logps, 2)
-    rc, rr = mx.split(ref_logps, 2)
-    lc, lr = mx.split(lengths, 2)
-    return dpo_loss(pc, pr, rc, rr, beta=settings.beta, loss_type=settings.loss_type,
-                    loss_weights=settings.loss_weights, label_smoothing=settings.label_smoothing,
-                    chosen_lengths=lc, rejected_lengths=lr)
+def policy_loss(model, settings, input_ids, mask, ref_logps):
+    """The run's DPO loss and metrics for [chosen; rejected] rows under `model`."""
+    if settings.use_weighting:
+        token_logps, log_sum_sq = per_token_logps_and_log_sum_sq(model, input_ids)
+    else:
+        token_logps, log_sum_sq = per_token_logps(model, input_ids), None
+    logps = completion_logps(token_logps, mask, settings.ld_alpha)
+    return settings_loss(settings, logps, ref_logps, mask, token_logps, log_sum_sq)
 
 
-def reference_logps(model, input_ids, mask, adapters_off: bool = True) -> mx.array:
-    """Summed completion log-probs of the reference policy: by default the adapter-off model."""
+def reference_logps(model, input_ids, mask, adapters_off: bool = True,
+                    ld_alpha: float | None = None) -> mx.array:
+    """Summed (ld_alpha-weighted) completion log-probs of the reference policy: by default the
+    adapter-off model."""
     with adapters_disabled(model) if adapters_off else contextlib.nullcontext():
-        logps = sequence_logps(model, input_ids, mask)
+        logps = completion_logps(per_token_logps(model, input_ids), mask, ld_alpha)
     mx.eval(logps)
     return logps
 
@@ -298,9 +86,8 @@ def preference_eval(model, tokenizer, dataset, settings, batch_size: int = 8) ->
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         ids, mask, _ = pair_arrays(chunk)
-        ref = reference_logps(model, ids, mask)
-        logps = sequence_logps(model, ids, mask)
-        loss, metrics = settings_loss(settings, logps, ref, mask)
+        ref = reference_logps(model, ids, mask, ld_alpha=settings.ld_alpha)
+        loss, metrics = policy_loss(model, settings, ids, mask, ref)
         for k, v in {"loss": loss, **metrics}.items():
             totals[k] = totals.get(k, 0.0) + float(v) * len(chunk)
     return {k: v / len(pairs) for k, v in totals.items()} | {"num_pairs": len(pairs)}
@@ -311,8 +98,7 @@ class DPOMethod(StreamPosition):
 
     def __init__(self, cfg, loaded, dataset, log=print):
         self.model, self.training = loaded.model, cfg.training
-        self.settings = cfg.dpo_settings()
-        _weighted_loss_types(self.settings.loss_type, self.settings.loss_weights)  # fail early
+        self.settings = cfg.dpo_settings()  # its options were checked when the config loaded
         self.pairs = encode_pairs(dataset, loaded.tokenizer, self.settings.max_length, log)
         self.accum = self.training.gradient_accumulation_steps
         self.stream = IndexStream(len(self.pairs), self.training.seed)
@@ -344,14 +130,14 @@ class DPOMethod(StreamPosition):
         for start in range(0, len(self.pairs), batch):
             indices = list(range(start, min(start + batch, len(self.pairs))))
             ids, mask, _ = self._arrays(indices)
-            logps = reference_logps(self.model, ids, mask, not self.reference_is_start).tolist()
+            logps = reference_logps(self.model, ids, mask, not self.reference_is_start,
+                                    self.settings.ld_alpha).tolist()
             n = len(indices)
             cache += list(zip(logps[:n], logps[n:]))
         return cache
 
     def loss(self, input_ids, mask, ref_logps):
-        logps = sequence_logps(self.model, input_ids, mask)
-        loss, metrics = settings_loss(self.settings, logps, ref_logps, mask)
+        loss, metrics = policy_loss(self.model, self.settings, input_ids, mask, ref_logps)
         return loss / self.accum, metrics
 
     def next_step(self):
@@ -363,7 +149,7 @@ class DPOMethod(StreamPosition):
                 cached = [self.ref_cache[i] for i in indices]
                 ref = mx.array([c[0] for c in cached] + [c[1] for c in cached])
             else:
-                ref = reference_logps(self.model, ids, mask)
+                ref = reference_logps(self.model, ids, mask, ld_alpha=self.settings.ld_alpha)
             micro.append((ids, mask, ref))
             tokens += n
         return StepBatch(micro, num_tokens=tokens)

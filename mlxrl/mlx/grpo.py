@@ -1,266 +1,36 @@
-"""GRPO: advantages and the loss (this section), and its training loop (below).
+"""GRPO on MLX: rollouts, rewards and advantages, and the training loop.
 
-Objective, as TRL's `GRPOTrainer` computes it. Each prompt gets G sampled completions (rows
-`i*G .. i*G+G-1`). Their summed rewards become advantages within the group:
-`A = (r - mean_group) / (std_group + 1e-4)` with the unbiased (n-1) std, NaN rewards skipped and
-NaN advantages set to 0. Per completion token, with `ratio = exp(logp - logp_old)` against the
-policy that sampled (not the reference):
-
-    loss_token = -min(ratio * A, clip(ratio, 1 - epsilon, 1 + epsilon_high) * A)
-                 + beta * (exp(ref - logp) - (ref - logp) - 1)        # k3 KL, only if beta != 0
-
-`importance_sampling_level="sequence"` (GSPO) replaces the per-token ratio by the exp of the
-masked mean log-ratio of the row. The per-token losses are then aggregated over the completion
-mask by `loss_type` (see `GRPO_AGGREGATIONS`); TRL's default `dapo` divides the masked sum by the
-number of loss tokens in the whole accumulation window, so gradient accumulation needs no extra
-division.
-
-Where TRL departs from the GRPO paper (and so do we): `beta = 0` by default (no reference
-forward at all); the ratio is clipped PPO-style with an optional asymmetric `epsilon_high` (DAPO);
-the default aggregation is `dapo` (token mean over the window) rather than the paper's
-per-sequence mean (`grpo`); `scale_rewards="none"` drops the std division (Dr. GRPO).
+The loss and the advantages are TRL 1.16's (`mlxrl/mlx/grpo_loss.py`, every `loss_type`). Where
+TRL departs from the GRPO paper (and so do we): `beta = 0` by default (no reference forward at
+all); the ratio is clipped PPO-style with an optional asymmetric `epsilon_high` (DAPO); the
+default aggregation is `dapo` (token mean over the window) rather than the paper's per-sequence
+mean (`grpo`); `scale_rewards="none"` drops the std division (Dr. GRPO).
 """
 
 import json
-import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
 
-from mlxrl.data.formats import encode_prompt, unwrap
+from mlxrl.data.formats import encode_prompt, grpo_template_note, unwrap
 from mlxrl.errors import ConfigError
+from mlxrl.loss_types import grpo_notes
+from mlxrl.mlx.grpo_loss import (  # noqa: F401  (re-exported: the loss's public names)
+    GRPO_AGGREGATIONS,
+    GRPO_LOSS_TYPES,
+    IMPORTANCE_SAMPLING_LEVELS,
+    clip_metrics,
+    group_advantages,
+    grpo_loss,
+    per_token_kl,
+)
 from mlxrl.mlx.grpo_reuse import RolloutReuse
 from mlxrl.mlx.logprobs import per_token_logps
 from mlxrl.mlx.model import adapters_disabled
 from mlxrl.mlx.trainer import IndexStream, StepBatch, StreamPosition, bucket, pad_rows
+from mlxrl.reward_metrics import reward_metrics
 from mlxrl.rewards import load_rewards
-
-ADVANTAGE_EPS = 1e-4
-
-
-def _scale_mode(scale_rewards: str | bool) -> str:
-    if scale_rewards is True:
-        return "group"
-    if scale_rewards is False:
-        return "none"
-    if scale_rewards not in ("group", "batch", "none"):
-        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
-    return scale_rewards
-
-
-def group_advantages(
-    rewards: np.ndarray, num_generations: int, scale_rewards: str | bool = "group"
-) -> np.ndarray:
-    """`[N]` float32 advantages of `[N]` rewards, groups of `num_generations` consecutive rows.
-
-    The mean is always per group (nanmean). `scale_rewards`: "group" (or True) divides by the
-    group's n-1 nanstd + 1e-4, "batch" by the n-1 nanstd of all rewards + 1e-4, "none" (or False)
-    does not divide. NaN rewards are skipped; a NaN advantage (all-NaN group, or a lone reward
-    under n-1) becomes 0, as in TRL.
-    """
-    mode = _scale_mode(scale_rewards)
-    flat = np.asarray(rewards, dtype=np.float64).reshape(-1)
-    if num_generations < 1 or flat.size % num_generations:
-        raise ValueError(f"{flat.size} rewards do not split into groups of {num_generations}")
-    grouped = flat.reshape(-1, num_generations)
-    with warnings.catch_warnings():  # all-NaN groups and n-1 = 0 are expected: they give NaN -> 0
-        warnings.simplefilter("ignore", RuntimeWarning)
-        advantages = grouped - np.nanmean(grouped, axis=1, keepdims=True)
-        if mode == "group":
-            advantages /= np.nanstd(grouped, axis=1, ddof=1, keepdims=True) + ADVANTAGE_EPS
-        elif mode == "batch":
-            advantages /= np.nanstd(flat, ddof=1) + ADVANTAGE_EPS
-    return np.nan_to_num(advantages.reshape(-1), nan=0.0).astype(np.float32)
-
-
-def per_token_kl(logps: mx.array, ref_logps: mx.array) -> mx.array:
-    """k3 estimator of KL(policy || reference) per token: `exp(d) - d - 1`, `d = ref - logp`.
-
-    Non-negative, zero with zero gradient where policy == reference.
-    """
-    diff = ref_logps - logps
-    return mx.exp(diff) - diff - 1.0
-
-
-class Normalisers(NamedTuple):
-    """What the aggregations divide by, besides the mask."""
-
-    grad_accum: int
-    max_completion_length: int | None
-    num_items_in_batch: mx.array | float | None
-
-
-Aggregation = Callable[[mx.array, mx.array, Normalisers], mx.array]
-
-
-def _sequence_mean(token_loss: mx.array, mask: mx.array, norm: Normalisers) -> mx.array:
-    per_row = (token_loss * mask).sum(-1) / mx.maximum(mask.sum(-1), 1.0)
-    return per_row.mean() / norm.grad_accum
-
-
-def _micro_batch_token_mean(token_loss: mx.array, mask: mx.array, norm: Normalisers) -> mx.array:
-    return (token_loss * mask).sum() / mx.maximum(mask.sum(), 1.0) / norm.grad_accum
-
-
-def _fixed_length_mean(token_loss: mx.array, mask: mx.array, norm: Normalisers) -> mx.array:
-    if norm.max_completion_length is None:
-        raise ValueError("GRPO loss_type 'dr_grpo' needs max_completion_length")
-    num_rows = mask.shape[0]
-    return (token_loss * mask).sum() / (num_rows * norm.max_completion_length) / norm.grad_accum
-
-
-def _window_token_mean(token_loss: mx.array, mask: mx.array, norm: Normalisers) -> mx.array:
-    num_items = mask.sum() if norm.num_items_in_batch is None else norm.num_items_in_batch
-    return (token_loss * mask).sum() / mx.maximum(num_items, 1.0)
-
-
-# loss_type -> aggregation of the masked per-token losses of one micro-batch into its loss.
-GRPO_AGGREGATIONS: dict[str, Aggregation] = {
-    "grpo": _sequence_mean,
-    "bnpo": _micro_batch_token_mean,
-    "dr_grpo": _fixed_length_mean,
-    "dapo": _window_token_mean,
-}
-
-
-def _token_log_weights(log_ratio: mx.array, mask: mx.array) -> mx.array:
-    return log_ratio
-
-
-def _sequence_log_weights(log_ratio: mx.array, mask: mx.array) -> mx.array:
-    row_mean = (log_ratio * mask).sum(-1) / mx.maximum(mask.sum(-1), 1.0)
-    return row_mean[:, None]
-
-
-# importance_sampling_level -> log importance weights, [N, T] (token) or [N, 1] (sequence, GSPO).
-IMPORTANCE_SAMPLING_LEVELS: dict[str, Callable[[mx.array, mx.array], mx.array]] = {
-    "token": _token_log_weights,
-    "sequence": _sequence_log_weights,
-}
-
-
-def _lookup(table: dict, key: str, what: str):
-    if key not in table:
-        raise ValueError(f"unknown GRPO {what} {key!r}; valid: {', '.join(table)}")
-    return table[key]
-
-
-def _masked_mean(values: mx.array, mask: mx.array) -> mx.array:
-    """TRL's `global_masked_mean`: token-weighted, or a plain row mean for `[N, 1]` values."""
-    if values.shape[-1] == 1 and mask.shape[-1] != 1:
-        return values.mean()
-    return (values * mask).sum() / mx.maximum(mask.sum(), 1.0)
-
-
-def _row_fractions(flags: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
-    """Per-row fraction of flagged tokens, and which rows have one (TRL's `masked_seq_mean`)."""
-    if flags.shape[-1] == 1 and mask.shape[-1] != 1:
-        return flags[:, 0], mx.ones(flags.shape[0], dtype=mx.bool_)
-    tokens = mask.sum(-1)
-    return (flags * mask).sum(-1) / mx.maximum(tokens, 1.0), tokens > 0
-
-
-def clip_metrics(
-    ratio: mx.array, advantages: mx.array, mask: mx.array, epsilon_low: float, epsilon_high: float
-) -> dict[str, mx.array]:
-    """TRL's `clip_ratio/*` metrics: how often the clipped term was the one in effect.
-
-    Low: `ratio < 1 - epsilon` with `A < 0`; high: `ratio > 1 + epsilon_high` with `A > 0`. The
-    `_mean`s are token-weighted; `low_min` / `high_max` are the min / max over rows of the per-row
-    fraction (rows without tokens skipped, NaN when there are none).
-    """
-    low = ((ratio < 1 - epsilon_low) & (advantages < 0)).astype(mx.float32)
-    high = ((ratio > 1 + epsilon_high) & (advantages > 0)).astype(mx.float32)
-    region = mx.maximum(low, high)
-    low_rows, has_tokens = _row_fractions(low, mask)
-    high_rows, _ = _row_fractions(high, mask)
-    nan = mx.array(float("nan"))
-    any_row = has_tokens.any()
-    return {
-        "clip_ratio/low_mean": _masked_mean(low, mask),
-        "clip_ratio/high_mean": _masked_mean(high, mask),
-        "clip_ratio/region_mean": _masked_mean(region, mask),
-        "clip_ratio/low_min": mx.where(any_row, mx.where(has_tokens, low_rows, mx.inf).min(), nan),
-        "clip_ratio/high_max": mx.where(
-            any_row, mx.where(has_tokens, high_rows, -mx.inf).max(), nan
-        ),
-    }
-
-
-def _clipped_surrogate(
-    ratio: mx.array,
-    advantages: mx.array,
-    epsilon_low: float,
-    epsilon_high: float,
-    delta: float | None,
-) -> tuple[mx.array, mx.array]:
-    """PPO's pessimistic clipped term per token, and the ratio it used (capped at `delta`)."""
-    clipped = mx.clip(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    capped = ratio if delta is None else mx.minimum(ratio, delta)
-    return -mx.minimum(capped * advantages, clipped * advantages), capped
-
-
-def grpo_loss(
-    logps: mx.array,
-    old_logps: mx.array,
-    ref_logps: mx.array | None,
-    advantages: mx.array,
-    mask: mx.array,
-    *,
-    beta: float = 0.0,
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-    loss_type: str = "dapo",
-    importance_sampling_level: str = "token",
-    max_completion_length: int | None = None,
-    num_items_in_batch: mx.array | float | None = None,
-    grad_accum: int = 1,
-    delta: float | None = None,
-    use_bias_correction_kl: bool = False,
-) -> tuple[mx.array, dict[str, mx.array]]:
-    """GRPO loss of one micro-batch of `N` completions and TRL's metrics.
-
-    `logps`, `old_logps`, `ref_logps` and `mask` are `[N, T]` over completion tokens (`old_logps`
-    = `mx.stop_gradient(logps)` when each batch gets one update; `ref_logps` only read when
-    `beta != 0`); `advantages` is `[N]`. `num_items_in_batch` (dapo) is the number of loss tokens
-    of the whole accumulation window, default this micro-batch's (TRL: the generation batch's
-    count times grad_accum / steps_per_generation, equal when those two are equal, its default). `delta` is TRL's two-sided
-    clip (ratio capped at `delta`); `use_bias_correction_kl` multiplies the k3 term by the ratio
-    (TRL's DeepSeek-V3.2 option). Returns `(scalar loss, metrics)`.
-    """
-    aggregate = _lookup(GRPO_AGGREGATIONS, loss_type, "loss_type")
-    log_weights_of = _lookup(
-        IMPORTANCE_SAMPLING_LEVELS, importance_sampling_level, "importance_sampling_level"
-    )
-    if beta != 0.0 and ref_logps is None:
-        raise ValueError("GRPO with beta != 0 needs ref_logps")
-    epsilon_high = epsilon if epsilon_high is None else epsilon_high
-    mask = mask.astype(mx.float32)
-    advantages = advantages.astype(mx.float32)[:, None]
-
-    # zero outside the mask, so junk log-probs at padding cannot turn into inf * 0 = NaN
-    in_mask = mask > 0
-    log_ratio = mx.where(in_mask, logps - old_logps, 0.0)
-    ratio = mx.exp(log_weights_of(log_ratio, mask))
-    token_loss, capped_ratio = _clipped_surrogate(ratio, advantages, epsilon, epsilon_high, delta)
-
-    metrics = {}
-    if beta != 0.0:
-        kl = per_token_kl(logps, mx.where(in_mask, ref_logps, logps))
-        if use_bias_correction_kl:
-            kl = kl * ratio  # the ratio before the `delta` cap, as in TRL
-        token_loss = token_loss + beta * kl
-        metrics["kl"] = mx.stop_gradient(_masked_mean(kl, mask))
-
-    norm = Normalisers(grad_accum, max_completion_length, num_items_in_batch)
-    loss = aggregate(token_loss, mask, norm)
-    capped_ratio = mx.stop_gradient(capped_ratio)
-    metrics.update(clip_metrics(capped_ratio, advantages, mask, epsilon, epsilon_high))
-    return loss, metrics
-
 
 # ---------------------------------------------------------------------------------------------
 # Training. Each optimizer step samples `batch x grad_accum / G` prompts, G completions each, with
@@ -274,20 +44,6 @@ def grpo_loss(
 
 def _completion_text(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def reward_metrics(names: list[str], scores: np.ndarray, total: np.ndarray, num_generations: int) -> dict:
-    """TRL's reward metrics: per function mean/std, the summed reward, zero-std group fraction."""
-    out = {}
-    for j, name in enumerate(names):
-        column = scores[:, j]
-        out[f"rewards/{name}/mean"] = float(np.nanmean(column)) if np.isfinite(column).any() else float("nan")
-        out[f"rewards/{name}/std"] = float(np.nanstd(column, ddof=1)) if np.isfinite(column).sum() > 1 else 0.0
-    out["reward"] = float(np.nanmean(total))
-    out["reward_std"] = float(np.nanstd(total, ddof=1)) if len(total) > 1 else 0.0
-    group_std = np.nanstd(total.reshape(-1, num_generations), axis=1, ddof=1)
-    out["frac_reward_zero_std"] = float(np.mean(np.isclose(group_std, 0.0)))
-    return out
 
 
 def completion_metrics(lengths: np.ndarray, finished: np.ndarray) -> dict:
@@ -309,12 +65,18 @@ class GRPOMethod(StreamPosition):
         self.settings = s = cfg.grpo_settings()
         if not self.training.reward_functions:
             raise ConfigError("GRPO needs training.reward_functions (e.g. [count_letters])")
+        for note in grpo_notes(s):
+            log(note)
         self.rewards = load_rewards(self.training.reward_functions, self.training.reward_function_kwargs,
                                     weights=s.reward_weights)
         self.tokenizer = unwrap(loaded.tokenizer)
         self.eos_ids = sorted(loaded.tokenizer.eos_token_ids)
         self.rows = [dict(row) for row in dataset]
-        self.prompt_ids = [encode_prompt(row, loaded.tokenizer, i) for i, row in enumerate(self.rows)]
+        template_kwargs = dict(cfg.model.chat_template_kwargs or {})
+        if note := grpo_template_note(self.rows, template_kwargs):
+            log(note)
+        self.prompt_ids = [encode_prompt(row, loaded.tokenizer, i, template_kwargs)
+                           for i, row in enumerate(self.rows)]
         self.accum = self.training.gradient_accumulation_steps
         completions = self.training.per_device_train_batch_size * self.accum
         self.prompts_per_step = completions // s.num_generations
@@ -345,7 +107,9 @@ class GRPOMethod(StreamPosition):
                          beta=s.beta, epsilon=s.epsilon, epsilon_high=s.epsilon_high,
                          loss_type=s.loss_type, importance_sampling_level=s.importance_sampling_level,
                          max_completion_length=s.max_completion_length, num_items_in_batch=num_items,
-                         grad_accum=self.accum, delta=s.delta, use_bias_correction_kl=s.use_bias_correction_kl)
+                         grad_accum=self.accum, delta=s.delta, use_bias_correction_kl=s.use_bias_correction_kl,
+                         sapo_temperature_neg=s.sapo_temperature_neg, sapo_temperature_pos=s.sapo_temperature_pos,
+                         vespo=(s.vespo_k_pos, s.vespo_lambda_pos, s.vespo_k_neg, s.vespo_lambda_neg))
 
     def _rollout(self, indices: list[int]):
         from mlxrl.mlx.sampling import sample
@@ -355,7 +119,7 @@ class GRPOMethod(StreamPosition):
         try:
             rollout = sample(self.model, [self.prompt_ids[i] for i in indices], num_generations=s.num_generations,
                              max_tokens=s.max_completion_length, temperature=s.temperature, top_p=s.top_p,
-                             top_k=s.top_k, min_p=s.min_p, eos_token_ids=self.eos_ids,
+                             top_k=s.top_k, min_p=s.min_p or 0.0, eos_token_ids=self.eos_ids,
                              seed=self.training.seed * 100_003 + self.step_count,
                              repetition_penalty=self.training.grpo.repetition_penalty or 1.0)
         finally:
@@ -400,7 +164,7 @@ class GRPOMethod(StreamPosition):
                  for i, (p, c) in enumerate(zip(prompts, completion_ids))]
         num_items = mx.array(float(sum(map(sum, masks))))
         micro = self._micro_batches(rows, masks, advantages, num_items)
-        metrics = reward_metrics(self.rewards.names, scores, total, s.num_generations)
+        metrics = reward_metrics(self.rewards.names, scores, total, s.num_generations, s.scale_rewards)
         metrics.update(completion_metrics(lengths, finished))
         metrics["rollout_tokens_per_second"] = float(rollout.tokens_per_second)
         return StepBatch(micro, metrics, num_tokens=sum(map(len, rows)))

@@ -35,6 +35,16 @@ def per_token_logps(model: nn.Module, input_ids: mx.array, temperature: float = 
     return token_logps_from_logits(logits[:, :-1, :], input_ids[:, 1:], temperature)
 
 
+def per_token_logps_and_log_sum_sq(model: nn.Module, input_ids: mx.array) -> tuple[mx.array, mx.array]:
+    """`per_token_logps` and, at the same positions, `log sum_v p_v^2` of the next-token
+    distribution without gradient (what TRL's fused LM head gives WPO's `use_weighting`)."""
+    logits = model(input_ids)[:, :-1, :].astype(mx.float32)
+    log_z = mx.logsumexp(logits, axis=-1)
+    picked = mx.take_along_axis(logits, input_ids[:, 1:, None].astype(mx.int32), axis=-1)
+    log_sum_sq = mx.logsumexp(2.0 * logits, axis=-1) - 2.0 * log_z
+    return picked.squeeze(-1) - log_z, mx.stop_gradient(log_sum_sq)
+
+
 def sequence_logps(model: nn.Module, input_ids: mx.array, completion_mask: mx.array) -> mx.array:
     """`[B]` summed log-probs of the completion tokens (DPO's sequence score, no temperature).
 

@@ -24,6 +24,7 @@ from mlx.utils import tree_flatten
 
 from mlxrl.chat_templates import configure_tokenizer
 from mlxrl.errors import ModelError
+from mlxrl.integrity import check_adapter, check_tokenizer
 from mlxrl.lora_targets import select_lora_targets
 from mlxrl.mlx.cpu_ops import use_cpu_ops
 from mlxrl.mlx.model_config import load_model
@@ -51,7 +52,8 @@ def resolve_model(name: str) -> tuple[str, Path | None]:
     """Return (base model name, adapter folder or None) for a model name or checkpoint folder."""
     path = Path(name).expanduser()
     config_file = path / ADAPTER_CONFIG
-    if path.is_dir() and config_file.is_file():
+    if path.is_dir() and (config_file.is_file() or (path / ADAPTER_FILE).exists()):
+        check_adapter(path)
         config = json.loads(config_file.read_text())
         base = config.get("mlxrl", {}).get("base_model") or config.get("model")
         if not base:
@@ -80,6 +82,8 @@ def load(model_params, peft_params=None, *, for_training: bool = False, gradient
     tokenizer_path = base_path
     if model_params.tokenizer_name:
         tokenizer_path = local_model_path(model_params.tokenizer_name, model_params.model_revision)
+    check_tokenizer(tokenizer_path, "" if model_params.tokenizer_name else
+                    ", or set model.tokenizer_name to a folder or hub id that has them")
     tokenizer = load_tokenizer(tokenizer_path, tokenizer_config_extra=model_params.tokenizer_kwargs or None,
                                eos_token_ids=config.get("eos_token_id"))
     configure_tokenizer(tokenizer._tokenizer, model_params, base_name)

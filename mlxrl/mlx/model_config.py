@@ -218,7 +218,8 @@ def _longrope(params: dict, config: dict) -> dict:
 def _proportional(params: dict, config: dict) -> dict:
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     partial = params.get("partial_rotary_factor", 1.0)
-    # transformers rotates int(partial * head_dim // 2) pairs, mlx-lm ceil(int(head_dim * partial) / 2)
+    # transformers rotates int(partial * head_dim // 2) pairs,
+    # mlx-lm ceil(int(head_dim * partial) / 2)
     if 2 * int(partial * head_dim // 2) != int(head_dim * partial):
         raise _Unsupported(f"partial_rotary_factor {partial} of head_dim {head_dim} rotates a "
                            "different number of dimensions in mlx-lm")

@@ -35,6 +35,7 @@ class SFTMethod(StreamPosition):
         target = sft_target(cfg.data.train)
         rows = []
         for i, row in enumerate(dataset):
+            row = truncation.cut(row, loaded.tokenizer)
             enc = truncation.sft(apply_target(encode_sft(row, loaded.tokenizer, i), target))
             if enc is not None:
                 rows.append((enc["input_ids"], enc["completion_mask"]))

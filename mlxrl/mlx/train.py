@@ -5,13 +5,16 @@ from __future__ import annotations
 import dataclasses
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from mlxrl import capabilities
 from mlxrl.data.loading import load_split, with_chat_template_kwargs
 from mlxrl.errors import ConfigError, DataError
 from mlxrl.mlx import model as mlx_model
 from mlxrl.mlx.trainer import Trainer, total_steps_for
-from mlxrl.run_dir import resume_folder
+from mlxrl.run_dir import read_state
+from mlxrl.run_lock import RunLock
+from mlxrl.run_plan import finished_message, plan_run, run_record
 
 
 def _method_class(name: str):
@@ -37,39 +40,68 @@ def _freeze(model, names: list[str], log) -> None:
         raise ConfigError(f"model.freeze_layers {names} freezes every trainable parameter")
 
 
+def disable_dropout(model: nn.Module) -> int:
+    """TRL's `disable_dropout`: every dropout of the model (LoRA's included) becomes the identity.
+    Returns how many were replaced."""
+    replaced = 0
+    for module in model.modules():
+        for name, child in module.children().items():
+            if isinstance(child, nn.Dropout):
+                setattr(module, name, nn.Identity())
+                replaced += 1
+    return replaced
+
+
 def train(cfg, *, quiet: bool = False, log=print, overwrite: bool = False) -> dict:
     """Train per `cfg` (a `TrainConfig`); returns the final trainer state.
 
-    Resumes from `training.resume_from_checkpoint`, or from the newest complete checkpoint in
-    `output_dir` with `training.try_resume_from_last_checkpoint`. A fresh run refuses an
-    `output_dir` holding another run's checkpoints unless `overwrite`.
+    Holds training.output_dir for the run's life (`RunLock`). Resumes from
+    `training.resume_from_checkpoint`, or from the newest complete and readable checkpoint in
+    `output_dir` with `training.try_resume_from_last_checkpoint`. A finished run is left as it is;
+    a fresh run refuses an `output_dir` holding another run unless `overwrite` (`run_plan`).
     """
     if not cfg.model.model_name:
         raise ConfigError("model.model_name is required")
     if not cfg.data.train.datasets:
         raise ConfigError("data.train.datasets is empty: name at least one dataset")
     capabilities.check(cfg, "mlx", log)
-    resume = resume_folder(cfg.training, overwrite)
+    with RunLock(cfg.training.output_dir, log=log):
+        plan = plan_run(cfg, "mlx", overwrite=overwrite, log=log)
+        if plan.finished is not None:
+            log(plan.messages[0])
+            return plan.finished
+        return _run(cfg, plan, quiet, log)
+
+
+def _run(cfg, plan, quiet: bool, log) -> dict:
+    dataset = load_split(cfg.data.train, where="data.train", log=log)  # data errors before the model loads
+    dataset = with_chat_template_kwargs(dataset, cfg.model.chat_template_kwargs)
     mx.random.seed(cfg.training.seed)
     loaded = mlx_model.load(cfg.model, cfg.peft, for_training=True,
                             gradient_checkpointing=cfg.training.enable_gradient_checkpointing)
     _freeze(loaded.model, cfg.model.freeze_layers, log)
-    dataset = load_split(cfg.data.train, where="data.train", log=log)
-    dataset = with_chat_template_kwargs(dataset, cfg.model.chat_template_kwargs)
     try:
         method = _method_class(cfg.training.method)(cfg, loaded, dataset, log=log)
     except DataError as e:
         names = ", ".join(d.dataset_path or d.dataset_name for d in cfg.data.train.datasets)
         raise DataError(f"data.train ({names}): {e}") from None
+    if getattr(getattr(method, "settings", None), "disable_dropout", False):
+        disable_dropout(loaded.model)  # DPO's default, as in TRL
     t = cfg.training
     total = total_steps_for(t, method.examples_per_step, method.dataset_size)
+    if plan.resume is not None and read_state(plan.resume)["global_step"] >= total:
+        state = read_state(plan.resume)
+        log(finished_message(plan.output_dir, {**state, "max_steps": total}, "mlx"))
+        return state
     trainable, params = mlx_model.trainable_count(loaded.model)
     log(f"mlxrl {t.method} on MLX: {loaded.base_name}, {trainable:,} trainable of {params:,} "
         f"parameters, {method.dataset_size} examples, {total} steps -> {t.output_dir}")
     extra = {"method": t.method, "config": dataclasses.asdict(cfg)}
     adapter_config = mlx_model.adapter_config_for(loaded, extra)
-    trainer = Trainer(cfg, loaded, method, adapter_config, total, quiet=quiet)
-    if resume is not None:
-        trainer.restore(resume)
-        log(f"resumed from {resume} at step {trainer.step}")
+    plan.start(log)
+    trainer = Trainer(cfg, loaded, method, adapter_config, total, quiet=quiet,
+                      run_record=run_record(cfg, "mlx"))
+    if plan.resume is not None:
+        trainer.restore(plan.resume)
+        log(f"resumed from {plan.resume} at step {trainer.step}")
     return trainer.run()

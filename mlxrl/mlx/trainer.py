@@ -27,12 +27,13 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
+from mlxrl import schedules
 from mlxrl.errors import MlxrlError
 from mlxrl.metrics_log import MetricsLog
 from mlxrl.mlx import checkpoint
 from mlxrl.mlx.model import ADAPTER_FILE
 from mlxrl.run_dir import read_state
-from mlxrl.stopping import StopOnSignal, interrupted, non_finite, save_failed
+from mlxrl.stopping import StopOnSignal, interrupted, non_finite
 
 
 @dataclass
@@ -93,38 +94,9 @@ def bucket(length: int, multiple: int = 8) -> int:
     return max(multiple, multiple * math.ceil(length / multiple))
 
 
-def schedule(training, total_steps: int):
-    """Hugging Face's schedules (warmup then linear / cosine / constant), by optimizer step.
-
-    mlx optimizers call the schedule with the 1-based update count; HF's first update uses
-    lambda(0), so the step is shifted by one to match.
-    """
-    peak = training.learning_rate
-    warmup = training.warmup_steps
-    if warmup is None:
-        warmup = math.ceil((training.warmup_ratio or 0.0) * total_steps)
-    kind = training.lr_scheduler_type
-    kwargs = training.lr_scheduler_kwargs or {}
-    min_rate = kwargs.get("min_lr_rate", kwargs.get("min_lr", 0.0) / peak if kind == "cosine_with_min_lr" else 0.0)
-    decay_steps = max(1, total_steps - warmup)
-
-    def lr(step):
-        s = mx.array(step, mx.float32) - 1
-        warm = s / max(1, warmup)
-        progress = mx.clip((s - warmup) / decay_steps, 0.0, 1.0)
-        if kind == "linear":
-            after = 1.0 - progress
-        elif kind.startswith("cosine"):
-            after = min_rate + (1 - min_rate) * 0.5 * (1.0 + mx.cos(math.pi * progress))
-        else:
-            after = mx.ones_like(progress)
-        return peak * mx.where(s < warmup, warm, after)
-
-    return lr
-
-
-def make_optimizer(training, total_steps: int, log=print):
-    lr = schedule(training, total_steps)
+def make_optimizer(training, log=print):
+    """The optimizer; the loop sets the rate of each update (`mlxrl.schedules`)."""
+    lr = 0.0
     name = training.optimizer.lower()
     if name == "adafactor":
         return optim.Adafactor(learning_rate=lr, relative_step=False, scale_parameter=False)
@@ -147,18 +119,20 @@ def total_steps_for(training, examples_per_step: int, dataset_size: int) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg, loaded, method, adapter_config: dict, total_steps: int, quiet=False):
+    def __init__(self, cfg, loaded, method, adapter_config: dict, total_steps: int, quiet=False,
+                 run_record: dict | None = None):
         self.cfg, self.training = cfg, cfg.training
         self.model, self.method = loaded.model, method
-        self.adapter_config = adapter_config
+        self.adapter_config, self.run_record = adapter_config, run_record or {}
         self.total_steps = total_steps
         self.output_dir = Path(self.training.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.log = MetricsLog(self.output_dir, total_steps, desc=f"{method.name} ", quiet=quiet)
-        self.optimizer = make_optimizer(self.training, total_steps, log=self.log.write)
+        self.optimizer = make_optimizer(self.training, log=self.log.write)
+        self.rate = schedules.rate_fn(self.training, total_steps)
         self.step = 0
         self.skipped_steps = 0
-        self._sums: dict[str, float] = {}
+        self._values: dict[str, list[float]] = {}
         self._count = 0
         loss_and_grad = nn.value_and_grad(self.model, method.loss)
         state = [self.model.state, mx.random.state]
@@ -195,6 +169,8 @@ class Trainer:
         loss_value, norm_value = float(loss), float(grad_norm)
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             return self._non_finite(loss_value, norm_value)
+        # By global step, not the optimizer's count: a skipped step still moves the schedule.
+        self.optimizer.learning_rate = self.rate(self.step)
         self.optimizer.update(self.model, grads)
         mx.eval(self.model.trainable_parameters(), self.optimizer.state)
         elapsed = time.perf_counter() - started
@@ -202,7 +178,7 @@ class Trainer:
         out = {"loss": loss_value, "grad_norm": norm_value}
         out.update({k: float(v) / n for k, v in metric_sums.items()})
         out.update(batch.metrics)
-        out["learning_rate"] = float(self.optimizer.learning_rate)
+        out["learning_rate"] = float(self.optimizer.learning_rate)  # the rate this update applied
         out["step_time"] = elapsed
         out["tokens_per_second"] = batch.num_tokens / elapsed if elapsed > 0 else 0.0
         return out
@@ -216,19 +192,29 @@ class Trainer:
         self.log.write(f"warning: {what}; step skipped (no update)")
         return None
 
+    # Logged as the logging step's own value, not averaged over the steps since the last log line.
+    _POINT_METRICS = frozenset({"learning_rate"})
+
     def _accumulate(self, metrics: dict) -> None:
         for k, v in metrics.items():
-            self._sums[k] = self._sums.get(k, 0.0) + v
+            self._values.setdefault(k, []).append(v)
         self._count += 1
 
     def _flush(self) -> None:
+        """Log the steps since the last log line: each metric averaged over them, NaNs left out
+        (None when every value was NaN), as TRL's trainers log theirs."""
         if not self._count:
             return
-        averaged = {k: v / self._count for k, v in self._sums.items()}
+        averaged = {}
+        for k, values in self._values.items():
+            valid = [v for v in values if not math.isnan(v)]
+            if k in self._POINT_METRICS:
+                valid = valid[-1:]
+            averaged[k] = sum(valid) / len(valid) if valid else None
         averaged["epoch"] = self.method.epoch
         averaged["peak_memory_gb"] = mx.get_peak_memory() / 1e9
         self.log.log(self.step, averaged)
-        self._sums, self._count = {}, 0
+        self._values, self._count = {}, 0
 
     def state(self) -> dict:
         return {"global_step": self.step, "max_steps": self.total_steps, "epoch": self.method.epoch,
@@ -252,11 +238,8 @@ class Trainer:
         mx.eval(self.model.parameters(), self.optimizer.state)
 
     def save_checkpoint(self) -> Path:
-        try:
-            return checkpoint.write_checkpoint(self.output_dir, self.step, self.model,
-                                               self.adapter_config, self.optimizer, self.state())
-        except OSError as e:
-            raise save_failed(self.output_dir, self.step, e) from None
+        return checkpoint.write_checkpoint(self.output_dir, self.step, self.model, self.adapter_config,
+                                           self.optimizer, self.state(), self.run_record)
 
     def run(self) -> dict:
         training = self.training
@@ -277,7 +260,8 @@ class Trainer:
                     if stop.signum is not None:
                         self._stop(stop.signum, saved)
                 if training.save_final_model:
-                    checkpoint.write_final(self.output_dir, self.model, self.adapter_config, self.state())
+                    checkpoint.write_final(self.output_dir, self.model, self.adapter_config, self.state(),
+                                           self.run_record)
             finally:
                 self.log.close()
         return self.state()

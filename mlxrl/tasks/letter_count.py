@@ -117,7 +117,7 @@ def transform(raw_row: dict) -> dict:
     user = {"role": messages[0]["role"], "content": messages[0]["content"]}
     out = {
         "prompt": [{"role": "system", "content": SYSTEM_PROMPT}, user],
-        "letter_count": int(metadata["letter_count_integer"]),
+        "letter_count": metadata["letter_count_integer"],  # as given, as Oumi's transform
         "metadata": metadata,
     }
     if "conversation_id" in raw_row:
@@ -196,12 +196,15 @@ def extract_prediction(response: str) -> int | None:
     return int(found[0]) if len(found) == 1 else None
 
 
-def compute_letter_count_reward(completion: str, target_count: int) -> float:
-    """Oumi's values: 0.0 when exact, 1/(|error| + 0.5) - 2 when off, -3.0 when unparsable."""
+def compute_letter_count_reward(completion: str, target_count) -> float:
+    """Oumi's values: 0.0 when exact, 1/(|error| + 0.5) - 2 when off, -3.0 when unparsable.
+
+    `target_count` is compared as given, as Oumi does: a 2.5 target and `\\boxed{2}` give -1.0.
+    """
     count = extract_prediction(completion)
     if count is None:
         return -3.0
-    return 1 / (abs(count - int(target_count)) + 0.5) - 2
+    return 1 / (abs(count - target_count) + 0.5) - 2
 
 
 @register_reward("count_letters")
@@ -261,7 +264,7 @@ def letter_count_metrics(responses: list[str], targets: list[int]) -> dict:
     predictions = [extract_prediction(r) for r in responses]
     total = len(responses)
     valid = sum(p is not None for p in predictions)
-    correct = sum(p is not None and p == int(t) for p, t in zip(predictions, targets))
+    correct = sum(p is not None and p == t for p, t in zip(predictions, targets))  # as Oumi: no cast
     return {"accuracy": correct / total if total else 0.0,
             "properly_extracted_accuracy": correct / valid if valid else 0.0,
             "num_samples": total, "num_correct_answers": correct,
@@ -281,7 +284,7 @@ def evaluate_letter_count(rows: list[dict], responses: list[str]) -> tuple[dict,
     if "letter_count" not in rows[0]:
         raise DataError(f"letter_count task: rows need a 'letter_count' column (or raw "
                         f"oumi-letter-count rows); this dataset has {sorted(rows[0])}")
-    targets = [int(r["letter_count"]) for r in rows]
+    targets = [r["letter_count"] for r in rows]
     samples = [{"prompt": _prompt_text(r["prompt"]), "response": s, "target": t}
                for r, s, t in zip(rows, responses, targets)]
     return letter_count_metrics(responses, targets), samples

@@ -29,8 +29,15 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 
 from mlxrl.errors import ConfigError
-from mlxrl.run_dir import publish_files, publish_folder, staging_folder, staging_path, write_json
-from mlxrl.stopping import non_finite, save_failed
+from mlxrl.run_dir import (
+    RUN_FILE,
+    publish_files,
+    publish_folder,
+    staging_folder,
+    staging_path,
+    write_json,
+)
+from mlxrl.stopping import is_write_error, non_finite, save_failed, write_error_text
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 SCHEDULER_FILE = "scheduler.json"
@@ -109,6 +116,7 @@ class SafeCheckpoints:
     """Mixed in front of a transformers Trainer subclass (see the module docstring)."""
 
     _staging_dir: Path | None = None
+    run_record: dict = {}  # RUN_FILE's content (set by safe_trainer_class)
     skip_non_finite_steps = False  # training.skip_non_finite_steps (set by safe_trainer_class)
     log_line = staticmethod(print)  # where the skip warning goes
 
@@ -130,26 +138,46 @@ class SafeCheckpoints:
             super()._save_checkpoint(model, trial)  # TRL's extras, then transformers' writers below
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
+                write_json(self._staging_dir / name / RUN_FILE, self.run_record)
                 publish_folder(self._staging_dir / name, run_dir / name)
                 shutil.rmtree(self._staging_dir, ignore_errors=True)
-        except OSError as e:
+        except BaseException as e:
+            reason = write_error_text(e, run_dir) if is_write_error(e) else None
             if self.args.should_save and self._staging_dir is not None:
                 shutil.rmtree(self._staging_dir, ignore_errors=True)
-            raise save_failed(run_dir, self.state.global_step, e) from None
+            if reason is None:
+                raise
+            raise save_failed(run_dir, name, reason) from None
         finally:
             self._staging_dir = None
         self.accelerator.wait_for_everyone()
 
-    def save_final(self, output_dir: str) -> None:
-        """The final adapter into output_dir, each file replaced atomically."""
-        tmp = staging_path(Path(output_dir), "final")
-        if self.args.should_save:
-            staging_folder(Path(output_dir), "final")
-        self.accelerator.wait_for_everyone()
-        self.save_model(str(tmp))
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            publish_files(tmp, Path(output_dir))
+    def create_model_card(self, *args, **kwargs):
+        """TRL writes its model card into output_dir at every checkpoint, where a run killed or
+        stopped by a full disk leaves it behind as if it were a finished adapter's; the final
+        adapter's card comes with `save_final`."""
+        if self._staging_dir is None:
+            return super().create_model_card(*args, **kwargs)
+        return None
+
+    def save_final(self, output_dir: str) -> list[str]:
+        """The final adapter into output_dir, each file replaced atomically; returns the names."""
+        out = Path(output_dir)
+        tmp = staging_path(out, "final")
+        try:
+            if self.args.should_save:
+                staging_folder(out, "final")
+            self.accelerator.wait_for_everyone()
+            self.save_model(str(tmp))
+            self.accelerator.wait_for_everyone()
+            return publish_files(tmp, out) if self.args.should_save else []
+        except BaseException as e:
+            reason = write_error_text(e, out) if is_write_error(e) else None
+            if self.args.should_save:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if reason is None:
+                raise
+            raise save_failed(out, "the final adapter", reason) from None
 
     def _save(self, output_dir=None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
@@ -171,8 +199,10 @@ class SafeCheckpoints:
         folder = Path(checkpoint)
         refuse_pickle(folder)
         if (folder / OPTIMIZER_FILE).is_file():
+            fresh = keep_new_settings(self.optimizer, self.lr_scheduler)
             self.optimizer.load_state_dict(load_optimizer_state(folder / OPTIMIZER_FILE))
             self.lr_scheduler.load_state_dict(json.loads((folder / SCHEDULER_FILE).read_text()))
+            fresh()
 
     def _save_scaler(self, output_dir: str) -> None:
         scaler = getattr(self.accelerator, "scaler", None)
@@ -219,7 +249,32 @@ class SafeCheckpoints:
         return grad_norm
 
 
-def safe_trainer_class(trainer_class: type, skip_non_finite_steps: bool, log_line) -> type:
+def keep_new_settings(optimizer, scheduler):
+    """Loading a checkpoint's optimizer and scheduler state brings back the old run's learning
+    rate, weight decay, betas and epsilon (in `param_groups` and the scheduler's `base_lrs`).
+    mlxrl applies the settings of the resuming command instead, as the MLX backend does: call
+    this before loading and the returned function after it; the moments and the step count stay
+    the checkpoint's, and the learning rate becomes the new schedule's at the resumed step."""
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    base_lrs = list(getattr(scheduler, "base_lrs", []))
+
+    def restore() -> None:
+        for group, settings in zip(optimizer.param_groups, groups):
+            group.update({k: v for k, v in settings.items() if k != "lr"})
+        if not hasattr(scheduler, "lr_lambdas"):  # not one of HF's LambdaLR schedules
+            return
+        scheduler.base_lrs = list(base_lrs)
+        lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(base_lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = lrs
+
+    return restore
+
+
+def safe_trainer_class(trainer_class: type, skip_non_finite_steps: bool, log_line,
+                       run_record: dict | None = None) -> type:
     """`trainer_class` with `SafeCheckpoints` in front of it."""
     return type(f"Mlxrl{trainer_class.__name__}", (SafeCheckpoints, trainer_class),
-                {"skip_non_finite_steps": skip_non_finite_steps, "log_line": staticmethod(log_line)})
+                {"skip_non_finite_steps": skip_non_finite_steps, "log_line": staticmethod(log_line),
+                 "run_record": run_record or {}})

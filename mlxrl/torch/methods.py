@@ -1,15 +1,15 @@
 """The three methods on TRL: mlxrl's token ids and reward functions handed to TRL's trainers.
 
-Both backends must see the same tokens, so the datasets are encoded by `mlxrl.data.formats`, as
-on MLX, and truncated by its `Truncation` (TRL's keep_start):
+Both backends must see the same tokens, so the datasets are encoded by `mlxrl.data.formats` (TRL's
+own tokenization, plus mlxrl's assistant-turn mask for SFT `messages`), as on MLX, and truncated
+by its `Truncation` (TRL's keep_start):
 - SFT: `input_ids` + `completion_mask` (SFTTrainer takes tokenized rows as they are; it packs
   them itself with `data.train.pack`, strategy `bfd`, as mlxrl does on MLX);
 - DPO: `prompt_ids` / `chosen_ids` / `rejected_ids` (TRL 1.16's DPOTrainer has no path for
   tokenized rows, so `_prepare_dataset` is overridden to keep them);
-- GRPO: TRL samples and tokenizes prompts itself through the chat template, so a plain-string
-  prompt becomes one user message (as `encode_prompt` does on MLX). `RewardBridge` turns
-  mlxrl's `RewardSet` into TRL reward functions that get what they get on MLX (plain strings
-  back for plain-string prompts) and writes `completions.jsonl` like the MLX loop.
+- GRPO: TRL samples and tokenizes prompts itself, as `encode_prompt` does on MLX. `RewardBridge`
+  turns mlxrl's `RewardSet` into TRL reward functions and writes `completions.jsonl` like the
+  MLX loop.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import datasets
 
 from mlxrl.data.collators import apply_target, sft_target
-from mlxrl.data.formats import Truncation, encode_preference, encode_sft
+from mlxrl.data.formats import Truncation, encode_preference, encode_sft, grpo_template_note
 from mlxrl.errors import ConfigError, DataError
 from mlxrl.rewards import load_rewards
 from mlxrl.torch.checkpoints import safe_trainer_class
@@ -39,25 +39,22 @@ def _encoded(rows: list[dict], what: str, truncation: Truncation, log) -> datase
 def sft_dataset(dataset, tokenizer, max_length: int, log=print, target: str = "completion"
                 ) -> datasets.Dataset:
     truncation = Truncation(max_length)
-    rows = [truncation.sft(apply_target(encode_sft(row, tokenizer, i), target))
+    rows = [truncation.sft(apply_target(encode_sft(truncation.cut(row, tokenizer), tokenizer, i), target))
             for i, row in enumerate(dataset)]
     return _encoded([r for r in rows if r is not None], "SFT rows", truncation, log)
 
 
 def dpo_dataset(dataset, tokenizer, max_length: int, log=print) -> datasets.Dataset:
     truncation = Truncation(max_length)
-    rows = [truncation.preference(encode_preference(row, tokenizer, i)) for i, row in enumerate(dataset)]
+    rows = [truncation.preference(encode_preference(truncation.cut(row, tokenizer), tokenizer, i), i)
+            for i, row in enumerate(dataset)]
     return _encoded([r for r in rows if r is not None], "preference pairs", truncation, log)
 
 
-def grpo_dataset(dataset) -> tuple[datasets.Dataset, bool]:
-    """(dataset with message-list prompts, whether the prompts were plain strings)."""
+def grpo_dataset(dataset) -> datasets.Dataset:
     if "prompt" not in dataset.column_names:
         raise DataError(f"GRPO data needs a 'prompt' column (has {sorted(dataset.column_names)})")
-    plain = isinstance(dataset[0]["prompt"], str)
-    if plain:
-        dataset = dataset.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
-    return dataset, plain
+    return dataset
 
 
 class RewardBridge:
@@ -68,12 +65,11 @@ class RewardBridge:
     and errors are mlxrl's) and the others read their column.
     """
 
-    def __init__(self, training, weights, plain_prompts: bool, log_path: Path | None = None):
+    def __init__(self, training, weights, log_path: Path | None = None):
         if not training.reward_functions:
             raise ConfigError("GRPO needs training.reward_functions (e.g. [count_letters])")
         self.rewards = load_rewards(training.reward_functions, training.reward_function_kwargs,
                                     weights=weights)
-        self.plain = plain_prompts
         self.log_path = log_path
         self._scores = None
 
@@ -94,9 +90,6 @@ class RewardBridge:
         return [None if v != v else float(v) for v in self._scores[:, j]]
 
     def _score(self, prompts, completions, completion_ids, kwargs):
-        if self.plain:  # give back what MLX gives: the string prompt and the completion text
-            prompts = [p[-1]["content"] for p in prompts]
-            completions = [c[0]["content"] for c in completions]
         columns = {k: v for k, v in kwargs.items() if k not in TRL_REWARD_EXTRAS}
         scores = self.rewards.score(prompts, completions, completion_ids, columns)
         state = kwargs.get("trainer_state")
@@ -113,13 +106,13 @@ class RewardBridge:
                 f.write(json.dumps(record) + "\n")
 
 
-def build_trainer(cfg, loaded, dataset, args, peft_config, callbacks, log=print):
+def build_trainer(cfg, loaded, dataset, args, peft_config, callbacks, log=print, run_record=None):
     """TRL's trainer for `cfg.training.method`, on mlxrl-encoded data."""
     from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
     method, tok = cfg.training.method, loaded.tokenizer
     DPOTrainer, GRPOTrainer, SFTTrainer = (
-        safe_trainer_class(c, cfg.training.skip_non_finite_steps, log) for c in (DPOTrainer, GRPOTrainer, SFTTrainer))
+        safe_trainer_class(c, cfg.training.skip_non_finite_steps, log, run_record) for c in (DPOTrainer, GRPOTrainer, SFTTrainer))
     common = dict(model=loaded.model, args=args, processing_class=tok, callbacks=callbacks,
                   peft_config=peft_config)
     if method == "sft":
@@ -133,7 +126,9 @@ def build_trainer(cfg, loaded, dataset, args, peft_config, callbacks, log=print)
                 return dataset  # already templated, tokenized and truncated by mlxrl
 
         return TokenizedDPOTrainer(train_dataset=data, **common)
-    data, plain = grpo_dataset(dataset)
+    data = grpo_dataset(dataset)
+    if note := grpo_template_note(data, cfg.model.chat_template_kwargs):
+        log(note)
     log_path = Path(args.output_dir) / "completions.jsonl" if cfg.training.grpo.log_completions else None
-    bridge = RewardBridge(cfg.training, args.reward_weights, plain, log_path)
+    bridge = RewardBridge(cfg.training, args.reward_weights, log_path)
     return GRPOTrainer(reward_funcs=bridge.functions(), train_dataset=data, **common)

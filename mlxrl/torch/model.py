@@ -20,6 +20,7 @@ from torch import nn
 
 from mlxrl.chat_templates import configure_tokenizer
 from mlxrl.errors import ModelError
+from mlxrl.integrity import adapter_kind, check_adapter, check_tokenizer
 from mlxrl.lora_targets import select_lora_targets
 from mlxrl.model_names import TINY_SCHEME, local_model_path, tiny_path
 
@@ -42,8 +43,9 @@ def resolve(name: str, revision: str | None = None) -> tuple[str, Path | None]:
         return str(tiny_path(name)), None
     path = Path(name).expanduser()
     config_file = path / "adapter_config.json"
-    if not (path.is_dir() and config_file.is_file()):
+    if not (path.is_dir() and (config_file.is_file() or adapter_kind(path))):
         return str(local_model_path(name, revision)), None
+    check_adapter(path)  # and adapter_model.bin (a pickle) is refused before peft could load it
     config = json.loads(config_file.read_text())
     if "peft_type" not in config:
         raise ModelError(f"{path} holds an MLX adapter; convert it for the torch backend with "
@@ -58,6 +60,9 @@ def load_tokenizer(model_params, base: str):
     from transformers import AutoTokenizer
 
     kwargs = dict(model_params.tokenizer_kwargs or {})
+    source = model_params.tokenizer_name or base
+    check_tokenizer(Path(source).expanduser(), "" if model_params.tokenizer_name else
+                    ", or set model.tokenizer_name to a folder or hub id that has them")
     try:
         tok = AutoTokenizer.from_pretrained(model_params.tokenizer_name or base,
                                             trust_remote_code=model_params.trust_remote_code,

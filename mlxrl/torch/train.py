@@ -21,7 +21,9 @@ from pathlib import Path
 from mlxrl import capabilities
 from mlxrl.data.loading import load_split, with_chat_template_kwargs
 from mlxrl.errors import ConfigError
-from mlxrl.run_dir import STATE_FILE, read_state, resume_folder, write_json
+from mlxrl.run_dir import RUN_FILE, STATE_FILE, read_state, write_json
+from mlxrl.run_lock import RunLock
+from mlxrl.run_plan import finished_message, plan_run, run_record
 from mlxrl.stopping import StopOnSignal, interrupted
 from mlxrl.torch import methods, translate
 from mlxrl.torch import model as torch_model
@@ -65,7 +67,7 @@ def _avoid_cudnn_attention() -> None:
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
-def build(cfg, *, quiet: bool = False, log=print):
+def build(cfg, *, quiet: bool = False, log=print, run_record: dict | None = None):
     """(trainer, loaded model) for `cfg`, ready to `train()`; the notes are logged here."""
     _quiet_library_noise()
     device = torch_model.device_kind()
@@ -74,18 +76,19 @@ def build(cfg, *, quiet: bool = False, log=print):
     capabilities.check(cfg, "torch", log)
     quantization = translate.quantization_config(cfg.peft, device, log)
     use_vllm = translate.vllm_choice(cfg, device, log)
+    dataset = load_split(cfg.data.train, where="data.train", log=log)  # errors before the model loads
     loaded = torch_model.load(cfg, quantization)
     args = trl_args(cfg, loaded, device, use_vllm, log)
     peft_config = None
     if loaded.peft_dir is None:  # a PEFT folder brings its own adapter
         targets = torch_model.lora_targets(loaded.model, cfg.peft)
         peft_config = translate.lora_config(cfg.peft, targets)
-    dataset = load_split(cfg.data.train, where="data.train", log=log)
     t = cfg.training
     if t.method != "grpo":  # GRPO: TRL templates the prompts with args.chat_template_kwargs
         dataset = with_chat_template_kwargs(dataset, cfg.model.chat_template_kwargs)
     callback = MlxrlCallback(t.output_dir, t.save_steps, quiet=quiet, desc=f"{t.method} ")
-    trainer = methods.build_trainer(cfg, loaded, dataset, args, peft_config, [callback], log)
+    trainer = methods.build_trainer(cfg, loaded, dataset, args, peft_config, [callback], log,
+                                    run_record)
     _freeze(trainer.model, cfg.model.freeze_layers, log)
     _use_mlxrl_bar(trainer)
     return trainer, loaded, device
@@ -130,21 +133,48 @@ def write_state(trainer, method: str) -> dict:
     return state
 
 
+def _total_steps(trainer) -> int:
+    """The run's optimizer steps, as transformers will count them."""
+    if trainer.args.max_steps > 0:
+        return trainer.args.max_steps
+    return trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
+
+
 def train(cfg, *, quiet: bool = False, log=print, overwrite: bool = False) -> dict:
-    """Train per `cfg` (a `TrainConfig`) with TRL; returns the final trainer state."""
+    """Train per `cfg` (a `TrainConfig`) with TRL; returns the final trainer state.
+
+    The output_dir is held, planned and cleared as on MLX (`RunLock`, `run_plan`)."""
     if not cfg.model.model_name:
         raise ConfigError("model.model_name is required")
     if not cfg.data.train.datasets:
         raise ConfigError("data.train.datasets is empty: name at least one dataset")
-    if not is_main_process():
+    main = is_main_process()
+    if not main:
         log = lambda message: None  # noqa: E731  (one copy of each line, from the main process)
+    with RunLock(cfg.training.output_dir, enabled=main, log=log):
+        plan = plan_run(cfg, "torch", overwrite=overwrite, log=log, main=main)
+        if plan.finished is not None:
+            log(plan.messages[0])
+            return plan.finished
+        return _run(cfg, plan, quiet, log, main)
+
+
+def _run(cfg, plan, quiet: bool, log, main: bool) -> dict:
     t = cfg.training
-    resume = resume_folder(t, overwrite, may_delete=is_main_process())
-    trainer, loaded, device = build(cfg, quiet=quiet, log=log)
+    record = run_record(cfg, "torch")
+    trainer, loaded, device = build(cfg, quiet=quiet, log=log, run_record=record)
+    resume = plan.resume
+    if resume is not None:  # --resume with max_steps at or below the checkpoint's step
+        state, total = read_state(resume), _total_steps(trainer)
+        if state["global_step"] >= total:
+            log(finished_message(plan.output_dir, {**state, "max_steps": total}, "torch"))
+            return state
     trainable, params = _parameter_counts(trainer.model)
     log(f"mlxrl {t.method} on torch ({device}): {loaded.base_name}, {trainable:,} trainable of "
         f"{params:,} parameters, {len(trainer.train_dataset)} examples, {_steps_text(t)} "
         f"-> {t.output_dir}")
+    if main:
+        plan.start(log)
     if resume is not None:
         log(f"resumed from {resume} at step {read_state(resume)['global_step']}")
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, MlxrlCallback))
@@ -154,6 +184,8 @@ def train(cfg, *, quiet: bool = False, log=print, overwrite: bool = False) -> di
         step = callback.interrupted_at
         raise interrupted(callback.signum, step, trainer.state.max_steps,
                           Path(t.output_dir) / f"checkpoint-{step}")
-    if t.save_final_model:
-        trainer.save_final(t.output_dir)
-    return write_state(trainer, t.method)
+    files = trainer.save_final(t.output_dir) if t.save_final_model else []
+    state = write_state(trainer, t.method)
+    if main:
+        write_json(Path(t.output_dir) / RUN_FILE, {**record, "files": sorted({*files, STATE_FILE, RUN_FILE})})
+    return state

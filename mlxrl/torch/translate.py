@@ -9,9 +9,6 @@ defaults, which change between releases (reference/trl-semantics.md), never deci
 `check_fields` refuses a TRL release that lacks one of them.
 
 Where the two backends' defaults differ, this module follows mlxrl's (= the MLX backend's):
-- GRPO `use_bias_correction_kl` from the settings, False by default (TRL 1.16 defaults it to True);
-- DPO `disable_dropout` False: `peft.lora_dropout` applies as on MLX (TRL's DPO default is True;
-  `training.trainer_kwargs.disable_dropout` still sets it);
 - `gradient_checkpointing` from `training.enable_gradient_checkpointing` (TRL: on by default);
 - bf16 only when the model is bf16 or `training.mixed_precision_dtype` asks (TRL: on by default);
 - GRPO `steps_per_generation` = `gradient_accumulation_steps`: one rollout batch per optimizer
@@ -152,11 +149,10 @@ def dpo_config(cfg, common: dict):
         beta=s.beta, loss_type=loss_type, loss_weights=s.loss_weights,
         label_smoothing=s.label_smoothing, max_length=s.max_length,
         truncation_mode="keep_start", precompute_ref_log_probs=s.precompute_ref_log_probs,
-        precompute_ref_batch_size=None, padding_free=False,
-        disable_dropout=bool(kw.get("disable_dropout", False)),
-        f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, ld_alpha=None,
-        use_weighting=False, discopop_tau=0.05, sync_ref_model=False,
-        remove_unused_columns=True, pad_token=None,
+        precompute_ref_batch_size=None, padding_free=False, disable_dropout=s.disable_dropout,
+        f_divergence_type=s.f_divergence_type, f_alpha_divergence_coef=s.f_alpha_divergence_coef,
+        ld_alpha=s.ld_alpha, use_weighting=s.use_weighting, discopop_tau=s.discopop_tau,
+        sync_ref_model=False, remove_unused_columns=True, pad_token=None,
         activation_offloading=False, dataset_num_proc=kw.get("dataset_num_proc"),
     ))
 
@@ -167,19 +163,22 @@ def grpo_config(cfg, common: dict, use_vllm: bool):
     s, g, kw = cfg.grpo_settings(), cfg.training.grpo, cfg.training.trainer_kwargs
     return _build(GRPOConfig, common, dict(
         num_generations=s.num_generations, max_completion_length=s.max_completion_length,
-        temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p or None,
+        temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
         repetition_penalty=g.repetition_penalty or 1.0, generation_kwargs=kw.get("generation_kwargs"),
         beta=s.beta, epsilon=s.epsilon, epsilon_high=s.epsilon_high, delta=s.delta,
         loss_type=s.loss_type, scale_rewards=s.scale_rewards,
+        sapo_temperature_neg=s.sapo_temperature_neg, sapo_temperature_pos=s.sapo_temperature_pos,
+        vespo_k_pos=s.vespo_k_pos, vespo_lambda_pos=s.vespo_lambda_pos, vespo_k_neg=s.vespo_k_neg,
+        vespo_lambda_neg=s.vespo_lambda_neg,
         importance_sampling_level=s.importance_sampling_level,
         mask_truncated_completions=s.mask_truncated_completions, reward_weights=s.reward_weights,
         multi_objective_aggregation="sum_then_normalize", num_iterations=s.num_iterations,
         steps_per_generation=cfg.training.gradient_accumulation_steps, generation_batch_size=None,
         use_bias_correction_kl=s.use_bias_correction_kl, top_entropy_quantile=1.0, entropy_coef=0.0,
         off_policy_mask_threshold=None, cast_lm_head_to_fp32=False,
-        disable_dropout=bool(kw.get("disable_dropout", False)),
+        disable_dropout=s.disable_dropout,
         shuffle_dataset=bool(kw.get("shuffle_dataset", True)), remove_unused_columns=False,
-        use_vllm=use_vllm, vllm_mode=s.vllm_mode or g.vllm_mode or "colocate",
+        use_vllm=use_vllm, vllm_mode=s.vllm_mode,
         vllm_gpu_memory_utilization=g.vllm_gpu_memory_utilization,
         vllm_importance_sampling_correction=True, use_transformers_continuous_batching=False,
         log_completions=False,  # mlxrl writes completions.jsonl itself, as on MLX
