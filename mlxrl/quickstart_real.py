@@ -42,7 +42,8 @@ def run_real_quickstart(output="output/quickstart_real", *, scale: float = 1.0,
     started = time.perf_counter()
     stage = Stage("DPO", "dpo_smollm2.yaml", model, out / "dpo",
                   ["--data.train.datasets[0].dataset_name", str(PAIRS)])
-    questions = [json.loads(line)["prompt"] for line in HELDOUT.read_text().splitlines()]
+    rows = [json.loads(line) for line in HELDOUT.read_text().splitlines()]
+    questions = [row["prompt"][-1]["content"] for row in rows]
     log(f"quickstart: evaluating the untrained {model}")
     before = _evaluate(model, questions, log)
     log(f"quickstart: DPO from {model} (concise answers preferred)")

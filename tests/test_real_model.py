@@ -165,8 +165,8 @@ def test_greedy_generation_equals_transformers(smollm2, hf, tmp_path):
 def test_dpo_learns_the_preference_and_changes_generations(quickstart):
     """Concise answers (chosen) over the same facts padded with filler (rejected), the YAML's 10
     steps of 2 pairs. Measured here: held-out accuracy 0.0 (policy == reference) -> 1.0, mean
-    margin 0 -> 5.8; greedy answers to the 15 held-out questions 37.1 -> 25.5 tokens on average,
-    4 -> 7 of them ending before the 40-token limit ("What is H2O?" -> "Water.")."""
+    margin 0 -> 8.8; greedy answers to the 15 held-out questions 37.1 -> 20.3 tokens on average,
+    4 -> 8 of them ending before the 40-token limit ("What is H2O?" -> "Water.")."""
     results = json.loads((quickstart / "quickstart_results.json").read_text())
     t = results["table"]
     accuracy, margin = t["held-out preference accuracy"], t["held-out mean reward margin"]
@@ -205,40 +205,47 @@ def test_the_whole_dpo_config_learns_on_the_torch_backend(smollm2, tmp_path):
 
 def test_peft_export_and_fuse_match_transformers(quickstart, smollm2, hf, tmp_path):
     """The trained adapter as a PEFT adapter (transformers + peft) and fused into the weights
-    (transformers alone) gives MLX's logits: measured here max |MLX - transformers| 9.8e-5 with
-    PEFT, 1.3e-4 fused, on logits the adapter moves by up to 13.5; the move itself agrees to
-    1.4e-4. float32 rounding of a 30-layer forward, as for the base (see above)."""
+    (transformers alone) gives MLX's logits. Measured here, on logits the adapter moves by up to
+    18.8: max |MLX - transformers| 1.7e-4 with PEFT and 1.4e-4 fused in float32; against the same
+    models run in float64, MLX is 1.5e-4 off and PEFT's own float32 forward 1.5e-4 (float32
+    rounding of a 30-layer forward). Asserted: MLX within 5e-4 of each float32 forward and no
+    further from the float64 one than twice that forward's own float32 error."""
     from peft import PeftModel
 
     from mlxrl.config import ModelParams
     from mlxrl.mlx import model as mlx_model
 
-    tokenizer, base = hf
+    tokenizer, _ = hf
     dpo_adapter = quickstart / "dpo"
     cli("export", dpo_adapter, "--format", "peft", "--output", tmp_path / "peft")
     cli("fuse", dpo_adapter, "--output", tmp_path / "fused")
     loaded = mlx_model.load(ModelParams(model_name=str(dpo_adapter)))
-    fresh = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
-    with_peft = PeftModel.from_pretrained(fresh, tmp_path / "peft").eval()
-    fused = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fused",
-                                                              dtype=torch.float32).eval()
+    references = {}
+    for dtype in (torch.float32, torch.float64):
+        base = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=dtype)
+        references["peft", dtype] = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+        references["fused", dtype] = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "fused", dtype=dtype).eval()
     for chat in CHATS:
         ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=False)
         ours = _mlx_logits(loaded.model, ids)
+        for kind in ("peft", "fused"):
+            single = _hf_logits(references[kind, torch.float32], ids)
+            exact = _hf_logits(references[kind, torch.float64], ids)
+            assert np.abs(ours - single).max() < 5e-4, kind
+            assert np.abs(ours - exact).max() <= 2 * np.abs(single - exact).max() + 2e-5, kind
+        # fuse merged exactly what PEFT adds (up to storing W + dW in float32)
+        assert np.abs(_hf_logits(references["fused", torch.float64], ids) -
+                      _hf_logits(references["peft", torch.float64], ids)).max() < 1e-4
         with mlx_model.adapters_disabled(loaded.model):
-            ours_base = _mlx_logits(loaded.model, ids)
-        theirs_base = _hf_logits(base, ids)
-        for theirs in (_hf_logits(with_peft, ids), _hf_logits(fused, ids)):
-            assert np.abs(ours - theirs).max() < 2.5e-4
-            assert np.abs((ours - ours_base) - (theirs - theirs_base)).max() < 2.5e-4
-        assert np.abs(ours - ours_base).max() > 0.1  # the adapter does something
+            assert np.abs(ours - _mlx_logits(loaded.model, ids)).max() > 1.0  # the adapter acts
 
 
 def test_sft_lowers_the_loss(tmp_path):
-    """4 prompt/completion rows (the concise answers), the whole set each step: the loss on the
-    same rows falls (measured here: 3.68 at step 1 -> 1.98 at step 5)."""
+    """4 conversations (the concise answers), the whole set each step: the loss on the
+    same rows falls (measured here: 3.04 at step 1 -> 0.48 at step 5)."""
     rows = tmp_path / "sft.jsonl"
-    rows.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["chosen"]}) + "\n"
+    rows.write_text("".join(json.dumps({"messages": r["prompt"] + r["chosen"]}) + "\n"
                             for r in _rows(PAIRS)[:4]))
     out = tmp_path / "sft"
     cli("train", "-c", ROOT / "configs/quickstart/sft.yaml", "--backend", "mlx", "--quiet",
@@ -261,12 +268,13 @@ def mentions_answer(completions, answer, **kwargs):
 def test_grpo_steps_with_a_reachable_reward(tmp_path):
     """Two GRPO steps, 2 questions x 4 completions at T=1, rewarded when the answer names the
     right fact: the model reaches it on some completions and misses on others (measured here:
-    reward 0.5 and 0.375, reward_std 0.53 and 0.52), so the advantages are not all zero and the
+    reward 0.5 and 0.125, reward_std 0.53 and 0.35), so the advantages are not all zero and the
     adapter moves."""
     data = tmp_path / "questions.jsonl"
     questions = (("What is the capital of France?", "Paris"),
                  ("Which planet is known as the Red Planet?", "Mars"))
-    data.write_text("".join(json.dumps({"prompt": q, "answer": a}) + "\n" for q, a in questions))
+    data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}], "answer": a})
+                            + "\n" for q, a in questions))
     (tmp_path / "reward.py").write_text(REWARD)
     out = tmp_path / "grpo"
     cli("train", "-c", ROOT / "configs/quickstart/grpo.yaml", "--backend", "mlx", "--quiet",
