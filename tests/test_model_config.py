@@ -54,6 +54,9 @@ CASES = {
     "llama-longrope": ("LlamaConfig", _rope("longrope", original_max_position_embeddings=16,
                                             short_factor=FACTORS, long_factor=FACTORS)),
     "llama-proportional": ("LlamaConfig", _rope("proportional", factor=2.0, partial_rotary_factor=0.5)),
+    # An architecture mlxrl does not translate fully (mlx-lm runs it as llama): its default-type
+    # rope_parameters still reach mlx-lm's top-level rope_theta.
+    "mistral": ("MistralConfig", _rope()),
 }
 IDS = np.random.default_rng(0).integers(3, 700, size=(2, 24))
 
@@ -116,6 +119,8 @@ REFUSED = {
         "full_attention": {"rope_type": "default", "rope_theta": THETA},
         "sliding_attention": {"rope_type": "default", "rope_theta": 10.0}}),
         "rope_parameters differ between layer types"),
+    "mistral-linear": ("MistralConfig", _rope("linear", factor=4.0), None,
+                       "rope_parameters of type 'linear', which mlxrl translates for mlx-lm only on"),
     "sliding-window": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 8,
                                        "max_window_layers": 1, **_rope()},
                        None, "layers 1..1 use sliding-window attention (window 8)"),

@@ -17,8 +17,8 @@ scaled type there is refused.
 
 Also filled where `config.json` leaves them out and mlx-lm's default differs from transformers':
 `head_dim` (falcon_h1: hidden_size / heads; qwen3: 128) and `tie_word_embeddings` (from whether
-the weights hold an `lm_head`). Sliding-window layers, which mlx-lm's qwen2/qwen3 do not
-implement, are refused.
+the weights hold an `lm_head`). Sliding-window layers, which mlx-lm's qwen2, qwen3 and falcon_h1
+do not implement, are refused.
 """
 
 from __future__ import annotations
