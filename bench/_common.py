@@ -8,17 +8,19 @@
   IMPL ...`), which prints one `BENCH_RESULT {json}` line: seconds spent in the training call and
   its own peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss`). Steady-state time per step is
   `(T(n2) - T(n1)) / (n2 - n1)` over two whole runs, so start-up, tracing and compilation cancel.
-- Every MLX implementation gets the same BLAS: `import mlxrl` (which binds the system OpenBLAS)
-  comes before the first `import mlx.core` in every worker.
-- MLX's CPU JIT kernels: each implementation builds its own, in a kernel folder of its own
-  (TMPDIR), so none reuses another's, in an untimed warm-up run (as a user's second run would
-  find them). mlxrl builds them with the vector flags of `mlxrl/_jit.py`;
-  the MLX peers with MLX's own flags (what their users get), unless `--peer-jit-flags`.
+- Every MLX implementation gets the same BLAS: `setup_mlx()` (mlxrl's `mlx_runtime`, which binds
+  the system OpenBLAS) comes before the first `import mlx.core` in every worker.
+- MLX's CPU JIT kernels: each implementation builds its own in an untimed warm-up run (as a
+  user's second run would find them). mlxrl builds them with the vector flags of `mlxrl/_jit.py`
+  in mlxrl's own kernel folder (`$MLXRL_CACHE/jit/<digest>/kernels`); the MLX peers with MLX's
+  own flags (what their users get) in a kernel folder of their own (TMPDIR), so none reuses
+  another's, unless `--peer-jit-flags` (then they share mlxrl's folder and flags).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -41,7 +43,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALL
 
 
 def model_path() -> Path:
-    from mlxrl.testing import tiny_model
+    from mlxrl.tiny_models import tiny_model
 
     return tiny_model("qwen2", **SHAPE)
 
@@ -108,18 +110,24 @@ def read_jsonl(path: str | Path) -> list[dict]:
 # ----------------------------------------------------------------------------- workers
 
 
-def bind_openblas() -> str:
-    """`import mlxrl` binds the system OpenBLAS; it must run before the first `import mlx.core`."""
-    import mlxrl  # noqa: F401
-    from mlxrl import _blas
+_RUNTIME = contextlib.ExitStack()
 
+
+def setup_mlx() -> str:
+    """What mlxrl's entry points do, for the rest of this process: bind the system OpenBLAS (before
+    the first `import mlx.core`) and build MLX's JIT kernels with mlxrl's vector flags in mlxrl's
+    kernel folder (unless MLXRL_NO_JIT_FLAGS, as the peers' workers get it). Returns the BLAS."""
+    from mlxrl import _blas
+    from mlxrl.runtime import mlx_runtime
+
+    _RUNTIME.enter_context(mlx_runtime())
     return _blas.status
 
 
 def patch_mlx_for_mlx_lm_lora() -> None:
     """mlx-lm-lora reads `mx.device_info()["max_recommended_working_set_size"]` and calls
     `mx.set_wired_limit`; the Linux CPU build has neither the key nor wired memory."""
-    bind_openblas()
+    setup_mlx()
     import mlx.core as mx
 
     info = mx.device_info()
@@ -292,7 +300,7 @@ def parse_or_work(parser: argparse.ArgumentParser, workers: dict):
     if args.worker:
         workers[args.worker](args.n, args.workdir)
         return None
-    bind_openblas()
+    setup_mlx()
     return args
 
 

@@ -40,7 +40,7 @@ BETA = 0.1
 
 
 def worker_mlxrl(steps: int, workdir: Path) -> None:
-    common.bind_openblas()
+    common.setup_mlx()
     from mlxrl.config import load_config
     from mlxrl.mlx.train import train
 

@@ -76,7 +76,7 @@ peft: {{lora_r: {common.LORA_R}, lora_alpha: {common.LORA_ALPHA}, lora_dropout: 
 
 
 def worker_mlxrl(steps: int, workdir: Path) -> None:
-    common.bind_openblas()
+    common.setup_mlx()
     import mlx.core as mx
 
     from mlxrl.data.loading import load_split

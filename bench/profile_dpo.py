@@ -43,7 +43,7 @@ def _parser():
 
 if __name__ == "__main__":  # OpenBLAS reads its thread count when it loads: before mlx.core
     os.environ.update(common.thread_env(_parser().parse_args().threads))
-common.bind_openblas()
+common.setup_mlx()
 import mlx.core as mx  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import mlx_lm.models.qwen2 as qwen2  # noqa: E402
@@ -57,7 +57,7 @@ from mlxrl.mlx.dpo import DPOMethod, pair_arrays, reference_logps  # noqa: E402
 from mlxrl.mlx.logprobs import sequence_logps, token_logps_from_logits  # noqa: E402
 from mlxrl.mlx.trainer import Trainer  # noqa: E402
 
-ORIGINAL_SWIGLU = qwen2.swiglu  # before mlxrl's model loading swaps in cpu_ops.swiglu
+ORIGINAL_SWIGLU = qwen2.swiglu  # mlx-lm's (mlxrl's loaded model reads cpu_ops.swiglu instead)
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
@@ -150,7 +150,7 @@ def phases(cfg, loaded, method, ids, mask, repeats: int) -> dict[str, tuple[floa
         mx.eval(model.trainable_parameters(), trainer.optimizer.state, norm)
         float(loss)
 
-    with mlx_model.adapters_disabled(model):  # traced with the LoRA scales at 0; called so only
+    with mlx_model.adapters_disabled(model):  # traced with the adapters off; called so only
         compiled_reference = mx.compile(lambda i, m: sequence_logps(model, i, m), inputs=model.state)
 
         def reference_compiled():
@@ -219,9 +219,12 @@ def forward_parts(loaded, ids, repeats: int) -> dict[str, tuple[float, float]]:
 
 
 def ablation(cfg, loaded, method, ids, mask, repeats: int, label: str, swiglu) -> dict:
-    """Forward and whole-step times with `swiglu` patched into mlx-lm's Qwen2 MLP."""
-    model, previous = loaded.model, qwen2.swiglu
-    qwen2.swiglu = swiglu
+    """Forward and whole-step times with `swiglu` in this model's Qwen2 MLP (the namespace its
+    methods read: `cpu_ops.use_cpu_ops` gives the model's classes their own)."""
+    model = loaded.model
+    namespace = type(model.layers[0].mlp).__call__.__globals__
+    previous = namespace["swiglu"]
+    namespace["swiglu"] = swiglu
     try:
         trainer = make_trainer(cfg, loaded, method)  # a fresh compiled grad step traces the patch
         forward = mx.compile(lambda i, m: sequence_logps(model, i, m))
@@ -240,7 +243,7 @@ def ablation(cfg, loaded, method, ids, mask, repeats: int, label: str, swiglu) -
             "loss": loss,
         }
     finally:
-        qwen2.swiglu = previous
+        namespace["swiglu"] = previous
 
 
 def padding(cfg, loaded, method, repeats: int) -> list[tuple[int, float, float]]:

@@ -30,7 +30,7 @@ def _parser():
 
 if __name__ == "__main__":  # OpenBLAS reads its thread count when it loads: before mlx.core
     os.environ.update(common.thread_env(_parser().parse_args().threads))
-common.bind_openblas()
+common.setup_mlx()
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from grpo import GENERATIONS, NEVER, PROMPTS, TOKENS, messages, mlxrl_config  # noqa: E402

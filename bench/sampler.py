@@ -46,18 +46,17 @@ class NoStopTokenizer:
         return self.tokenizer.decode(ids)
 
 
-def run_mlxrl(model, prompts, G, tokens, eos, split=None):
-    """`split` False: without the split matmuls (to show what they bring); None: as measured."""
+def run_mlxrl(model, prompts, G, tokens, eos, split=True):
+    """`split` False: without the split matmuls (to show what they bring); True: by the rule."""
     from mlxrl.mlx import sampling
 
-    rows = len(prompts) * G
-    verdict = sampling._split_is_faster(rows)
-    sampling._SPLIT_FASTER[rows] = verdict if split is None else split
+    rule = sampling.SPLIT_MAX_ROWS
+    sampling.SPLIT_MAX_ROWS = rule if split else 0
     try:
         r = sampling.sample(model, prompts, num_generations=G, max_tokens=tokens,
                             temperature=1.0, eos_token_ids=[eos], seed=0)
     finally:
-        sampling._SPLIT_FASTER[rows] = verdict
+        sampling.SPLIT_MAX_ROWS = rule
     return int(r.lengths.sum())
 
 
@@ -100,7 +99,7 @@ def compare(model, tokenizer, B, G, tokens, repeats):
     eos = model.args.vocab_size  # an id the model cannot sample
     prompts = [tokenizer.encode(t) for t in TEXTS[:B]]
     no_stop = NoStopTokenizer(tokenizer, eos)
-    from mlxrl.mlx.sampling import _split_is_faster
+    from mlxrl.mlx.sampling import split_matmuls_at
 
     methods = {
         "mlxrl sample": lambda: run_mlxrl(model, prompts, G, tokens, eos),
@@ -117,8 +116,8 @@ def compare(model, tokenizer, B, G, tokens, repeats):
             rates[name].append(tokens_per_second(fn))
     base = statistics.median(rates["mlx-lm batch_generate"])
     print(f"\n{B} prompts x {G} completions x {tokens} tokens, prompt lengths "
-          f"{[len(p) for p in prompts]}, {repeats} rounds (split matmuls measured faster at "
-          f"{B * G} rows: {_split_is_faster(B * G)}):")
+          f"{[len(p) for p in prompts]}, {repeats} rounds (split matmuls at "
+          f"{B * G} rows: {split_matmuls_at(B * G)}):")
     for name, r in rates.items():
         med = statistics.median(r)
         print(f"  {name:28s} median {med:6.1f} tok/s ({1000 * B * G / med:5.1f} ms/step)  "
@@ -133,19 +132,26 @@ def main():
     parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args()
 
-    import mlxrl  # binds OpenBLAS before the first mlx.core import
+    from mlxrl import _blas
+    from mlxrl.runtime import mlx_runtime
 
-    blas = mlxrl._blas.status
+    with mlx_runtime():  # OpenBLAS before the first mlx.core import; mlxrl's JIT flags
+        _run(args)
+        print(f"BLAS: {_blas.status}")
+
+
+def _run(args):
     import mlx.core as mx
     import mlx_lm
 
-    from mlxrl.testing import tiny_model
+    from mlxrl.mlx.cpu_ops import use_cpu_ops
+    from mlxrl.tiny_models import tiny_model
 
     path = tiny_model("qwen2", **SHAPE)
     model, tokenizer = mlx_lm.load(str(path))
+    use_cpu_ops(model)  # as mlxrl's loader gives it (the splittable layers; mlx-lm's ops otherwise)
     mx.eval(model.parameters())
-    print(f"model {path} (fp32, vocab {model.args.vocab_size}), mlx {mx.__version__}, "
-          f"BLAS: {blas}")
+    print(f"model {path} (fp32, vocab {model.args.vocab_size}), mlx {mx.__version__}")
     for B, G in ((2, 4), (4, 4)):
         compare(model, tokenizer, B, G, args.tokens, args.repeats)
 

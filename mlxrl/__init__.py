@@ -7,14 +7,22 @@ The Python API (imports are lazy: `import mlxrl` stays light):
     train("configs/quickstart/sft.yaml", ["--training.max_steps", "50"])
     infer("How many 'r's are in 'strawberry'?", "output/quickstart_sft", system_prompt="letter_count")
     evaluate("output/quickstart_sft", ["letter_count", "preference"], num_samples=100)
+
+Importing mlxrl changes nothing in the process. `train`, `infer` and `evaluate` do the set-up MLX
+needs (`mlxrl.runtime.mlx_runtime`): the system OpenBLAS bound before `mlx.core` is first imported
+(on Linux), and MLX's JIT kernels built with the CPU's vector flags while they run. A program
+that imports `mlx.core` itself before calling them can call `mlxrl.bind_openblas()` first.
 """
 
-from mlxrl import _blas, _jit
-
-_blas.bind_openblas()
-_jit.tune_cpu_jit()
-
 __version__ = "0.1.0"
+
+
+def bind_openblas() -> str | None:
+    """Bind the system OpenBLAS for MLX (Linux); call before the first `import mlx.core`.
+    Returns the library bound, or None (see `mlxrl.runtime.status()`)."""
+    from mlxrl import _blas
+
+    return _blas.bind_openblas()
 
 
 def train(config, overrides=None, *, quiet: bool = False, log=print) -> dict:
@@ -22,7 +30,7 @@ def train(config, overrides=None, *, quiet: bool = False, log=print) -> dict:
     `overrides` such as `["--training.max_steps", "10"]`; returns the final trainer state
     (`global_step`, `log_history`, ...). Checkpoints and the adapter go to training.output_dir."""
     from mlxrl.config import TrainConfig, load_config
-    from mlxrl.mlx.train import train as mlx_train
+    from mlxrl.runtime import mlx_runtime
 
     if isinstance(config, TrainConfig):
         if overrides:
@@ -30,7 +38,10 @@ def train(config, overrides=None, *, quiet: bool = False, log=print) -> dict:
         cfg = config
     else:
         cfg = load_config(config, list(overrides or []))
-    return mlx_train(cfg, quiet=quiet, log=log)
+    with mlx_runtime():
+        from mlxrl.mlx.train import train as mlx_train
+
+        return mlx_train(cfg, quiet=quiet, log=log)
 
 
 def infer(inputs, model=None, *, config=None, system_prompt=None, overrides=None, **generation):
@@ -43,9 +54,11 @@ def infer(inputs, model=None, *, config=None, system_prompt=None, overrides=None
     prompt. `**generation`: `GenerationParams` fields such as `max_new_tokens=64, temperature=0.7`.
     """
     from mlxrl.inference import infer as _infer
+    from mlxrl.runtime import mlx_runtime
 
-    return _infer(inputs, model, config=config, system_prompt=system_prompt, overrides=overrides,
-                  **generation)
+    with mlx_runtime():
+        return _infer(inputs, model, config=config, system_prompt=system_prompt, overrides=overrides,
+                      **generation)
 
 
 def evaluate(model=None, tasks=("letter_count",), **kwargs) -> dict:
@@ -55,5 +68,7 @@ def evaluate(model=None, tasks=("letter_count",), **kwargs) -> dict:
     `config` (an eval YAML path or `mlxrl.evaluation.EvalConfig`), `overrides`, and
     `GenerationParams` fields (`max_new_tokens=32`)."""
     from mlxrl.evaluation import evaluate as _evaluate
+    from mlxrl.runtime import mlx_runtime
 
-    return _evaluate(model, tasks, **kwargs)
+    with mlx_runtime():
+        return _evaluate(model, tasks, **kwargs)

@@ -3,7 +3,9 @@
 The Linux `mlx[cpu]` wheel bundles the Netlib reference BLAS (~6 GFLOP/s). Loading the system
 OpenBLAS with RTLD_GLOBAL *before* the first `import mlx.core` makes MLX's cblas calls resolve to
 it: about 57x faster on fp32 matmuls with identical results. A CDLL after mlx is imported does
-nothing, so this module must run first (mlxrl/__init__.py imports it).
+nothing, so the MLX entry points call `bind_openblas()` first (`mlxrl.runtime.mlx_runtime`).
+Importing mlxrl does not: a process that never runs MLX (the torch backend, whose own threads
+fight OpenBLAS's) never gets it.
 """
 
 import ctypes
@@ -20,22 +22,28 @@ _CANDIDATES = (
 )
 
 bound: str | None = None  # path of the BLAS bound, or None
-status: str = "not attempted"
+status: str = "not bound (no MLX work yet in this process)"
+_attempted = False
 
 
 def bind_openblas() -> str | None:
-    """Load OpenBLAS globally if on Linux and mlx is not imported yet. Returns what was bound."""
-    global bound, status
-    if bound is not None or not sys.platform.startswith("linux"):
-        status = status if bound else "not needed (not Linux)"
+    """Load OpenBLAS globally if on Linux and mlx is not imported yet; once per process (a
+    second call returns the first one's result). Returns what was bound."""
+    global bound, status, _attempted
+    if _attempted:
         return bound
+    _attempted = True
+    if not sys.platform.startswith("linux"):
+        status = "not needed (not Linux)"
+        return None
     if os.environ.get("MLXRL_NO_OPENBLAS"):
         status = "disabled by MLXRL_NO_OPENBLAS"
         return None
     if "mlx.core" in sys.modules:
-        status = "too late: mlx.core was imported before mlxrl"
-        warnings.warn("mlxrl: mlx.core was imported before mlxrl; OpenBLAS not bound (slow matmuls)",
-                      stacklevel=2)
+        status = "MLX's bundled reference BLAS: mlx.core was imported before mlxrl could bind OpenBLAS"
+        warnings.warn("mlxrl: mlx.core was imported before mlxrl could bind the system OpenBLAS, so "
+                      "MLX's matmuls use its bundled reference BLAS (~50x slower on Linux); call "
+                      "mlxrl.bind_openblas() before the first `import mlx.core`", stacklevel=3)
         return None
     names = list(_CANDIDATES)
     found = ctypes.util.find_library("openblas")
@@ -49,5 +57,5 @@ def bind_openblas() -> str | None:
         bound, status = name, f"OpenBLAS ({name})"
         return bound
     status = "reference BLAS bundled with mlx (install libopenblas0-pthread for ~50x faster matmuls)"
-    warnings.warn("mlxrl: system OpenBLAS not found; " + status, stacklevel=2)
+    warnings.warn("mlxrl: system OpenBLAS not found; " + status, stacklevel=3)
     return None

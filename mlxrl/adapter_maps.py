@@ -15,7 +15,7 @@ import re
 
 import mlx.core as mx
 
-from mlxrl.errors import MlxrlError
+from mlxrl.errors import MlxrlError, MlxrlNote
 
 SUPPORTED = ("qwen2", "qwen3", "llama", "falcon_h1")
 LAYER_PATH = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -25,7 +25,7 @@ class AdapterError(MlxrlError):
     """An adapter or model that cannot be converted exactly, or a failed export/import/upload."""
 
 
-class AdapterNote(UserWarning):
+class AdapterNote(MlxrlNote):
     """Something the user should know about a conversion that still went through."""
 
 

@@ -26,8 +26,8 @@ from mlxrl.adapter_hub import model_card, push_to_hub
 from mlxrl.adapter_maps import LAYER_PATH, AdapterError, AdapterNote, arch_map, from_hf, to_hf
 from mlxrl.errors import MlxrlError
 from mlxrl.integrity import check_adapter
-from mlxrl.mlx.model import ADAPTER_CONFIG, ADAPTER_FILE, resolve_model
-from mlxrl.model_names import local_model_path
+from mlxrl.mlx.model import ADAPTER_FILE
+from mlxrl.model_names import ADAPTER_CONFIG, local_model_path, resolve
 from mlxrl.output_folder import staged
 
 __all__ = ["AdapterError", "AdapterNote", "export_peft", "import_peft", "fuse", "push_to_hub"]
@@ -68,6 +68,12 @@ def _mlx_adapter(folder: Path) -> tuple[dict, dict[str, mx.array]]:
 def _base(name: str, revision: str | None = None) -> tuple[Path, dict]:
     path = local_model_path(name, revision)
     return path, _read_json(path / "config.json")
+
+
+def _base_of(folder: Path, config: dict) -> tuple[str, Path, dict]:
+    """(base name, base folder, its config.json) of the mlxrl adapter in `folder`."""
+    ref = resolve(str(folder), _model_section(config).get("model_revision"))
+    return ref.base_name, ref.base_path, _read_json(ref.base_path / "config.json")
 
 
 def _base_linears(base_path: Path) -> dict[str, tuple[int, int]]:
@@ -141,8 +147,7 @@ def export_peft(checkpoint_dir, output_dir, overwrite: bool = False) -> Path:
         raise AdapterError(f"{folder}: DoRA with dropout > 0 trains differently in PEFT; "
                            "cannot export it exactly")
     mlxrl_block = config.get("mlxrl", {})
-    base_name, _ = resolve_model(str(folder))
-    base_path, hf_config = _base(base_name, _model_section(config).get("model_revision"))
+    base_name, base_path, hf_config = _base_of(folder, config)
     amap = arch_map(hf_config)
     leaves = {"lora_a": "A", "lora_b": "B", "m": "m"}
     modules = _group(tensors, leaves, str(folder / ADAPTER_FILE))
@@ -307,7 +312,7 @@ def fuse(checkpoint_dir, output_dir, quantize: bool = False, overwrite: bool = F
             _write_quantized(folder, tmp)
         else:
             _write_fused(folder, tmp, with_adapter=True)
-            base_name, _ = resolve_model(str(folder))
+            base_name = _base_of(folder, config)[0]
             _write_card(tmp, "fused", base_name, base_name, config.get("mlxrl", {}), [])
     return out
 
@@ -321,8 +326,7 @@ def _mlx_model(folder: Path, with_adapter: bool):
 
     config = _read_json(folder / ADAPTER_CONFIG)
     section = _model_section(config)
-    base_name, _ = resolve_model(str(folder))
-    base_path, hf_config = _base(base_name, section.get("model_revision"))
+    base_name, base_path, hf_config = _base_of(folder, config)
     model, _ = load_model(base_path, trust_remote_code=bool(section.get("trust_remote_code")))
     cast(model, section.get("torch_dtype_str", "auto"))
     model.freeze()
@@ -380,11 +384,11 @@ def _write_quantized(folder: Path, out: Path) -> Path:
     _save_weights(out, dict(tree_flatten(model.parameters())), {"format": "mlx"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _copy_tokenizer(base_path, out)
-    base_name, _ = resolve_model(str(folder))
+    adapter_config = _read_json(folder / ADAPTER_CONFIG)
+    base_name = _base_of(folder, adapter_config)[0]
     note = ("MLX-quantized merged model for mlx-lm: transformers cannot load it, and "
             "re-quantizing W + dW may erase small adapter deltas (mlx-lm #1172)")
-    mlxrl_block = _read_json(folder / ADAPTER_CONFIG).get("mlxrl", {})
-    _write_card(out, "mlx", base_name, base_name, mlxrl_block, [note])
+    _write_card(out, "mlx", base_name, base_name, adapter_config.get("mlxrl", {}), [note])
     return out
 
 

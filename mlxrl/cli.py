@@ -11,35 +11,16 @@ Errors in the user's input print one line (no traceback unless `--debug`) and ex
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import os
-import sys
 
 import click
 
-import mlxrl  # noqa: F401  (binds OpenBLAS before anything imports mlx)
+import mlxrl
+from mlxrl.cli_errors import friendly_errors
 from mlxrl.errors import MlxrlError
 
 OVERRIDES = dict(ignore_unknown_options=True, allow_extra_args=True)
-
-
-def _friendly_errors(fn):
-    """Print user errors as one line; `--debug` (or MLXRL_DEBUG=1) shows the traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        debug = kwargs.get("debug") or os.environ.get("MLXRL_DEBUG") == "1"
-        try:
-            return fn(*args, **kwargs)
-        except MlxrlError as e:
-            if debug:
-                raise
-            if not (e.main_process_only and os.environ.get("RANK", "0") != "0"):
-                click.echo(f"error: {e}", err=True)
-            sys.exit(getattr(e, "exit_code", 1))
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -86,7 +67,7 @@ def pick_backend(requested: str, explain: bool = False):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.pass_context
-@_friendly_errors
+@friendly_errors
 def train(ctx, config_path, backend, resume, overwrite, quiet, debug):
     """Train a LoRA adapter (SFT, DPO or GRPO, from training.trainer_type).
 
@@ -103,21 +84,30 @@ def train(ctx, config_path, backend, resume, overwrite, quiet, debug):
     cfg = load_config(config_path, list(ctx.args))
     if resume:
         cfg.training.try_resume_from_last_checkpoint = True
-    if pick_backend(backend) == "mlx":
-        from mlxrl.mlx.train import train as run
-    else:
-        from mlxrl.torch.train import train as run
-    state = run(cfg, quiet=quiet, log=lambda m: click.echo(m, err=True), overwrite=overwrite)
+    on_mlx = pick_backend(backend) == "mlx"
+    with _mlx_runtime() if on_mlx else contextlib.nullcontext():  # OpenBLAS for MLX alone
+        if on_mlx:
+            from mlxrl.mlx.train import train as run
+        else:
+            from mlxrl.torch.train import train as run
+        state = run(cfg, quiet=quiet, log=lambda m: click.echo(m, err=True), overwrite=overwrite)
     if os.environ.get("RANK", "0") == "0":  # once under `accelerate launch`
         click.echo(f"done: {state['global_step']} steps; adapter in {cfg.training.output_dir}", err=True)
 
 
+def _mlx_runtime():
+    from mlxrl.runtime import mlx_runtime
+
+    return mlx_runtime()
+
+
 @main.command()
+@friendly_errors(mlx=True)
 def env():
-    """Versions, the backend `auto` picks, the device and the BLAS in use."""
+    """Versions, the backend `auto` picks, the device, and the BLAS and JIT flags MLX work gets."""
     import platform
 
-    from mlxrl import _blas, _jit
+    from mlxrl import runtime
 
     lines = [f"mlxrl {mlxrl.__version__}", f"python {platform.python_version()} ({platform.platform()})"]
     for name in ("mlx", "mlx_lm", "transformers", "datasets", "torch", "trl", "peft"):
@@ -128,8 +118,7 @@ def env():
         lines.append(f"mlx device    {mx.default_device()}")
     except ImportError:
         lines.append("mlx device    (mlx not installed)")
-    lines.append(f"BLAS          {_blas.status}")
-    lines.append(f"CPU JIT flags {_jit.status}")
+    lines += [f"{name:13s} {value}" for name, value in runtime.status().items()]
     lines.append("backend auto  -> {} ({})".format(*pick_backend("auto", explain=True)))
     click.echo("\n".join(lines))
 
@@ -157,7 +146,7 @@ def make():
 @click.option("--output", required=True, type=click.Path(dir_okay=False), help="JSONL file to write.")
 @click.option("--n", default=1000, show_default=True, help="Number of rows.")
 @click.option("--seed", default=0, show_default=True)
-@_friendly_errors
+@friendly_errors
 def make_letter_count(output, n, seed, debug=False):
     """Rows in oumi-ai/oumi-letter-count's raw format (conversation_id, messages, metadata)."""
     from mlxrl.tasks.letter_count import write_jsonl

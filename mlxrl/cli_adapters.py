@@ -12,14 +12,9 @@ leaves it as it was. A folder that is not empty needs `--overwrite`.
 
 from __future__ import annotations
 
-import functools
-import os
-import sys
-import warnings
-
 import click
 
-from mlxrl.errors import MlxrlError
+from mlxrl.cli_errors import friendly_errors
 
 _DEBUG = click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 _PUSH = click.option("--push-to-hub", "repo", metavar="REPO",
@@ -29,37 +24,6 @@ _PRIVATE = click.option("--private", is_flag=True, help="Create the hub repo as 
 _OVERWRITE = click.option("--overwrite", is_flag=True,
                           help="Write into a folder that is not empty: replaces an earlier output "
                                "of this command there and keeps other files.")
-
-
-def _friendly(fn):
-    """User errors print one line and exit 1 (`--debug` or MLXRL_DEBUG=1 shows the traceback);
-    warnings from the conversion print as `note:` lines. Ctrl-C leaves the output as it was."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        debug = kwargs.get("debug") or os.environ.get("MLXRL_DEBUG") == "1"
-        try:
-            from mlxrl.adapter_maps import AdapterNote
-            from mlxrl.output_folder import OutputNote
-
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", AdapterNote)
-                warnings.simplefilter("always", OutputNote)
-                result = fn(*args, **kwargs)
-            for w in caught:
-                if issubclass(w.category, (AdapterNote, OutputNote)):
-                    click.echo(f"note: {w.message}", err=True)
-                else:
-                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-            return result
-        except MlxrlError as e:
-            if debug:
-                raise
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo(f"interrupted: {kwargs.get('output')} was left as it was", err=True)
-            sys.exit(130)
-    return wrapper
 
 
 def _push(folder, repo, private) -> None:
@@ -79,7 +43,7 @@ def _push(folder, repo, private) -> None:
 @_PUSH
 @_PRIVATE
 @_DEBUG
-@_friendly
+@friendly_errors(mlx=True)
 def export(checkpoint, fmt, output, overwrite, repo, private, debug):
     """Export an mlxrl adapter (a training output or checkpoint-N folder) for Hugging Face PEFT.
 
@@ -110,7 +74,7 @@ def export(checkpoint, fmt, output, overwrite, repo, private, debug):
                              "base_model_name_or_path.")
 @_OVERWRITE
 @_DEBUG
-@_friendly
+@friendly_errors(mlx=True)
 def import_adapter(peft_dir, output, base, overwrite, debug):
     """Import a Hugging Face PEFT LoRA/DoRA adapter as an mlxrl adapter.
 
@@ -135,7 +99,7 @@ def import_adapter(peft_dir, output, base, overwrite, debug):
 @_PUSH
 @_PRIVATE
 @_DEBUG
-@_friendly
+@friendly_errors(mlx=True)
 def fuse(checkpoint, output, quantize, overwrite, repo, private, debug):
     """Merge an mlxrl adapter into its base model.
 

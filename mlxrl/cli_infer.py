@@ -13,34 +13,16 @@ The chat (`chat()`) lives here too: it is the terminal side of `mlxrl.inference.
 
 from __future__ import annotations
 
-import functools
-import os
 import sys
 
 import click
 
+from mlxrl.cli_errors import friendly_errors
 from mlxrl.errors import MlxrlError
 
 # Not imported from mlxrl.cli: `python -m mlxrl.cli` runs it as __main__, and importing it again
 # from here would register the commands twice, the second time from a half-imported module.
 OVERRIDES = dict(ignore_unknown_options=True, allow_extra_args=True)
-
-
-def _friendly_errors(fn):
-    """User errors print one line and exit 1; `--debug` (or MLXRL_DEBUG=1) shows the traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except MlxrlError as e:
-            if kwargs.get("debug") or os.environ.get("MLXRL_DEBUG") == "1":
-                raise
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-    return wrapper
 
 _DEFAULT_COMPARE_PROMPTS = (
     "Explain why the sky is blue in simple terms.",
@@ -127,7 +109,7 @@ def _reply(engine, system_prompt, history: list[dict], verbose: bool, out, err) 
 @click.option("-v", "--verbose", is_flag=True, help="Show each prompt as the model sees it.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.pass_context
-@_friendly_errors
+@friendly_errors(mlx=True)
 def infer(ctx, config_path, interactive, system_prompt, verbose, debug):
     """Chat with a model, or answer every row of --input_path.
 
@@ -175,7 +157,7 @@ def infer(ctx, config_path, interactive, system_prompt, verbose, debug):
 @click.option("--output", default=None, type=click.Path(), help="Folder for eval_results.json.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.pass_context
-@_friendly_errors
+@friendly_errors(mlx=True)
 def eval_command(ctx, config_path, tasks, dataset, dataset_path, split, num_samples, rewards,
                  output, debug):
     """Letter-count accuracy (Oumi's metrics), preference accuracy, mean rewards.
@@ -209,7 +191,7 @@ def eval_command(ctx, config_path, tasks, dataset, dataset_path, split, num_samp
 @click.option("--output", default=None, type=click.Path(), help="Folder for compare.json.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.pass_context
-@_friendly_errors
+@friendly_errors(mlx=True)
 def compare(ctx, models, prompts, input_path, system_prompt, tasks, num_samples, output, debug):
     """The same prompts through two or more models or checkpoints, side by side.
 
@@ -260,7 +242,7 @@ def _split_models(words: list[str]) -> tuple[list[str], list[str]]:
               help="Local copy of NAME (jsonl/json/parquet).")
 @click.option("--chars", default=100, show_default=True, help="Characters shown per field.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-@_friendly_errors
+@friendly_errors
 def inspect(name, split, dataset_path, chars, debug):
     """Print rows as the walkthrough's Step 1 snippets do.
 
@@ -286,7 +268,7 @@ def inspect(name, split, dataset_path, chars, debug):
                    "tiny://qwen2?hidden_size=128&num_layers=4, or with --real a hub id, folder "
                    "or .gguf file.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-@_friendly_errors
+@friendly_errors(mlx=True)
 def quickstart(output, scale, real, model, debug):
     """Offline, on the embedded tiny model: SFT, then DPO and GRPO from the SFT adapter, then
     eval and compare before/after; writes report.md and PNG plots to --output. With --real, DPO
@@ -310,7 +292,7 @@ def quickstart(output, scale, real, model, debug):
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--output", default=None, type=click.Path(), help="PNG path (default RUN_DIR/curves.png).")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-@_friendly_errors
+@friendly_errors
 def plot(run_dirs, output, debug):
     """Loss and reward curves of one or more runs (their metrics.jsonl) as a PNG."""
     from mlxrl.plot import plot_runs

@@ -399,14 +399,18 @@ def _check_grpo_batch(training: TrainingParams, num_generations: int) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                cls=TrainConfig):
-    """Defaults < YAML file < overrides (`--a.b v`, `a.b=v`, `a.l[0].x v`, ...)."""
+                cls=TrainConfig, *, adapt_yaml=None):
+    """Defaults < YAML file < overrides (`--a.b v`, `a.b=v`, `a.l[0].x v`, ...), into `cls` (the
+    training schema, or `InferenceConfig` / `EvalConfig`). `adapt_yaml(data, source)` may rewrite
+    the YAML's mapping in place before the overrides apply (inference folds legacy sections)."""
     data, lines, source = {}, {}, "<defaults>"
     if path is not None:
         source = str(path)
         if not Path(path).is_file():
             raise ConfigError(f"config file not found: {path}")
         data, lines = load_yaml(Path(path))
+    if adapt_yaml is not None:
+        adapt_yaml(data, source)
     origins = {}
     for dotted, value in split_overrides(list(overrides or [])):
         path_key = key_path(dotted)

@@ -21,3 +21,8 @@ class RewardError(MlxrlError):
 
 class ModelError(MlxrlError):
     pass
+
+
+class MlxrlNote(UserWarning):
+    """A one-line note for the user (the CLI prints it as `note: ...`), raised with `warnings.warn`
+    by code that has no log function at hand (e.g. adapter conversion)."""

@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlxrl.config import GenerationParams, ModelParams
-from mlxrl.config_parse import Builder, apply_override, key_path, load_yaml, split_overrides
+from mlxrl.config import GenerationParams, ModelParams, load_config
 from mlxrl.errors import ConfigError, DataError
 
 # eval_dpo_results.yaml's extra sections, and a training config's (so `-c train.yaml` works)
@@ -51,19 +50,11 @@ class InferenceConfig:
 
 
 def load_inference_config(path=None, overrides=None) -> tuple[InferenceConfig, list[str]]:
-    """Defaults < YAML < overrides, as `mlxrl.config.load_config`; returns (config, notes)."""
-    data, lines, source = {}, {}, "<defaults>"
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file not found: {path}")
-        data, lines = load_yaml(Path(path))
-        source = str(path)
-    notes = _fold_legacy_sections(data, source)
-    origins = {}
-    for dotted, value in split_overrides(list(overrides or [])):
-        apply_override(data, key_path(dotted), value, f"override {dotted}")
-        origins[key_path(dotted)] = f"override {dotted}"
-    cfg = Builder(source, lines, origins).build(InferenceConfig, data)
+    """`mlxrl.config.load_config` into an `InferenceConfig`, legacy sections folded; returns
+    (config, notes)."""
+    notes: list[str] = []
+    cfg = load_config(path, overrides, cls=InferenceConfig,
+                      adapt_yaml=lambda data, source: notes.extend(_fold_legacy_sections(data, source)))
     engine = (cfg.engine or "").upper() or None
     if engine not in _ENGINES:
         notes.append(f"note: engine {cfg.engine} is not available here; mlxrl runs on MLX")
@@ -101,26 +92,18 @@ def _fold_legacy_sections(data: dict, source: str) -> list[str]:
 # ----------------------------------------------------------------------------- models
 
 
-def resolve_model_name(name: str) -> str:
-    """`tiny://arch?hidden_size=128&num_layers=4` -> the cached folder; other names unchanged."""
-    if not name.startswith("tiny://") or "?" not in name:
-        return name
-    from mlxrl.model_names import tiny_path
-
-    return str(tiny_path(name))
-
-
 _LOADED: dict[str, Any] = {}  # the last models loaded, by their parameters (for infer())
 
 
 def load_model(model_params: ModelParams, cache: bool = True):
-    """`mlxrl.mlx.model.load` for inference (tiny URIs resolved); the last 2 models are kept."""
+    """`mlxrl.mlx.model.load` of `adapter_model` (Oumi's) or `model_name`; the last 2 are kept."""
     from mlxrl.mlx import model as mlx_model
 
-    name = _mlx_checkpoint(resolve_model_name(model_params.adapter_model or model_params.model_name))
+    name = model_params.adapter_model or model_params.model_name
     params = dataclasses.replace(model_params, model_name=name)
-    adapter = Path(name) / "adapters.safetensors"  # a retrained checkpoint is loaded afresh
-    stamp = adapter.stat().st_mtime_ns if adapter.is_file() else 0
+    folder = Path(name).expanduser()  # a retrained checkpoint is loaded afresh
+    stamp = [p.stat().st_mtime_ns for p in (folder / "adapters.safetensors",
+                                            folder / "adapter_model.safetensors") if p.is_file()]
     key = json.dumps([dataclasses.asdict(params), stamp], sort_keys=True, default=str)
     if cache and key in _LOADED:
         return _LOADED[key]
@@ -130,27 +113,6 @@ def load_model(model_params: ModelParams, cache: bool = True):
             _LOADED.pop(next(iter(_LOADED)))
         _LOADED[key] = loaded
     return loaded
-
-
-def _mlx_checkpoint(name: str) -> str:
-    """A PEFT adapter folder (a `--backend torch` checkpoint) converted once to mlxrl's format."""
-    from mlxrl.integrity import adapter_kind, check_adapter
-
-    folder = Path(name).expanduser()
-    if not folder.is_dir() or adapter_kind(folder) != "torch":
-        return name
-    check_adapter(folder)
-    import hashlib
-
-    from mlxrl.adapters import import_peft
-    from mlxrl.testing import cache_dir
-
-    weights = folder / "adapter_model.safetensors"
-    stamp = f"{folder.resolve()}:{weights.stat().st_mtime_ns if weights.is_file() else 0}"
-    out = cache_dir() / "imported" / hashlib.sha256(stamp.encode()).hexdigest()[:16]
-    if not (out / "adapters.safetensors").is_file():
-        import_peft(folder, out, overwrite=True)
-    return str(out)
 
 
 def model_context(model_params: ModelParams, base_path: Path) -> int | None:

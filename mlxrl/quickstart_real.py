@@ -35,7 +35,7 @@ def run_real_quickstart(output="output/quickstart_real", *, scale: float = 1.0,
     from mlxrl.model_names import local_model_path
 
     if not (CONFIGS / "dpo_smollm2.yaml").is_file():
-        raise MlxrlError(f"quickstart configs not found in {CONFIGS} (run from a source checkout)")
+        raise MlxrlError(f"quickstart configs not found in {CONFIGS}: the mlxrl install is incomplete; reinstall it")
     local_model_path(model)  # fails here, in one line, when the model cannot be had
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,7 @@ print(" | ".join(f"{n} {version(n)}" for n in ("transformers", "peft", "trl", "a
 print("bitsandbytes:", "yes" if find_spec("bitsandbytes") else "no", "| vllm:", "yes" if find_spec("vllm") else "no")
 
 from mlxrl.config import load_config
-from mlxrl.testing import build_tiny_model, tiny_model
+from mlxrl.tiny_models import build_tiny_model, tiny_model
 from mlxrl.torch.train import train
 
 DATA = Path("configs/quickstart/data")

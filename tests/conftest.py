@@ -1,7 +1,17 @@
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import mlxrl  # noqa: E402,F401  (binds OpenBLAS before any test imports mlx.core)
+from mlxrl.runtime import mlx_runtime  # noqa: E402
+
+# What mlxrl's entry points do, for the whole session: OpenBLAS bound before any test module
+# imports mlx.core, and MLX's JIT kernels built with the vector flags in mlxrl's kernel folder.
+_session = contextlib.ExitStack()
+_session.enter_context(mlx_runtime())
+
+
+def pytest_unconfigure(config):
+    _session.close()

@@ -7,7 +7,7 @@ transformers (+ PEFT) in float32 on the same token ids.
 
 import json
 
-import mlx.core as mx  # conftest.py has imported mlxrl first (OpenBLAS binding)
+import mlx.core as mx  # conftest.py has bound OpenBLAS first (mlxrl.runtime)
 import mlx_lm
 import numpy as np
 import pytest
@@ -219,7 +219,8 @@ def test_adapter_made_with_peft_imports(arch, targets, layers, rslora, tmp_path)
     diff = np.abs(mlx_logits(loaded.model) - expected).max()
     assert diff < TOL, f"{arch}: PEFT -> MLX max abs diff {diff:.2e}"
     stock, _ = mlx_lm.load(str(tiny_model(arch)), adapter_path=str(out))  # plain mlx-lm too
-    assert np.array_equal(mlx_logits(stock), mlx_logits(loaded.model))
+    # mlx-lm's own ops here, mlxrl's fused CPU ops in mlxrl's model: equal up to float32 rounding
+    np.testing.assert_allclose(mlx_logits(stock), mlx_logits(loaded.model), atol=1e-5)
 
 
 def tiny_qwen3(folder):

@@ -144,14 +144,14 @@ def test_infer_needs_a_model_and_names_unknown_keys():
 
 def test_tiny_uri_sizes():
     from mlxrl.errors import ModelError
-    from mlxrl.inference import resolve_model_name
+    from mlxrl.model_names import resolve
 
-    folder = Path(resolve_model_name("tiny://qwen2?hidden_size=32&num_layers=1"))
-    config = json.loads((folder / "config.json").read_text())
+    ref = resolve("tiny://qwen2?hidden_size=32&num_layers=1")
+    config = json.loads((ref.base_path / "config.json").read_text())
     assert (config["hidden_size"], config["num_hidden_layers"]) == (32, 1)
-    assert resolve_model_name(TINY) == TINY
+    assert ref.base_name == "tiny://qwen2?hidden_size=32&num_layers=1" and ref.adapter_path is None
     with pytest.raises(ModelError, match="hidden_size"):
-        resolve_model_name("tiny://qwen2?width=3")
+        resolve("tiny://qwen2?width=3")
 
 
 # ----------------------------------------------------------------------------- batch and API

@@ -1,6 +1,7 @@
 """mlxrl.mlx.sampling: exact log-probs, reproducibility, prefix sharing, stopping and filters."""
 
-import mlx.core as mx  # conftest.py has imported mlxrl first (OpenBLAS binding)
+import mlx.core as mx  # conftest.py has bound OpenBLAS first (mlxrl.runtime)
+import mlx.nn as nn
 import mlx_lm
 import numpy as np
 import pytest
@@ -205,3 +206,36 @@ def test_invalid_arguments_raise(models):
         sample(model, [[1], []], max_tokens=4, eos_token_ids=[EOS_ID])
     with pytest.raises(ValueError, match="top_p"):
         sample(model, [[1]], max_tokens=4, top_p=0.0, eos_token_ids=[EOS_ID])
+
+
+def test_split_matmuls_by_rule_on_mlxrls_model_with_exact_logprobs(monkeypatch):
+    """mlxrl's loader makes the model's linear layers splittable; the sampler splits decode matmuls
+    by a fixed rule (<= 8 rows, on a CPU with OpenBLAS's AVX-512 small-matrix kernels), not by
+    timing, and clears the flags after. The split path is run here whatever this CPU has."""
+    import sys
+
+    from mlxrl._jit import cpu_flags
+    from mlxrl.config import ModelParams
+    from mlxrl.mlx import cpu_ops, sampling
+    from mlxrl.mlx.model import load
+
+    avx512 = {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= cpu_flags()
+    assert sampling.split_matmuls_at(8) is (sys.platform.startswith("linux") and avx512)
+    assert sampling.split_matmuls_at(9) is False
+    monkeypatch.setattr(sampling, "_small_kernels", lambda: True)
+    model = load(ModelParams(model_name="tiny://qwen2")).model
+    splittable = [m for _, m in model.named_modules() if isinstance(m, sampling.SPLITTABLE)]
+    assert splittable and all(isinstance(m, (nn.Linear, nn.Embedding)) for m in splittable)
+    calls, split = [], cpu_ops.split_matmul
+    monkeypatch.setattr(cpu_ops, "split_matmul", lambda x, w: calls.append(x.shape) or split(x, w))
+    for prompts, generations in ((PROMPTS[:2], 4), (PROMPTS, 4)):  # 8 rows, then 16
+        calls.clear()
+        r = sample(model, prompts, num_generations=generations, max_tokens=10, temperature=1.0,
+                   eos_token_ids=never(model), seed=5)
+        rows_n = len(prompts) * generations
+        assert bool(calls) is (rows_n <= 8)
+        assert all(shape[0] == rows_n for shape in calls)  # decode steps only, never the prefill
+        assert not any(m.split_matmul for m in splittable)
+        for i, prompt, completion in rows(r, prompts):
+            np.testing.assert_allclose(r.logprobs[i], teacher_forced(model, prompt, completion, 1.0),
+                                       atol=1e-4)

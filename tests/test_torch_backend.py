@@ -261,6 +261,17 @@ def test_both_backends_run_the_example_configs_to_the_end(runs, name):
     assert not missing, f"torch metrics.jsonl lacks {sorted(missing)}"
 
 
+def test_both_backends_log_completions_alike(runs):
+    """One writer (metrics_log.log_completions): the same fields and steps on both backends."""
+    mlx_rows, torch_rows = ([json.loads(x) for x in (runs["grpo", b][2] / "completions.jsonl").read_text().splitlines()]
+                            for b in ("mlx", "torch"))
+    assert mlx_rows and len(mlx_rows) == len(torch_rows)
+    assert {tuple(sorted(r)) for r in mlx_rows + torch_rows} == {("completion", "prompt", "rewards", "step")}
+    assert sorted({r["step"] for r in mlx_rows}) == sorted({r["step"] for r in torch_rows}) == [1, 2]
+    assert all(isinstance(r["completion"], str) and set(r["rewards"]) == {"letter_count"}
+               for r in mlx_rows + torch_rows)
+
+
 def test_torch_notes_what_it_cannot_honour_in_one_line(runs):
     _, dpo_lines, _ = runs["learn_dpo", "torch"]
     _, grpo_lines, _ = runs["learn_grpo", "torch"]

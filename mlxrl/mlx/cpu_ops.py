@@ -18,7 +18,9 @@ backward 33.9 -> 21.2 ms; outputs within 3e-7, gradients within 4e-6.
 
 from __future__ import annotations
 
+import functools
 import sys
+import types
 from functools import partial
 
 import mlx.core as mx
@@ -101,22 +103,109 @@ def _attention_with_fallback(original):
     return attention
 
 
-def use_cpu_ops(model: nn.Module) -> bool:
-    """On the CPU device, make the model's mlx-lm module use `swiglu` and, for float32 training
-    forwards, `causal_attention` above; True when it swapped anything.
+# ----------------------------------------------------------------------------- small matmuls
 
-    mlx-lm model files import both by name, so the swap is per architecture module (every model
-    of that architecture in this process).
+
+def split_matmul(x, w):
+    """`x @ w.T` in pieces of w's rows small enough for OpenBLAS's small-matrix kernel, which
+    reads the weights once, unpacked, on one core (decode's few rows: see mlxrl/mlx/sampling.py)."""
+    rows, k = x.size // x.shape[-1], w.shape[1]
+    piece = max(16, min(1200 // rows, 1_000_000 // (rows * k)) // 16 * 16)
+    if not piece < w.shape[0] <= 64 * piece:  # nothing to split, or too many pieces
+        return x @ w.T
+    return mx.concatenate([x @ w[i: i + piece].T for i in range(0, w.shape[0], piece)], axis=-1)
+
+
+class SplittableLinear(nn.Linear):
+    """nn.Linear whose matmul is split (`split_matmul`) while its `split_matmul` flag is set."""
+
+    split_matmul = False
+
+    def __call__(self, x):
+        if not self.split_matmul:
+            return super().__call__(x)
+        y = split_matmul(x, self.weight)
+        return y + self.bias if "bias" in self else y
+
+
+class SplittableEmbedding(nn.Embedding):
+    """nn.Embedding whose tied-LM-head matmul (`as_linear`) is split while the flag is set."""
+
+    split_matmul = False
+
+    def as_linear(self, x):
+        return split_matmul(x, self.weight) if self.split_matmul else super().as_linear(x)
+
+
+_SPLITTABLE = {nn.Linear: SplittableLinear, nn.Embedding: SplittableEmbedding}
+
+
+# ----------------------------------------------------------------------------- one model instance
+
+
+def use_cpu_ops(model: nn.Module) -> bool:
+    """On the CPU device, give this model instance the ops above; True when it changed anything.
+
+    - Modules whose mlx-lm class calls `swiglu` or `scaled_dot_product_attention` (names that
+      mlx-lm's architecture files import) become a subclass whose methods read those names as
+      mlxrl's `swiglu` and (float32, no cache: the training forwards) `causal_attention`.
+    - On Linux, its nn.Linear / nn.Embedding layers become `SplittableLinear` /
+      `SplittableEmbedding`, which split their matmul only while the sampler sets their flag.
+
+    Done once, when mlxrl loads the model (the subclasses are made once per class). mlx-lm's
+    modules and every other model in the process are untouched.
     """
     if mx.default_device() != mx.cpu:
         return False
-    module = sys.modules.get(type(model).__module__)
-    if module is None:
-        return False
-    swapped = False
-    if hasattr(module, "swiglu"):
-        module.swiglu, swapped = swiglu, True
-    original = getattr(module, "scaled_dot_product_attention", None)
-    if original is not None and not hasattr(original, "mlxrl_original"):
-        module.scaled_dot_product_attention, swapped = _attention_with_fallback(original), True
-    return swapped
+    split = sys.platform.startswith("linux")
+    changed = False
+    for _, module in model.named_modules():
+        cls = type(module)
+        new = _SPLITTABLE.get(cls) if split else None
+        new = new or _with_cpu_ops(cls)
+        if new is not cls:
+            module.__class__, changed = new, True
+    return changed
+
+
+@functools.cache
+def _with_cpu_ops(cls: type) -> type:
+    """`cls`, or a subclass whose methods that call the ops read them from a namespace holding
+    mlxrl's (their module's globals with the ops replaced)."""
+    methods, seen = {}, set()
+    for base in cls.__mro__:
+        namespace = _cpu_namespace(base.__module__)
+        for name, fn in vars(base).items():
+            if name in seen:
+                continue
+            seen.add(name)
+            if namespace and isinstance(fn, types.FunctionType) and _calls(fn.__code__, namespace):
+                methods[name] = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__,
+                                                   fn.__closure__)
+                methods[name].__kwdefaults__ = fn.__kwdefaults__
+    if not methods:
+        return cls
+    return type(cls.__name__, (cls,), {**methods, "__module__": __name__,
+                                       "__qualname__": f"{cls.__qualname__}WithCPUOps"})
+
+
+@functools.cache
+def _cpu_namespace(module_name: str) -> dict | None:
+    """The globals of mlx-lm architecture module `module_name` with mlxrl's ops in place of
+    `swiglu` / `scaled_dot_product_attention`; None when it has neither (or is not mlx-lm's)."""
+    module = sys.modules.get(module_name)
+    if module is None or not module_name.startswith("mlx_lm."):
+        return None
+    ops = {}
+    if "swiglu" in vars(module):
+        ops["swiglu"] = swiglu
+    if "scaled_dot_product_attention" in vars(module):
+        ops["scaled_dot_product_attention"] = _attention_with_fallback(module.scaled_dot_product_attention)
+    return {**vars(module), **ops} if ops else None
+
+
+def _calls(code: types.CodeType, namespace: dict) -> bool:
+    """Whether `code` (or a function nested in it) reads `swiglu` or the attention by name."""
+    names = {"swiglu", "scaled_dot_product_attention"} & set(namespace)
+    return bool(names & set(code.co_names)) or any(
+        _calls(c, namespace) for c in code.co_consts if isinstance(c, types.CodeType))

@@ -7,7 +7,6 @@ default aggregation is `dapo` (token mean over the window) rather than the paper
 mean (`grpo`); `scale_rewards="none"` drops the std division (Dr. GRPO).
 """
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,6 +15,7 @@ import numpy as np
 from mlxrl.data.formats import encode_prompt, grpo_template_note, unwrap
 from mlxrl.errors import ConfigError
 from mlxrl.loss_types import grpo_notes
+from mlxrl.metrics_log import log_completions
 from mlxrl.mlx.grpo_loss import (  # noqa: F401  (re-exported: the loss's public names)
     GRPO_AGGREGATIONS,
     GRPO_LOSS_TYPES,
@@ -135,15 +135,9 @@ class GRPOMethod(StreamPosition):
         columns = {k: [r[k] for r in rows] for k in rows[0] if k not in ("prompt", "completion")}
         scores = self.rewards.score([r["prompt"] for r in rows], completions, completion_ids, columns)
         if self.completions_log is not None:
-            self._log_completions(rows, texts, scores)
+            log_completions(self.completions_log, self.step_count, [r["prompt"] for r in rows], texts,
+                            self.rewards.names, scores)
         return scores, self.rewards.total(scores)
-
-    def _log_completions(self, rows, texts, scores) -> None:
-        with open(self.completions_log, "a") as f:
-            for row, text, score in zip(rows, texts, scores):
-                record = {"step": self.step_count, "prompt": row["prompt"], "completion": text,
-                          "rewards": dict(zip(self.rewards.names, map(float, score)))}
-                f.write(json.dumps(record) + "\n")
 
     def next_step(self) -> StepBatch:
         return self.rollout_step() if self.reuse is None else self.reuse.next_step()

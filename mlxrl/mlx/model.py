@@ -1,11 +1,13 @@
 """Models on MLX: load through mlx-lm, add LoRA / DoRA / QLoRA, switch adapters off, save.
 
-- A model name is a hub id, a local Hugging Face folder, or an mlxrl checkpoint folder (it holds
-  `adapter_config.json` naming its base), in which case base and adapter load together.
+- A model name is what `mlxrl.model_names.resolve` reads: a hub id, a local Hugging Face folder,
+  `tiny://...`, or an adapter folder (an mlxrl checkpoint, or a PEFT adapter such as a torch
+  checkpoint, converted once), in which case base and adapter load together.
 - QLoRA on MLX: the frozen base's linear layers are quantized with MLX's own affine
   quantization (no bitsandbytes); the adapter trains against the dequantized weights.
-- The DPO/GRPO reference policy is the same model with every LoRA scale set to 0
-  (`adapters_disabled`), never a second copy.
+- The DPO/GRPO reference policy is the same model with its adapter layers switched off, i.e. the
+  base layers alone, as PEFT's `disable_adapter()` gives it (`adapters_disabled`), never a
+  second copy.
 - Adapters are saved in mlx-lm's format, so `mlx_lm.load(base, adapter_path=...)` and
   `mlx_lm.fuse` work on them; mlxrl's own fields sit under the `mlxrl` key.
 """
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 from dataclasses import dataclass
@@ -22,16 +25,16 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlxrl.cache import cache_dir
 from mlxrl.chat_templates import configure_tokenizer
 from mlxrl.errors import ModelError
 from mlxrl.integrity import check_adapter, check_tokenizer
 from mlxrl.lora_targets import select_lora_targets
 from mlxrl.mlx.cpu_ops import use_cpu_ops
 from mlxrl.mlx.model_config import load_model
-from mlxrl.model_names import local_model_path
+from mlxrl.model_names import ADAPTER_CONFIG, ModelRef, local_model_path, resolve
 
 ADAPTER_FILE = "adapters.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 DTYPES = {"float32": mx.float32, "fp32": mx.float32, "float16": mx.float16, "fp16": mx.float16,
           "half": mx.float16, "bfloat16": mx.bfloat16, "bf16": mx.bfloat16}
 QUANT_GROUP_SIZE = 64
@@ -48,18 +51,25 @@ class LoadedModel:
     lora: dict | None = None  # mlx-lm adapter config of the LoRA layers, when there are any
 
 
-def resolve_model(name: str) -> tuple[str, Path | None]:
-    """Return (base model name, adapter folder or None) for a model name or checkpoint folder."""
-    path = Path(name).expanduser()
-    config_file = path / ADAPTER_CONFIG
-    if path.is_dir() and (config_file.is_file() or (path / ADAPTER_FILE).exists()):
-        check_adapter(path)
-        config = json.loads(config_file.read_text())
-        base = config.get("mlxrl", {}).get("base_model") or config.get("model")
-        if not base:
-            raise ModelError(f"{config_file} does not name its base model ('model' key)")
-        return base, path
-    return name, None
+def mlx_adapter(ref: ModelRef) -> ModelRef:
+    """`ref` with an adapter MLX can load: a PEFT adapter (a `--backend torch` checkpoint) is
+    converted once into the cache (`mlxrl import`'s conversion), keyed by its folder and weights.
+    A damaged or pickled adapter is refused first, from its bytes."""
+    if ref.adapter_path is not None:
+        check_adapter(ref.adapter_path)
+    if ref.adapter_format != "peft":
+        return ref
+    import hashlib
+
+    from mlxrl.adapters import import_peft
+
+    weights = ref.adapter_path / "adapter_model.safetensors"
+    stamp = f"{ref.adapter_path.resolve()}:{weights.stat().st_mtime_ns if weights.is_file() else 0}"
+    out = cache_dir() / "imported" / hashlib.sha256(stamp.encode()).hexdigest()[:16]
+    if not (out / ADAPTER_FILE).is_file():
+        import_peft(ref.adapter_path, out, overwrite=True)
+    return dataclasses.replace(ref, adapter_path=out, adapter_format="mlx",
+                               adapter_config=json.loads((out / ADAPTER_CONFIG).read_text()))
 
 
 def load(model_params, peft_params=None, *, for_training: bool = False, gradient_checkpointing=False):
@@ -71,13 +81,16 @@ def load(model_params, peft_params=None, *, for_training: bool = False, gradient
     """
     from mlx_lm.utils import load_tokenizer
 
-    base_name, adapter_path = resolve_model(model_params.model_name)
-    base_path = local_model_path(base_name, model_params.model_revision)
-    saved = json.loads((adapter_path / ADAPTER_CONFIG).read_text()) if adapter_path else {}
-    if model_params.load_pretrained_weights:
-        model, config = load_model(base_path, trust_remote_code=model_params.trust_remote_code)
-    else:
-        model, config = _load_untrained(base_path, model_params.trust_remote_code)
+    ref = mlx_adapter(resolve(model_params.model_name, model_params.model_revision))
+    base_name, base_path, adapter_path = ref.base_name, ref.base_path, ref.adapter_path
+    saved = ref.adapter_config or {}
+    try:
+        if model_params.load_pretrained_weights:
+            model, config = load_model(base_path, trust_remote_code=model_params.trust_remote_code)
+        else:
+            model, config = _load_untrained(base_path, model_params.trust_remote_code)
+    except ValueError as e:
+        raise ModelError(f"cannot load {base_path}: {e}") from None
     use_cpu_ops(model)
     tokenizer_path = base_path
     if model_params.tokenizer_name:
@@ -192,61 +205,97 @@ def lora_config(model: nn.Module, peft_params) -> dict:
 
 
 def add_lora(model: nn.Module, adapter_config: dict) -> None:
+    """mlx-lm's LoRA / DoRA layers, each made switchable (`adapters_disabled`) once, here."""
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     params = adapter_config["lora_parameters"]
     linear_to_lora_layers(model, adapter_config.get("num_layers", len(model.layers)), params,
                           use_dora=adapter_config.get("fine_tune_type") == "dora")
+    for layer in lora_layers(model):
+        if "linear" in layer and not isinstance(layer, AdapterSwitch):
+            layer.__class__ = _switchable(type(layer))
 
 
 def lora_layers(model: nn.Module) -> list[nn.Module]:
     return [m for _, m in model.named_modules() if hasattr(m, "lora_a") and hasattr(m, "scale")]
 
 
+class AdapterSwitch:
+    """Mixed into the LoRA / DoRA linear layers mlxrl adds (torchtune's `disabled` flag): with
+    `adapter_enabled` False the layer is its base layer alone, as PEFT's `disable_adapter()`
+    gives it (no adapter matmuls, and no DoRA magnitude, which a LoRA scale of 0 would keep)."""
+
+    adapter_enabled = True
+
+    def __call__(self, x):
+        return super().__call__(x) if self.adapter_enabled else self.linear(x)
+
+
 @functools.cache
-def _base_only(cls: type) -> type:
-    """A subclass of a LoRA/DoRA linear class whose call is its base layer's alone (one per class,
-    not one per layer and call)."""
-    return type(f"{cls.__name__}Off", (cls,), {"__call__": lambda self, x: self.linear(x)})
+def _switchable(cls: type) -> type:
+    return type(cls.__name__, (AdapterSwitch, cls), {"__module__": __name__})
 
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module):
     """The reference policy: the base model, as PEFT's `disable_adapter()` gives it, restored on
-    exit. LoRA/DoRA linears call their base layer alone (no adapter matmuls, and no DoRA
-    magnitude, which a LoRA scale of 0 would still apply); other adapter layers get scale 0.
+    exit. mlxrl's adapter layers read their `adapter_enabled` flag; an mlx-lm LoRA layer that
+    mlxrl did not add gets scale 0 (the same output), a DoRA one is refused (its magnitude
+    would stay).
 
     Do not call a function compiled with the adapters on inside this context: `mx.compile`
     keeps the trace it made with them on.
     """
     layers = lora_layers(model)
-    saved = [(m, m.__class__, m.scale) for m in layers]
+    foreign = [m for m in layers if not isinstance(m, AdapterSwitch)]
+    if any("m" in m for m in foreign):
+        raise ValueError("adapters_disabled: a DoRA layer that mlxrl did not add (load the model "
+                         "with mlxrl.mlx.model.load, or add its adapters with add_lora)")
+    saved = [(m, m.scale) for m in foreign]
     for m in layers:
-        if "linear" in m:
-            m.__class__ = _base_only(m.__class__)
+        if isinstance(m, AdapterSwitch):
+            m.adapter_enabled = False
         else:
             m.scale = 0.0
     try:
         yield model
     finally:
-        for m, cls, scale in saved:
-            m.__class__, m.scale = cls, scale
+        for m in layers:
+            if isinstance(m, AdapterSwitch):
+                m.adapter_enabled = True
+        for m, scale in saved:
+            m.scale = scale
+
+
+class GradientCheckpoint:
+    """Mixed into a transformer block class for the blocks of one model (mlx-lm's
+    `grad_checkpoint` patches the class itself, so every model of that class in the process):
+    while `grad_checkpoint` is set, the block's activations are recomputed in the backward pass."""
+
+    grad_checkpoint = True
+
+    def __call__(self, *args, **kwargs):
+        if not self.grad_checkpoint:
+            return super().__call__(*args, **kwargs)
+        block_call = super().__call__
+
+        def inner(params, *a, **kw):
+            self.update(params)
+            return block_call(*a, **kw)
+
+        return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+
+@functools.cache
+def _checkpointed(cls: type) -> type:
+    return type(cls.__name__, (GradientCheckpoint, cls), {"__module__": __name__})
 
 
 def checkpoint_blocks(model: nn.Module) -> None:
-    """Gradient checkpointing per block instance (mlx-lm's grad_checkpoint patches the class,
-    which would also hit any other model of that class in the process)."""
+    """Gradient checkpointing for this model's blocks (once, at load)."""
     for layer in model.layers:
-        base_call = type(layer).__call__
-
-        def checkpointed(self, *args, _call=base_call, **kwargs):
-            def inner(params, *a, **kw):
-                self.update(params)
-                return _call(self, *a, **kw)
-
-            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
-
-        layer.__class__ = type(type(layer).__name__, (type(layer),), {"__call__": checkpointed})
+        if not isinstance(layer, GradientCheckpoint):
+            layer.__class__ = _checkpointed(type(layer))
 
 
 def freeze_layers(model: nn.Module, names: list[str]) -> list[str]:

@@ -21,8 +21,10 @@ How it runs:
   of its time packing the weights and handing work between threads. Split into pieces of at most
   ~1200 rows x outputs and 1e6 multiply-adds, each piece takes OpenBLAS's small-matrix kernel,
   which reads the weights once, unpacked, on one core: 8 x 512 x 1536 takes 0.22 ms instead of
-  0.30 on an idle 2-core Xeon, and 0.24 instead of ~1 ms while other processes load it. Used for
-  the decode steps at <= 8 rows, where a one-off timing on this machine shows it faster.
+  0.30 on an idle 2-core AVX-512 Xeon, and 0.24 instead of ~1 ms while other processes load it.
+  That kernel is hand-written for AVX-512 only (on an AVX2 EPYC splitting is slower: 0.94 vs
+  0.70 ms), so a fixed rule (`split_matmuls_at`: <= 8 rows on an AVX-512 CPU) sets the flag of the
+  model's splittable layers (`cpu_ops.use_cpu_ops`, applied by mlxrl's loader) for the decode.
 - Sampling on the device: temperature, then top-k, top-p, min-p as one logit threshold per row
   (the Hugging Face order), then inverse-CDF sampling with one uniform per row and step. T = 0 is
   greedy (log-probs then use T = 1).
@@ -36,6 +38,8 @@ How it runs:
 from __future__ import annotations
 
 import contextlib
+import functools
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -45,12 +49,16 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
+from mlxrl._jit import cpu_flags
 from mlxrl.mlx.cache_utils import CacheLayout, left_padding, repeat_rows
+from mlxrl.mlx.cpu_ops import SplittableEmbedding, SplittableLinear
 
 CHUNK = 8  # decode steps queued between host syncs
 BUCKET = 32  # KV buffers grow by this many columns
 PAD_ID = 0
 _MAX_TRACES = 8
+SPLIT_MAX_ROWS = 8  # decode matmuls split up to this many rows (split_matmuls_at)
+SPLITTABLE = (SplittableLinear, SplittableEmbedding)
 
 
 @dataclass
@@ -218,10 +226,11 @@ _TRACES: dict = {}
 def _compiled_step(model, layout: CacheLayout, cfg: _Settings):
     """The compiled step for this model, cache layout and settings, traced once and kept.
 
-    A trace bakes in Python values (module classes, a LoRA `scale`, `training`), so they are part
-    of the key; the weights are implicit inputs, so optimizer updates need no retrace.
+    A trace bakes in Python values (module classes, `training`, a LoRA `scale`, the layers'
+    switches: adapter on/off, split matmuls), so they are part of the key; the weights are
+    implicit inputs, so optimizer updates need no retrace.
     """
-    modules = tuple((name, type(m), m.training, _python_scalar(getattr(m, "scale", None)))
+    modules = tuple((name, type(m), m.training, *(_python_scalar(getattr(m, a, None)) for a in _TRACED))
                     for name, m in model.named_modules())
     key = (id(model), layout, cfg, modules)
     if key not in _TRACES:
@@ -229,6 +238,9 @@ def _compiled_step(model, layout: CacheLayout, cfg: _Settings):
             _TRACES.pop(next(iter(_TRACES)))
         _TRACES[key] = mx.compile(partial(_step, model, layout, cfg), inputs=model.state)
     return _TRACES[key]
+
+
+_TRACED = ("scale", "adapter_enabled", "split_matmul")
 
 
 def _python_scalar(value):
@@ -295,61 +307,37 @@ def _keep_threshold(z, cfg: _Settings):
 # ----------------------------------------------------------------------------- small matmuls
 
 
-def _split_matmul(x, w):
-    """`x @ w.T` in pieces of w's rows small enough for OpenBLAS's small-matrix kernel."""
-    rows, k = x.size // x.shape[-1], w.shape[1]
-    piece = max(16, min(1200 // rows, 1_000_000 // (rows * k)) // 16 * 16)
-    if not piece < w.shape[0] <= 64 * piece:  # nothing to split, or too many pieces
-        return x @ w.T
-    return mx.concatenate([x @ w[i: i + piece].T for i in range(0, w.shape[0], piece)], axis=-1)
+def split_matmuls_at(rows: int) -> bool:
+    """The rule for splitting decode matmuls: at <= 8 rows, where OpenBLAS has hand-written
+    small-matrix kernels (`_small_kernels`). 8 x 512 x 1536 took 0.22 ms split vs 0.30 ms on an
+    idle 2-core AVX-512 Xeon (0.24 vs ~1 ms under load), but 0.94 vs 0.70 ms on a 2-core AVX2
+    EPYC; above 8 rows the small-matrix kernel (one core) loses its edge over the threaded GEMM
+    on a quiet machine."""
+    return rows <= SPLIT_MAX_ROWS and _small_kernels()
 
 
-class _SplitLinear(nn.Linear):
-    def __call__(self, x):
-        y = _split_matmul(x, self.weight)
-        return y + self.bias if "bias" in self else y
-
-
-class _SplitEmbedding(nn.Embedding):
-    def as_linear(self, x):
-        return _split_matmul(x, self.weight)
-
-
-_SPLIT_CLASSES = {nn.Linear: _SplitLinear, nn.Embedding: _SplitEmbedding}
-_SPLIT_FASTER: dict[int, bool] = {}  # rows -> measured verdict
+@functools.cache
+def _small_kernels() -> bool:
+    """OpenBLAS's small-matrix sgemm kernels are hand-written for AVX-512 (SkylakeX:
+    kernel/x86_64/sgemm_small_kernel_*_skylakex.c, permitted up to 1e6 multiply-adds); on other
+    x86 targets its small-matrix path is generic C, slower than its threaded GEMM. So: the Linux
+    CPU device (OpenBLAS bound) on a CPU with AVX-512."""
+    avx512 = {"avx512f", "avx512vl", "avx512bw", "avx512dq"}
+    return (sys.platform.startswith("linux") and mx.default_device() == mx.cpu
+            and avx512 <= cpu_flags())
 
 
 @contextlib.contextmanager
 def _small_matmuls(model: nn.Module, rows: int):
-    """Within the block, the model's Linear layers and tied LM head split their matmuls when that
-    is faster at `rows` rows on this machine."""
-    swapped = []
-    if _split_is_faster(rows):
-        swapped = [(m, type(m)) for _, m in model.named_modules() if type(m) in _SPLIT_CLASSES]
-    for m, cls in swapped:
-        m.__class__ = _SPLIT_CLASSES[cls]
+    """Within the block, the model's splittable layers (`mlxrl.mlx.cpu_ops.use_cpu_ops`, which
+    mlxrl's loader applies on the CPU) split their matmuls when `split_matmuls_at(rows)`."""
+    layers = []
+    if split_matmuls_at(rows):
+        layers = [m for _, m in model.named_modules() if isinstance(m, SPLITTABLE)]
+    for m in layers:
+        m.split_matmul = True
     try:
         yield
     finally:
-        for m, cls in swapped:
-            m.__class__ = cls
-
-
-def _split_is_faster(rows: int) -> bool:
-    """Time both ways once per row count, in turns so that load from other processes hits both;
-    each side keeps its best of 9 rounds. Above 8 rows the small-matrix kernel (one core) loses
-    its edge over the threaded GEMM on a quiet machine, so it is not tried."""
-    if mx.default_device() != mx.cpu or rows > 8:
-        return False
-    if rows not in _SPLIT_FASTER:
-        x, w = mx.full((rows, 512), 0.5), mx.full((1536, 512), 0.01)
-        ways = (lambda: x @ w.T, lambda: _split_matmul(x, w))
-        mx.eval([way() for way in ways])
-        best = [float("inf"), float("inf")]
-        for _ in range(9):
-            for i, way in enumerate(ways):
-                start = time.perf_counter()
-                mx.eval([way() for _ in range(4)])
-                best[i] = min(best[i], time.perf_counter() - start)
-        _SPLIT_FASTER[rows] = best[1] < 0.9 * best[0]
-    return _SPLIT_FASTER[rows]
+        for m in layers:
+            m.split_matmul = False

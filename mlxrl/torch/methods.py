@@ -14,7 +14,6 @@ by its `Truncation` (TRL's keep_start):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import datasets
@@ -22,6 +21,7 @@ import datasets
 from mlxrl.data.collators import apply_target, sft_target
 from mlxrl.data.formats import Truncation, encode_preference, encode_sft, grpo_template_note
 from mlxrl.errors import ConfigError, DataError
+from mlxrl.metrics_log import log_completions
 from mlxrl.rewards import load_rewards
 from mlxrl.torch.checkpoints import safe_trainer_class
 
@@ -94,17 +94,9 @@ class RewardBridge:
         scores = self.rewards.score(prompts, completions, completion_ids, columns)
         state = kwargs.get("trainer_state")
         if self.log_path is not None and (state is None or state.is_world_process_zero):
-            self._log(state.global_step + 1 if state is not None else 0, prompts, completions, scores)
+            log_completions(self.log_path, state.global_step + 1 if state is not None else 0, prompts,
+                            completions, self.rewards.names, scores)
         return scores
-
-    def _log(self, step: int, prompts, completions, scores) -> None:
-        with open(self.log_path, "a") as f:
-            for prompt, completion, score in zip(prompts, completions, scores):
-                text = completion if isinstance(completion, str) else completion[0]["content"]
-                record = {"step": step, "prompt": prompt, "completion": text,
-                          "rewards": dict(zip(self.rewards.names, map(float, score)))}
-                f.write(json.dumps(record) + "\n")
-
 
 def build_trainer(cfg, loaded, dataset, args, peft_config, callbacks, log=print, run_record=None):
     """TRL's trainer for `cfg.training.method`, on mlxrl-encoded data."""

@@ -1,8 +1,9 @@
 """Models on PyTorch: the base and tokenizer through transformers, and the LoRA target modules.
 
-- A model name is a hub id, a local Hugging Face folder, `tiny://<arch>` (mlxrl's embedded tiny
-  model), or a PEFT adapter folder (a torch-backend checkpoint): its base is loaded and the
-  adapter trained further. An MLX adapter folder is refused with the command that converts it.
+- A model name is what `mlxrl.model_names.resolve` reads (a hub id, a local Hugging Face folder,
+  `tiny://<arch>`, an adapter folder). A PEFT adapter folder (a torch-backend checkpoint): its
+  base is loaded and the adapter trained further. An MLX adapter folder is refused with the
+  command that converts it.
 - LoRA targets are computed from the model as on MLX: by default every linear layer inside the
   transformer blocks (except Mamba's out_proj); named targets match the last part of a module's
   name (`q_proj`).
@@ -10,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mlxrl import model_names
 from mlxrl.chat_templates import configure_tokenizer
 from mlxrl.errors import ModelError
-from mlxrl.integrity import adapter_kind, check_adapter, check_tokenizer
+from mlxrl.integrity import check_adapter, check_tokenizer
 from mlxrl.lora_targets import select_lora_targets
-from mlxrl.model_names import TINY_SCHEME, local_model_path, tiny_path
+from mlxrl.model_names import ModelRef
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
@@ -37,23 +38,15 @@ class Loaded:
     peft_dir: Path | None = None  # a PEFT adapter to continue training
 
 
-def resolve(name: str, revision: str | None = None) -> tuple[str, Path | None]:
-    """(local base model folder, PEFT adapter folder or None) for a model name."""
-    if name.startswith(TINY_SCHEME):
-        return str(tiny_path(name)), None
-    path = Path(name).expanduser()
-    config_file = path / "adapter_config.json"
-    if not (path.is_dir() and (config_file.is_file() or adapter_kind(path))):
-        return str(local_model_path(name, revision)), None
-    check_adapter(path)  # and adapter_model.bin (a pickle) is refused before peft could load it
-    config = json.loads(config_file.read_text())
-    if "peft_type" not in config:
-        raise ModelError(f"{path} holds an MLX adapter; convert it for the torch backend with "
-                         f"`mlxrl export {path} --format peft --output DIR` and name DIR")
-    base = config.get("base_model_name_or_path")
-    if not base:
-        raise ModelError(f"{config_file} does not name its base model (base_model_name_or_path)")
-    return resolve(base, revision)[0], path
+def resolve(name: str, revision: str | None = None) -> ModelRef:
+    """`mlxrl.model_names.resolve`, with the adapters torch can load: PEFT ones."""
+    ref = model_names.resolve(name, revision)
+    if ref.adapter_format == "mlx":
+        raise ModelError(f"{ref.adapter_path} holds an MLX adapter; convert it for the torch backend "
+                         f"with `mlxrl export {ref.adapter_path} --format peft --output DIR` and name DIR")
+    if ref.adapter_path is not None:
+        check_adapter(ref.adapter_path)  # and adapter_model.bin (a pickle) is refused before peft could load it
+    return ref
 
 
 def load_tokenizer(model_params, base: str):
@@ -78,7 +71,8 @@ def load(cfg, quantization=None) -> Loaded:
     from transformers import AutoModelForCausalLM
 
     mp = cfg.model
-    base, peft_dir = resolve(mp.model_name, mp.model_revision)
+    ref = resolve(mp.model_name, mp.model_revision)
+    base, peft_dir = str(ref.base_path), ref.adapter_path
     tokenizer = load_tokenizer(mp, base)
     kwargs = {**(cfg.training.grpo.model_init_kwargs or {}), **(mp.model_kwargs or {})}
     kwargs["dtype"] = "auto" if mp.torch_dtype_str == "auto" else DTYPES[mp.torch_dtype_str]

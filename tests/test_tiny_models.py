@@ -1,14 +1,14 @@
-"""mlxrl.testing: tiny HF-format models load in mlx-lm and transformers with the same logits."""
+"""mlxrl.tiny_models: tiny HF-format models load in mlx-lm and transformers with the same logits."""
 
 import json
 
-import mlx.core as mx  # conftest.py has imported mlxrl first (OpenBLAS binding)
+import mlx.core as mx  # conftest.py has bound OpenBLAS first (mlxrl.runtime)
 import mlx_lm
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from mlxrl import testing
+from mlxrl import tiny_models
 
 CHAT = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -30,10 +30,10 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return {arch: testing.build_tiny_model(root / arch, arch) for arch in testing.ARCHS}
+    return {arch: tiny_models.build_tiny_model(root / arch, arch) for arch in tiny_models.ARCHS}
 
 
-@pytest.mark.parametrize("arch", testing.ARCHS)
+@pytest.mark.parametrize("arch", tiny_models.ARCHS)
 def test_mlx_and_transformers_logits_agree(models, arch):
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
@@ -54,7 +54,7 @@ def test_mlx_and_transformers_logits_agree(models, arch):
     assert np.abs(mlx_logits[0] - mlx_logits[1]).max() > 0.1  # depends on the input
 
 
-@pytest.mark.parametrize("arch", testing.ARCHS)
+@pytest.mark.parametrize("arch", tiny_models.ARCHS)
 def test_folder_contents(models, arch):
     path = models[arch]
     config = json.loads((path / "config.json").read_text())
@@ -67,7 +67,7 @@ def test_folder_contents(models, arch):
     assert ("lm_head.weight" in weights) == (not config["tie_word_embeddings"])
     assert json.loads((path / "generation_config.json").read_text())["eos_token_id"] == 2
     tok_config = json.loads((path / "tokenizer_config.json").read_text())
-    assert tok_config["chat_template"] == testing.CHAT_TEMPLATE
+    assert tok_config["chat_template"] == tiny_models.CHAT_TEMPLATE
 
 
 def test_falcon_h1_multipliers(models):
@@ -80,7 +80,7 @@ def test_falcon_h1_multipliers(models):
     assert weights["model.layers.0.mamba.conv1d.weight"].shape == (128 + 2 * 16, 1, 4)
 
 
-@pytest.mark.parametrize("arch", testing.ARCHS)
+@pytest.mark.parametrize("arch", tiny_models.ARCHS)
 def test_tokenizer(models, arch):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
@@ -110,36 +110,36 @@ def test_mlx_lm_tokenizer(models):
 
 
 def test_build_is_deterministic(tmp_path, models):
-    path = testing.build_tiny_model(tmp_path / "again", "qwen2")
+    path = tiny_models.build_tiny_model(tmp_path / "again", "qwen2")
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (path / name).read_bytes() == (models["qwen2"] / name).read_bytes()
-    other = testing.build_tiny_model(tmp_path / "seed1", "qwen2", seed=1)
+    other = tiny_models.build_tiny_model(tmp_path / "seed1", "qwen2", seed=1)
     assert (other / "model.safetensors").read_bytes() != (path / "model.safetensors").read_bytes()
 
 
 def test_bench_size_parameter_count():
-    config = testing.make_config(
+    config = tiny_models.make_config(
         "qwen2", 736, hidden_size=512, num_layers=8, intermediate_size=1536, num_heads=8,
         num_kv_heads=2,
     )  # fmt: skip
-    shapes = testing.make_weights(config)
+    shapes = tiny_models.make_weights(config)
     assert 20e6 < sum(w.size for w in shapes.values()) < 30e6
 
 
 def test_tiny_model_builds_once(tmp_path, monkeypatch):
     monkeypatch.setenv("MLXRL_CACHE", str(tmp_path))
     calls = []
-    build = testing.build_tiny_model
+    build = tiny_models.build_tiny_model
 
     def counting_build(*args, **kwargs):
         calls.append(args)
         return build(*args, **kwargs)
 
-    monkeypatch.setattr(testing, "build_tiny_model", counting_build)
-    first = testing.tiny_model("qwen2")
-    assert testing.tiny_model("qwen2") == first
+    monkeypatch.setattr(tiny_models, "build_tiny_model", counting_build)
+    first = tiny_models.tiny_model("qwen2")
+    assert tiny_models.tiny_model("qwen2") == first
     assert len(calls) == 1
     assert first.parent.parent == tmp_path and (first / "config.json").exists()
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temp folder left
-    assert testing.tiny_model("qwen2", num_layers=1) != first
+    assert tiny_models.tiny_model("qwen2", num_layers=1) != first
     assert len(calls) == 2
