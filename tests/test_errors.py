@@ -128,6 +128,11 @@ CASES = {
     "lr-scheduler": (DPO, lambda t: ["--training.lr_scheduler_type", "reduce_lr_on_plateau"], "is not supported"),
     "loss-option": (DPO, lambda t: ["--training.trainer_kwargs", "{loss_type: [sigmoid, hinge], use_weighting: true}"],
                     "use_weighting does not work with loss_type hinge"),
+    "eval-without-validation": (DPO, lambda t: ["--training.eval_strategy", "steps"],
+                                "evaluates on data.validation, which names no dataset"),
+    "grpo-eval-batch": (GRPO, lambda t: ["--training.eval_strategy", "steps", "--training.per_device_eval_batch_size", "6",
+                                         "--data.validation.datasets", f"[{{dataset_path: {LETTERS}}}]"],
+                        "per_device_eval_batch_size (6) to be a multiple of grpo.num_generations (4)"),
 }
 
 
@@ -136,7 +141,7 @@ CASES = {
 def test_bad_input_gives_one_line(case, backend, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     config, extra, needle = CASES[case]
-    args = ["train", "--backend", backend, "-c", config, "--training.output_dir", str(tmp_path / "out"), "--quiet", *extra(tmp_path)]
+    args = ["train", "--backend", backend, "-c", config, "--training.output_dir", str(tmp_path / "out"), *extra(tmp_path)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1, (result.output, result.exception)
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]

@@ -92,7 +92,7 @@ from mlxrl import runtime
 
 before = dict(os.environ)
 state = mlxrl.train("configs/quickstart/sft.yaml", ["--training.max_steps", "2", "--training.save_steps", "0",
-                    "--training.output_dir", os.environ["OUT"]], quiet=True, log=lambda m: None)
+                    "--training.output_dir", os.environ["OUT"]], quiet=True)
 after = dict(os.environ)
 changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
 print(json.dumps({"steps": state["global_step"], "changed": changed,
