@@ -68,14 +68,19 @@ def resolve(name: str, revision: str | None = None) -> ModelRef:
 
 def _adapter_folder(name: str) -> tuple[Path, dict] | None:
     """(folder, its adapter_config) when `name` is an adapter folder: one with an adapter config
-    or adapter weights, checked from its bytes first (a damaged or pickled adapter is one line)."""
+    or adapter weights. Its weights are checked where they are loaded (`integrity.check_adapter`)."""
     if name.startswith(TINY_SCHEME):
         return None
     folder = Path(name).expanduser()
-    if not (folder.is_dir() and ((folder / ADAPTER_CONFIG).is_file() or adapter_kind(folder))):
+    config_file = folder / ADAPTER_CONFIG
+    if not (folder.is_dir() and (config_file.is_file() or adapter_kind(folder))):
         return None
-    check_adapter(folder)
-    return folder, json.loads((folder / ADAPTER_CONFIG).read_text())
+    if not config_file.is_file():
+        check_adapter(folder)  # weights without their config: one line naming what is missing
+    try:
+        return folder, json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{config_file}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
 def tiny_path(name: str) -> Path:

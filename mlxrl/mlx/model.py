@@ -29,7 +29,7 @@ from mlx.utils import tree_flatten
 from mlxrl.cache import cache_dir
 from mlxrl.chat_templates import configure_tokenizer
 from mlxrl.errors import ModelError
-from mlxrl.integrity import check_tokenizer
+from mlxrl.integrity import check_adapter, check_tokenizer
 from mlxrl.lora_targets import select_lora_targets
 from mlxrl.mlx.cpu_ops import use_cpu_ops
 from mlxrl.model_names import ADAPTER_CONFIG, ModelRef, local_model_path, resolve
@@ -55,7 +55,10 @@ class LoadedModel:
 
 def mlx_adapter(ref: ModelRef) -> ModelRef:
     """`ref` with an adapter MLX can load: a PEFT adapter (a `--backend torch` checkpoint) is
-    converted once into the cache (`mlxrl import`'s conversion), keyed by its folder and weights."""
+    converted once into the cache (`mlxrl import`'s conversion), keyed by its folder and weights.
+    A damaged or pickled adapter is refused first, from its bytes."""
+    if ref.adapter_path is not None:
+        check_adapter(ref.adapter_path)
     if ref.adapter_format != "peft":
         return ref
     import hashlib
@@ -66,7 +69,7 @@ def mlx_adapter(ref: ModelRef) -> ModelRef:
     stamp = f"{ref.adapter_path.resolve()}:{weights.stat().st_mtime_ns if weights.is_file() else 0}"
     out = cache_dir() / "imported" / hashlib.sha256(stamp.encode()).hexdigest()[:16]
     if not (out / ADAPTER_FILE).is_file():
-        import_peft(ref.adapter_path, out)
+        import_peft(ref.adapter_path, out, overwrite=True)
     return dataclasses.replace(ref, adapter_path=out, adapter_format="mlx",
                                adapter_config=json.loads((out / ADAPTER_CONFIG).read_text()))
 

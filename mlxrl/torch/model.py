@@ -21,7 +21,7 @@ from torch import nn
 from mlxrl import model_names
 from mlxrl.chat_templates import configure_tokenizer
 from mlxrl.errors import ModelError
-from mlxrl.integrity import check_tokenizer
+from mlxrl.integrity import check_adapter, check_tokenizer
 from mlxrl.lora_targets import select_lora_targets
 from mlxrl.model_names import ModelRef
 
@@ -44,6 +44,8 @@ def resolve(name: str, revision: str | None = None) -> ModelRef:
     if ref.adapter_format == "mlx":
         raise ModelError(f"{ref.adapter_path} holds an MLX adapter; convert it for the torch backend "
                          f"with `mlxrl export {ref.adapter_path} --format peft --output DIR` and name DIR")
+    if ref.adapter_path is not None:
+        check_adapter(ref.adapter_path)  # and adapter_model.bin (a pickle) is refused before peft could load it
     return ref
 
 
