@@ -110,17 +110,24 @@ def record_bytes(data: bytes) -> bytes:
 
 
 class EventWriter:
-    """Scalars into one TensorBoard event file in `folder`."""
+    """Scalars into one TensorBoard event file in `folder`, made at the first scalars: a run that
+    fails before it logs anything leaves no folder behind."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
+        self.path: Path | None = None
+        self._file = None
+
+    def _open(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.0"
         self.path = self.folder / name
         self._file = open(self.path, "ab")
-        self._write(event_bytes(time.time(), 0, file_version="brain.Event:2"))
+        self._file.write(record_bytes(event_bytes(time.time(), 0, file_version="brain.Event:2")))
 
     def _write(self, event: bytes) -> None:
+        if self._file is None:
+            self._open()
         self._file.write(record_bytes(event))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -129,8 +136,18 @@ class EventWriter:
             self._file.flush()
 
     def close(self) -> None:
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             self._file.close()
+
+
+def drop_folder(folder: Path, output_dir: Path) -> None:
+    """Remove a run's event folder, and `runs/` above it when that is left empty."""
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    runs = folder.parent
+    if runs.name == "runs" and runs.parent == output_dir and runs.is_dir() and not any(runs.iterdir()):
+        runs.rmdir()
 
 
 def default_logdir(output_dir: str | Path) -> Path:
