@@ -51,10 +51,14 @@ def _pty_run(args: list[str], timeout: float = 240) -> str:
     return seen.decode(errors="replace")
 
 
-def _assert_run_lines(text: str, out: Path) -> None:
+def _assert_run_lines(text: str, out: Path, backend: str = "mlx") -> None:
     lines = text.splitlines()
-    assert any(x.startswith("backend: MLX (--backend mlx)") for x in lines), text
-    assert any(x.startswith("mlxrl dpo on MLX: tiny://qwen2, 19,456 trainable of") for x in lines)
+    shown = {"mlx": "MLX", "torch": "torch"}[backend]
+    assert any(x.startswith(f"backend: {shown} (--backend {backend})") for x in lines), text
+    # no silent minutes: what takes time is said before it starts
+    assert lines.index("loading tiny://qwen2") < next(i for i, x in enumerate(lines) if x.startswith("tokenizing 256 "))
+    assert any(re.match(rf"mlxrl dpo on {shown}( \(cpu\))?: tiny://qwen2, 19,456 trainable of 165,440 ", x)
+               for x in lines), text
     steps = [x for x in lines if re.match(r"step [24]/4  loss \S+  rewards/accuracies \S+  "
                                           r"rewards/margins \S+  learning_rate \S+  tokens/s \d+  "
                                           r"elapsed \S+$", x.strip("\r"))]
@@ -66,10 +70,12 @@ def _assert_run_lines(text: str, out: Path) -> None:
     assert f"  last (step 4): loss {history[-1]['loss']:.4g}" in text
     best = min(history, key=lambda r: r["loss"])
     assert f"best: loss {best['loss']:.4g} (step {best['step']})" in text
-    assert f"  adapter: {out}" in text
-    for command in (f"mlxrl infer --model.model_name {out} --interactive",
-                    f"mlxrl eval --model.model_name {out} --task preference",
-                    f"mlxrl compare tiny://qwen2 {out}", f"mlxrl export {out} --output {out}-peft"):
+    assert f"  {'PEFT adapter' if backend == 'torch' else 'adapter'}: {out}" in text
+    commands = [f"mlxrl infer --model.model_name {out} --interactive",
+                f"mlxrl eval --model.model_name {out} --task preference", f"mlxrl compare tiny://qwen2 {out}"]
+    if backend == "mlx":  # a torch run's adapter is a PEFT one already
+        commands.append(f"mlxrl export {out} --output {out}-peft")
+    for command in commands:
         assert f"  {command}" in text
     assert lines[-1].strip() == f"done: 4 steps; adapter in {out}"
 
@@ -86,6 +92,17 @@ def test_piped_output_is_plain_lines_and_a_summary(tmp_path):
     export = subprocess.run([sys.executable, "-m", "mlxrl.cli", "export", str(out), "--output",
                              f"{out}-peft"], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert export.returncode == 0 and (Path(f"{out}-peft") / "adapter_model.safetensors").is_file()
+
+
+def test_torch_backend_prints_the_same_lines(tmp_path):
+    pytest.importorskip("trl")
+    out = tmp_path / "run"
+    args = [a if a != "mlx" else "torch" for a in DPO]
+    proc = subprocess.run([sys.executable, "-m", "mlxrl.cli", *args, "--training.output_dir", str(out)],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr and "\x1b" not in proc.stderr and proc.stdout == ""
+    _assert_run_lines(proc.stderr, out, "torch")
 
 
 def test_terminal_output_keeps_the_lines_under_a_live_bar(tmp_path):
