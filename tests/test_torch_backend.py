@@ -4,6 +4,7 @@ the CLI's backend choice and notes."""
 
 import json
 import math
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -258,10 +259,16 @@ def test_both_backends_run_the_example_configs_to_the_end(runs, name):
     mlx_lines, torch_lines = ([json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
                               for out in (mlx_out, torch_out))
     assert [r["step"] for r in mlx_lines] == [r["step"] for r in torch_lines] == [1, 2]
-    # the MLX loop times GRPO's rollout apart from its update (TRL's step does both)
-    missing = set(mlx_lines[-1]) - set(torch_lines[-1]) - {"rollout_tokens_per_second",
-                                                           "rollout_time", "update_time"}
+    # the MLX loop times every update apart from its batch; both time GRPO's rollout apart
+    missing = set(mlx_lines[-1]) - set(torch_lines[-1]) - ({"update_time"} if "grpo" not in name else set())
     assert not missing, f"torch metrics.jsonl lacks {sorted(missing)}"
+    if "grpo" in name:
+        for r in torch_lines:
+            assert r["rollout_time"] > 0 and r["rollout_tokens_per_second"] > 0
+            assert r["rollout_time"] + r["update_time"] == pytest.approx(r["step_time"])
+        steps = [x for x in runs[name, "torch"][1] if x.startswith("step ")]
+        assert len(steps) == 2 and all(re.search(r"  rollout \S+ \(\d+ tok/s\)  update \S+  ", x)
+                                       for x in steps), steps
 
 
 def test_both_backends_log_completions_alike(runs):

@@ -40,12 +40,33 @@ def peak_memory_gb() -> float:
     return rss * (1 if sys.platform == "darwin" else 1024) / 1e9
 
 
+class RolloutClock:
+    """A torch GRPO run's time making rollouts (sampling and scoring: TRL's
+    `_generate_and_score_completions`) and its sampled tokens, counted by the trainer
+    (`methods.build_trainer`) so that the log line gives the rollout apart from the update, as the
+    MLX loop's does."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds, self.sampling_seconds, self.tokens = 0.0, 0.0, 0
+
+    def metrics(self, steps: int, step_time: float) -> dict:
+        """The MLX loop's fields, averaged over the `steps` since the last log line."""
+        rollout = self.seconds / steps
+        speed = self.tokens / self.sampling_seconds if self.sampling_seconds > 0 else 0.0
+        return {"rollout_time": rollout, "rollout_tokens_per_second": speed,
+                "update_time": max(step_time - rollout, 0.0)}
+
+
 class MlxrlCallback(TrainerCallback):
     def __init__(self, output_dir: str, save_steps: int, quiet: bool = False, desc: str = "train",
                  reporters=None):
         self.output_dir, self.save_steps = Path(output_dir), save_steps
         self.quiet, self.desc, self.reporters = quiet, desc, reporters
         self.sample: dict | None = None  # GRPO's latest completion (log_completions)
+        self.rollouts = RolloutClock()  # GRPO: filled by the trainer
         self._summary: dict = {}
         self.log: MetricsLog | None = None
         self._started = 0.0
@@ -116,6 +137,9 @@ class MlxrlCallback(TrainerCallback):
         logs["step_time"] = seconds / steps
         logs["tokens_per_second"] = new / seconds if seconds > 0 else 0.0
         logs["peak_memory_gb"] = peak_memory_gb()
+        if self.rollouts.seconds > 0:
+            logs.update(self.rollouts.metrics(steps, logs["step_time"]))
+            self.rollouts.reset()
         self._tokens_seen, self._seconds = tokens, []
         sample, self.sample = self.sample, None
         self.log.log(state.global_step, dict(logs), sample=sample)

@@ -15,6 +15,7 @@ by its `Truncation` (TRL's keep_start):
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import datasets
@@ -102,10 +103,33 @@ class RewardBridge:
                 self.on_sample(sample)
         return scores
 
+def timed_grpo(base, clock):
+    """`base` (TRL's GRPOTrainer) counting its training rollouts' time and tokens into `clock`
+    (a `callbacks.RolloutClock`); evaluation's rollouts are not counted."""
+
+    class TimedGRPOTrainer(base):
+        def _generate_and_score_completions(self, inputs):
+            started = time.perf_counter()
+            out = super()._generate_and_score_completions(inputs)
+            if self.model.training:
+                clock.seconds += time.perf_counter() - started
+            return out
+
+        def _generate(self, prompts):
+            started = time.perf_counter()
+            out = super()._generate(prompts)
+            if self.model.training:
+                clock.sampling_seconds += time.perf_counter() - started
+                clock.tokens += sum(len(ids) for ids in out[1])  # the completions' token ids
+            return out
+
+    return TimedGRPOTrainer
+
+
 def build_trainer(cfg, loaded, dataset, args, peft_config, callbacks, run_record=None,
-                  eval_dataset=None, on_sample=None):
+                  eval_dataset=None, on_sample=None, rollout_clock=None):
     """TRL's trainer for `cfg.training.method`, on mlxrl-encoded data (`eval_dataset`: the
-    validation rows, encoded the same way)."""
+    validation rows, encoded the same way); GRPO counts its rollouts into `rollout_clock`."""
     from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
     method, tok = cfg.training.method, loaded.tokenizer
@@ -136,4 +160,6 @@ def build_trainer(cfg, loaded, dataset, args, peft_config, callbacks, run_record
         logger.warning(note)
     log_path = Path(args.output_dir) / "completions.jsonl" if cfg.training.grpo.log_completions else None
     bridge = RewardBridge(cfg.training, args.reward_weights, log_path, on_sample)
+    if rollout_clock is not None:
+        GRPOTrainer = timed_grpo(GRPOTrainer, rollout_clock)
     return GRPOTrainer(reward_funcs=bridge.functions(), train_dataset=data, **common)

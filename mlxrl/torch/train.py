@@ -108,7 +108,8 @@ def build(cfg, *, quiet: bool = False, run_record: dict | None = None):
                              reporters=reporters.for_run(cfg, tensorboard=board, wandb=False))
     logger.info(f"tokenizing {len(dataset)} rows")
     trainer = methods.build_trainer(cfg, loaded, dataset, args, peft_config, [callback], run_record,
-                                    eval_dataset=validation, on_sample=callback.set_sample)
+                                    eval_dataset=validation, on_sample=callback.set_sample,
+                                    rollout_clock=callback.rollouts)
     _freeze(trainer.model, cfg.model.freeze_layers)
     _use_mlxrl_bar(trainer, callback)
     _tensorboard_folder(trainer, cfg)
