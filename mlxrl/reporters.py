@@ -25,6 +25,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from mlxrl.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 # What transformers' WandbCallback puts in the run summary instead of the history.
@@ -169,7 +171,10 @@ class WandbRun:
         self.owned = wandb.run is None
         if self.owned:
             kwargs = {"name": run_name} if run_name else {}
-            wandb.init(project=os.getenv("WANDB_PROJECT", "huggingface"), **kwargs)
+            try:
+                wandb.init(project=os.getenv("WANDB_PROJECT", "huggingface"), **kwargs)
+            except Exception as e:
+                raise wandb_error(e) or e from None
         wandb.config.update(config, allow_val_change=True)
         wandb.define_metric("train/global_step")
         wandb.define_metric("*", step_metric="train/global_step", step_sync=True)
@@ -185,6 +190,18 @@ class WandbRun:
     def close(self) -> None:
         if self.owned and self.wandb.run is not None:
             self.wandb.finish()
+
+
+def wandb_error(e: BaseException) -> ConfigError | None:
+    """W&B's refusal to start (no API key and no terminal to ask on, a malformed key) as one line,
+    else None."""
+    import sys
+
+    errors = getattr(sys.modules.get("wandb"), "errors", None)
+    if errors is None or not isinstance(e, (errors.UsageError, errors.AuthenticationError)):
+        return None
+    return ConfigError(f"training.enable_wandb: W&B did not start ({e}); run `wandb login` or set "
+                       f"WANDB_API_KEY, or WANDB_MODE=offline to log locally (or enable_wandb: false)")
 
 
 # ----------------------------------------------------------------------------- both

@@ -155,3 +155,23 @@ def test_wandb_offline_run_has_the_metrics(tmp_path):
         assert h["train/rewards/margins"] == pytest.approx(r["rewards/margins"], rel=1e-5)
     summary = {k for kind, r in records if kind == "summary" for k in r}
     assert {"train_runtime", "train_loss"} <= summary
+
+
+@pytest.mark.parametrize("backend", ["mlx", pytest.param("torch", marks=pytest.mark.slow)])
+def test_wandb_without_a_login_is_one_line(tmp_path, backend):
+    """No API key, no terminal to ask on: W&B's own refusal, as one line naming what to do."""
+    pytest.importorskip("wandb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(PYTHONPATH=str(ROOT), HOME=str(tmp_path), NETRC=str(tmp_path / "netrc"),
+               WANDB_CONFIG_DIR=str(tmp_path / "config"), WANDB_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "mlxrl.cli", "train", "--backend", backend, "-c",
+                           "configs/quickstart/dpo.yaml", "--training.max_steps", "1",
+                           "--training.enable_wandb", "true", "--training.output_dir", str(tmp_path / "run")],
+                          cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert errors == [x for x in proc.stderr.splitlines() if "Traceback" in x or x.startswith("error")], proc.stderr
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: training.enable_wandb: W&B did not start (No API key configured."), proc.stderr
+    assert "wandb login" in errors[0] and "WANDB_MODE=offline" in errors[0]
+    assert not (tmp_path / "run" / "runs").exists()  # no TensorBoard folder for a run that never stepped

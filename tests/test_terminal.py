@@ -233,13 +233,15 @@ def test_qlora_counts_the_models_parameters_not_packed_words():
 
     from mlxrl.config import ModelParams, PeftParams
     from mlxrl.mlx import model as mlx_model
-    from mlxrl.testing import tiny_model
+    from mlxrl.testing import capture_lines, tiny_model
 
     folder = tiny_model("qwen2", hidden_size=128)  # every linear layer's input is a multiple of 64
     hf_count = AutoModelForCausalLM.from_pretrained(folder).num_parameters()
     params = ModelParams(model_name=str(folder))
     plain = mlx_model.load(params, PeftParams(), for_training=True)
-    quant = mlx_model.load(params, PeftParams(q_lora=True), for_training=True)
+    with capture_lines() as lines:
+        quant = mlx_model.load(params, PeftParams(q_lora=True), for_training=True)
+    assert lines == [f"loading {folder}", "quantizing the base to 4 bits (QLoRA)"]  # said, not silent
     assert any(type(m).__name__ == "QuantizedLinear" for _, m in quant.model.named_modules())
     lora, total = mlx_model.trainable_count(plain.model)
     assert total == hf_count + lora  # the model's parameters and the adapter's

@@ -242,9 +242,11 @@ def _run(cfg, plan, quiet: bool, main: bool) -> dict:
     try:
         with StopOnSignal() as callback.stop:
             trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-    except BaseException:
+    except BaseException as e:
         if trainer.state.global_step == first and not board_existed:
             _drop_tensorboard_folder(trainer)  # the run failed before its first step
+        if (error := reporters.wandb_error(e)) is not None:  # transformers' WandbCallback
+            raise error from None
         raise
     training_seconds = time.perf_counter() - loop_started
     if callback.interrupted_at is not None:
