@@ -168,5 +168,5 @@ def test_docs_table_lists_every_case():
         "interrupted", "pickle-checkpoint", "chosen-equals-rejected", "damaged-adapter", "pickled-adapter",
         "output-not-empty", "output-write-failed", "import-other-base", "max-new-tokens", "nan-reward",
         "hub-misspelled", "shared-output-file", "infer-out-of-range",
-        "refused-setting", "untrained-arch", "task-import", "ambiguous-format"}
+        "refused-setting", "untrained-arch", "task-import", "ambiguous-format", "wandb-no-login"}
     assert ids == set(CASES) | tested_elsewhere
