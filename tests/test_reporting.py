@@ -76,14 +76,18 @@ def test_evaluation_during_training_matches_trl(tmp_path, method, monkeypatch):
     assert not any("enable_tensorboard" in x for x in mlx_lines + torch_lines)
 
 
-def test_grpo_evaluates_on_validation_prompts_and_shows_samples(tmp_path):
-    cfg = load_config(ROOT / "configs/quickstart/grpo.yaml", [
+def _grpo_config(out: Path):
+    return load_config(ROOT / "configs/quickstart/grpo.yaml", [
         "--training.max_steps", "2", "--training.logging_steps", "1", "--training.save_steps", "0",
         "--training.grpo.max_completion_length", "8", "--training.grpo.log_completions", "true",
         "--training.eval_strategy", "steps", "--training.eval_steps", "2",
-        "--training.output_dir", str(tmp_path),
+        "--training.output_dir", str(out),
         "--data.validation.datasets", f"[{{dataset_name: oumi-ai/oumi-letter-count, dataset_path: "
                                       f"{DATA / 'letter_count.jsonl'}, sample_count: 4}}]"])
+
+
+def test_grpo_evaluates_on_validation_prompts_and_shows_samples(tmp_path):
+    cfg = _grpo_config(tmp_path)
     with capture_lines() as lines:
         mlx_train(cfg, quiet=True)
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -98,6 +102,12 @@ def test_grpo_evaluates_on_validation_prompts_and_shows_samples(tmp_path):
     assert len(samples) == 2 and "rewards: letter_count " in samples[0]
     assert completions[0]["completion"][:20].split()[0] in samples[0]
     assert scalars(tmp_path)["eval/reward"][0][0] == 2
+    # TRL's GRPO evaluation logs every name the MLX one does (and eval_loss, which MLX does not)
+    torch_train.train(_grpo_config(tmp_path / "torch"), quiet=True)
+    torch_records = [json.loads(x) for x in (tmp_path / "torch" / "metrics.jsonl").read_text().splitlines()]
+    torch_eval = [r for r in torch_records if "eval_reward" in r]
+    assert [r["step"] for r in torch_eval] == [2]
+    assert set(evaluation[0]) <= set(torch_eval[0]), set(evaluation[0]) - set(torch_eval[0])
 
 
 WANDB_RECORDS = """
