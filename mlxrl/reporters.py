@@ -142,14 +142,17 @@ class EventWriter:
             self._file.close()
 
 
-def drop_folder(folder: Path, output_dir: Path) -> None:
-    """Remove a run's event folder, and `runs/` above it when that is left empty."""
-    import shutil
-
-    shutil.rmtree(folder, ignore_errors=True)
-    runs = folder.parent
-    if runs.name == "runs" and runs.parent == output_dir and runs.is_dir() and not any(runs.iterdir()):
-        runs.rmdir()
+def drop_events(folder: Path, output_dir: Path) -> None:
+    """Remove the event files this process wrote in `folder` (their names hold its pid), then,
+    for the default `output_dir/runs/<stamp>`, that folder and `runs/` when left empty: nothing
+    else is touched (a user's logging_dir keeps its other files and itself)."""
+    for file in folder.glob(f"events.out.tfevents.*.{os.getpid()}.*"):
+        file.unlink(missing_ok=True)
+    runs = Path(output_dir) / "runs"
+    for empty in (folder, runs) if Path(folder).parent == runs else ():
+        if not empty.is_dir() or any(empty.iterdir()):
+            break
+        empty.rmdir()
 
 
 def default_logdir(output_dir: str | Path) -> Path:

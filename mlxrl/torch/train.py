@@ -126,10 +126,10 @@ def _tensorboard_folder(trainer, cfg) -> None:
                 cb.logging_dir = cfg.training.logging_dir
 
 
-def _drop_tensorboard_folder(trainer) -> None:
-    """Remove the event folder transformers' TensorBoard callback made at the start of a run that
-    then failed before any step: a failed start leaves nothing behind (as on MLX, whose writer
-    makes its file at the first scalars)."""
+def _drop_tensorboard_events(trainer) -> None:
+    """Remove the event file (and the folder, if it is left empty) that transformers' TensorBoard
+    callback made at the start of a run that then failed before any step: a failed start leaves
+    nothing behind (as on MLX, whose writer makes its file at the first scalars)."""
     from transformers.integrations import TensorBoardCallback
 
     for cb in trainer.callback_handler.callbacks:
@@ -137,7 +137,7 @@ def _drop_tensorboard_folder(trainer) -> None:
             if cb.tb_writer is not None:
                 cb.tb_writer.close()
                 cb.tb_writer = None
-            reporters.drop_folder(Path(cb.logging_dir), Path(trainer.args.output_dir))
+            reporters.drop_events(Path(cb.logging_dir), Path(trainer.args.output_dir))
 
 
 def _freeze(model, names: list[str]) -> None:
@@ -238,13 +238,12 @@ def _run(cfg, plan, quiet: bool, main: bool) -> dict:
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, MlxrlCallback))
     first = read_state(resume)["global_step"] if resume is not None else 0
     loop_started = time.perf_counter()
-    board_existed = bool(t.logging_dir) and Path(t.logging_dir).exists()
     try:
         with StopOnSignal() as callback.stop:
             trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     except BaseException as e:
-        if trainer.state.global_step == first and not board_existed:
-            _drop_tensorboard_folder(trainer)  # the run failed before its first step
+        if trainer.state.global_step == first:
+            _drop_tensorboard_events(trainer)  # the run failed before its first step
         if (error := reporters.wandb_error(e)) is not None:  # transformers' WandbCallback
             raise error from None
         raise
