@@ -205,6 +205,8 @@ def test_a_broken_task_file_is_one_line(tmp_path, user_tasks):
     result = CliRunner().invoke(main, ["train", "-c", "configs/quickstart/grpo.yaml", "--backend", "mlx",
                                        "--training.output_dir", str(tmp_path / "o")])
     assert result.exit_code == 1
-    assert result.stderr.strip().splitlines() == [
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == "backend: MLX (--backend mlx)"  # the run's first line, then the one error line
+    assert lines[1:] == [
         f"error: $MLXRL_TASKS: importing task {str(bad)!r} failed: ModuleNotFoundError: "
         "No module named 'not_a_module_anywhere'"]
