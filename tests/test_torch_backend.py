@@ -265,7 +265,7 @@ def test_both_backends_run_the_example_configs_to_the_end(runs, name):
     if "grpo" in name:
         for r in torch_lines:
             assert r["rollout_time"] > 0 and r["rollout_tokens_per_second"] > 0
-            assert r["rollout_time"] + r["update_time"] == pytest.approx(r["step_time"])
+            assert r["rollout_time"] + r["update_time"] == pytest.approx(r["step_time"], rel=1e-4)  # jsonl rounds
         steps = [x for x in runs[name, "torch"][1] if x.startswith("step ")]
         assert len(steps) == 2 and all(re.search(r"  rollout \S+ \(\d+ tok/s\)  update \S+  ", x)
                                        for x in steps), steps
