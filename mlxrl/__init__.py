@@ -8,6 +8,10 @@ The Python API (imports are lazy: `import mlxrl` stays light):
     infer("How many 'r's are in 'strawberry'?", "output/quickstart_sft", system_prompt="letter_count")
     evaluate("output/quickstart_sft", ["letter_count", "preference"], num_samples=100)
 
+Messages go to the `mlxrl` logger (standard `logging`): a program with its own logging set-up
+gets them through it; otherwise these functions print them as plain lines on stderr while they
+run (`mlxrl.console.api_logging`). The root logger is never configured.
+
 Importing mlxrl changes nothing in the process. `train`, `infer` and `evaluate` do the set-up MLX
 needs (`mlxrl.runtime.mlx_runtime`): the system OpenBLAS bound before `mlx.core` is first imported
 (on Linux), and MLX's JIT kernels built with the CPU's vector flags while they run. A program
@@ -25,11 +29,13 @@ def bind_openblas() -> str | None:
     return _blas.bind_openblas()
 
 
-def train(config, overrides=None, *, quiet: bool = False, log=print) -> dict:
+def train(config, overrides=None, *, quiet: bool = False) -> dict:
     """Train per `config` (a YAML path or a `mlxrl.config.TrainConfig`), with Oumi-style
     `overrides` such as `["--training.max_steps", "10"]`; returns the final trainer state
-    (`global_step`, `log_history`, ...). Checkpoints and the adapter go to training.output_dir."""
+    (`global_step`, `log_history`, ...). Checkpoints and the adapter go to training.output_dir.
+    `quiet`: no progress bar, and (without a logging set-up of your own) errors only."""
     from mlxrl.config import TrainConfig, load_config
+    from mlxrl.console import api_logging
     from mlxrl.runtime import mlx_runtime
 
     if isinstance(config, TrainConfig):
@@ -38,10 +44,10 @@ def train(config, overrides=None, *, quiet: bool = False, log=print) -> dict:
         cfg = config
     else:
         cfg = load_config(config, list(overrides or []))
-    with mlx_runtime():
+    with api_logging(quiet), mlx_runtime():
         from mlxrl.mlx.train import train as mlx_train
 
-        return mlx_train(cfg, quiet=quiet, log=log)
+        return mlx_train(cfg, quiet=quiet)
 
 
 def infer(inputs, model=None, *, config=None, system_prompt=None, overrides=None, **generation):
@@ -53,10 +59,11 @@ def infer(inputs, model=None, *, config=None, system_prompt=None, overrides=None
     `mlxrl.inference.InferenceConfig`. `system_prompt`: text, or `"letter_count"` for the `\\boxed{}`
     prompt. `**generation`: `GenerationParams` fields such as `max_new_tokens=64, temperature=0.7`.
     """
+    from mlxrl.console import api_logging
     from mlxrl.inference import infer as _infer
     from mlxrl.runtime import mlx_runtime
 
-    with mlx_runtime():
+    with api_logging(), mlx_runtime():
         return _infer(inputs, model, config=config, system_prompt=system_prompt, overrides=overrides,
                       **generation)
 
@@ -67,8 +74,9 @@ def evaluate(model=None, tasks=("letter_count",), **kwargs) -> dict:
     `split`, `num_samples`, `reward_functions`, `output_dir` (writes eval_results.json),
     `config` (an eval YAML path or `mlxrl.evaluation.EvalConfig`), `overrides`, and
     `GenerationParams` fields (`max_new_tokens=32`)."""
+    from mlxrl.console import api_logging
     from mlxrl.evaluation import evaluate as _evaluate
     from mlxrl.runtime import mlx_runtime
 
-    with mlx_runtime():
+    with api_logging(), mlx_runtime():
         return _evaluate(model, tasks, **kwargs)

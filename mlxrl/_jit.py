@@ -60,6 +60,7 @@ esac
 exec {real} "$@"
 """
 _depth = 0  # nesting of compile_environment(): only the outermost sets and restores
+_kernels: Path | None = None  # the kernel folder while compile_environment() is active
 
 
 def cpu_flags() -> set[str]:
@@ -138,7 +139,7 @@ def _plan() -> tuple[str, str | None, str | None]:
 def compile_environment():
     """While active, MLX's JIT kernels are built by mlxrl's wrapper into mlxrl's kernel folder
     (see the module docstring); PATH and TMPDIR are restored on exit. Re-entrant."""
-    global status, _depth
+    global status, _depth, _kernels
     if _depth:
         _depth += 1
         try:
@@ -159,12 +160,13 @@ def compile_environment():
         tempfile.gettempdir()  # pin Python's temp folder before TMPDIR changes
         os.environ["PATH"] = os.pathsep.join([str(folder), _path_without_wrappers(saved["PATH"] or "")])
         os.environ["TMPDIR"] = str(folder / "kernels")
+        _kernels = folder / "kernels"
         status = f"on ({flags.split(' -ffp')[0]}; kernels in {folder / 'kernels'})"
     _depth = 1
     try:
         yield
     finally:
-        _depth = 0
+        _depth, _kernels = 0, None
         if real is not None:
             _finish_pending_builds()
             for key, value in saved.items():
@@ -179,3 +181,16 @@ def _finish_pending_builds() -> None:
     mx = sys.modules.get("mlx.core")
     if mx is not None:
         mx.synchronize()
+
+
+def kernel_folder() -> Path | None:
+    """mlxrl's kernel folder while `compile_environment()` is active (else None)."""
+    return _kernels
+
+
+def kernels_built() -> int | None:
+    """How many kernel libraries mlxrl's folder holds (0 before a first run builds them), None
+    when the wrapper is not active."""
+    if _kernels is None:
+        return None
+    return sum(1 for _ in _kernels.glob("mlx/*/cpu/lib*.so"))

@@ -19,12 +19,15 @@ backends read (`cfg.dpo_settings()`, `cfg.grpo_settings()`), and unknown keys ar
 from __future__ import annotations
 
 import dataclasses
+import logging
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from mlxrl.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 Text = str | Callable[[Any, Any], str | None] | None
 
@@ -67,7 +70,8 @@ def mlx_only(text: Text) -> Row:
 
 
 SINGLE_DEVICE = "single device; for several GPUs use --backend torch"
-NO_EVAL = "there is no evaluation during training; run `mlxrl eval` on a checkpoint"
+NO_EVAL = ("evaluation during training computes the method's own metrics (eval_loss, ...); for "
+           "task metrics run `mlxrl eval` on a checkpoint")
 TEXT_ONLY = "mlxrl trains text models; vision settings do not apply"
 HF_LOADING = "transformers' loading arguments; mlx-lm does not take them"
 NO_VLLM = "MLX has no vLLM; rollouts use mlxrl's batched sampler"
@@ -112,6 +116,29 @@ def _remove_unused_columns(value, cfg) -> str | None:
     return "true: every dataset column still reaches the reward functions" if value else None
 
 
+def _validation(value, cfg) -> str | None:
+    if cfg.training.eval_strategy == "no":
+        return "read only with training.eval_strategy: steps or epoch (it is \"no\")"
+    return None
+
+
+def _eval_strategy(value, cfg) -> str | None:
+    if value != "no" and not cfg.data.validation.datasets:
+        raise ConfigError(f"training.eval_strategy {value!r} evaluates on data.validation, which "
+                          f"names no dataset; add data.validation.datasets or set eval_strategy: no")
+    return None
+
+
+def _eval_setting(value, cfg) -> str | None:
+    if cfg.training.eval_strategy == "no":
+        return "read only with training.eval_strategy: steps or epoch"
+    return None
+
+
+def _run_name(value, cfg) -> str | None:
+    return None if cfg.training.enable_wandb else "names W&B runs (training.enable_wandb is off)"
+
+
 def _shuffle(value, cfg) -> str | None:
     return None if value else "false: MLX always shuffles the prompts (seeded by training.seed)"
 
@@ -147,7 +174,7 @@ _DATA = {
     "data.train.mixture_strategy": both(H), "data.train.seed": both(H),
     "data.train.use_async_dataset": both(note("datasets load in-process")),
     "data.train.use_torchdata": both(note("datasets load in-process")),
-    "data.validation.*": both(note(f"validation data is not read: {NO_EVAL}")),
+    "data.validation.*": both(Support("honoured", _validation)),
     "data.test.*": both(note(f"test data is not read: {NO_EVAL}")),
 }
 
@@ -180,10 +207,10 @@ _TRAINING.update({
     "training.trainer_type": both(Support("honoured", _trainer_type)),
     "training.optimizer": Row(Support("honoured", _optimizer), H),
     "training.gradient_checkpointing_kwargs": mlx_only("MLX checkpoints whole blocks; these are torch's"),
-    "training.per_device_eval_batch_size": both(note(NO_EVAL)),
+    "training.per_device_eval_batch_size": both(Support("honoured", _eval_setting)),
     "training.save_epoch": mlx_only("MLX saves every save_steps and at the end"),
     "training.data_seed": mlx_only("the data order follows training.seed"),
-    "training.run_name": mlx_only("names W&B / MLflow runs, which MLX does not log to"),
+    "training.run_name": Row(Support("honoured", _run_name), H),
     "training.metrics_function": both(note(NO_EVAL)),
     "training.reward_functions": both(H, methods=("grpo",)),
     "training.reward_function_kwargs": both(H, methods=("grpo",)),
@@ -191,12 +218,13 @@ _TRAINING.update({
     "training.gold": both(note("GOLD is not supported; the section is not read")),
     "training.log_level": both(note("mlxrl prints its own progress lines (--quiet hides the bar)")),
     "training.dep_log_level": both(note("mlxrl prints its own progress lines (--quiet hides the bar)")),
-    "training.enable_wandb": mlx_only("W&B logging is not built in on MLX; metrics go to metrics.jsonl"),
+    "training.enable_wandb": both(H),  # a missing wandb package is a note at run time
     "training.enable_mlflow": mlx_only("MLflow logging is not built in on MLX; metrics go to metrics.jsonl"),
-    "training.enable_tensorboard": mlx_only("MLX writes metrics.jsonl, not TensorBoard logs"),
+    "training.enable_tensorboard": both(H),  # mlxrl's writer where transformers has none
     "training.logging_strategy": both(note("mlxrl logs every training.logging_steps")),
-    "training.logging_dir": both(note("metrics go to output_dir/metrics.jsonl")),
-    "training.eval_strategy": both(note(NO_EVAL)), "training.eval_steps": both(note(NO_EVAL)),
+    "training.logging_dir": both(H),  # TensorBoard's folder (default output_dir/runs/<time>_<host>)
+    "training.eval_strategy": both(Support("honoured", _eval_strategy), always=True),
+    "training.eval_steps": both(Support("honoured", _eval_setting)),
     "training.mixed_precision_dtype": mlx_only("MLX computes in the model's dtype (model.torch_dtype_str)"),
     "training.include_performance_metrics": Row(H, note("tokens/s and step time are in metrics.jsonl "
                                                         "on MLX only")),  # MLX always logs them
@@ -300,9 +328,15 @@ def _value(cfg, path: str):
     return node
 
 
-def check(cfg, backend: str, log) -> None:
-    """Log one note per field this backend cannot honour as set; raise ConfigError for a
-    refused one. `backend` is "mlx" or "torch"."""
+def check(cfg, backend: str) -> None:
+    """Log the `notes` of a run of `cfg` on `backend` (at WARNING, the level of notes)."""
+    for line in notes(cfg, backend):
+        logger.warning(line)
+
+
+def notes(cfg, backend: str) -> list[str]:
+    """One note per field this backend cannot honour as set; raise ConfigError for a refused
+    one. `backend` is "mlx" or "torch"."""
     from mlxrl.config import TrainConfig
 
     method = cfg.training.method
@@ -326,17 +360,18 @@ def check(cfg, backend: str, log) -> None:
                 raise ConfigError(f"{path}: {text}")
         if text and name.removesuffix(".*") not in said.setdefault(text, []):
             said[text].append(name.removesuffix(".*"))
-    for text, names in said.items():
-        log(f"note: {', '.join(names)}: {text}")
+    return [f"note: {', '.join(names)}: {text}" for text, names in said.items()]
 
 
-def check_inference(generation, log) -> None:
+def check_inference(generation) -> list[str]:
     """The same for `mlxrl infer` / `eval`: one note per generation field the sampler ignores."""
     from mlxrl.config import GenerationParams
 
+    out = []
     for path, default in fields(GenerationParams, "generation.").items():
         value = _value(generation, path.split(".", 1)[1])
         support = INFERENCE[path]
         text = support.message(value, None) if value != default else None
         if text:
-            log(f"note: {path}: {text}")
+            out.append(f"note: {path}: {text}")
+    return out

@@ -12,6 +12,7 @@ Errors in the user's input print one line (no traceback unless `--debug`) and ex
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import click
@@ -21,6 +22,7 @@ from mlxrl.cli_errors import friendly_errors
 from mlxrl.errors import MlxrlError
 
 OVERRIDES = dict(ignore_unknown_options=True, allow_extra_args=True)
+logger = logging.getLogger("mlxrl.cli")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,8 +36,8 @@ def main():
 
 def pick_backend(requested: str, explain: bool = False):
     """`mlx` always forces MLX; `torch` needs the torch extra; `auto`: $MLXRL_BACKEND (mlx|torch)
-    when set, else MLX on Apple Silicon, elsewhere torch when it is installed, else MLX.
-    With `explain`: (backend, why)."""
+    when set, else MLX on Apple Silicon, torch where it has a CUDA GPU (and is installed), else
+    MLX (`mlxrl.torch.auto_backend`). With `explain`: (backend, why)."""
     from mlxrl.torch import auto_backend, missing_packages
 
     env = os.environ.get("MLXRL_BACKEND", "").lower()
@@ -46,11 +48,12 @@ def pick_backend(requested: str, explain: bool = False):
         missing = missing_packages()
         if missing:
             raise MlxrlError(f"--backend torch needs {', '.join(missing)}: pip install 'mlxrl[torch]'")
-        choice = ("torch", "asked for with --backend torch")
+        choice = ("torch", "--backend torch")
     elif requested == "mlx":
-        choice = ("mlx", "asked for with --backend mlx")
+        choice = ("mlx", "--backend mlx")
     else:
-        choice = auto_backend()
+        backend, why = auto_backend()
+        choice = (backend, f"--backend auto: {why}")
     return choice if explain else choice[0]
 
 
@@ -64,17 +67,21 @@ def pick_backend(requested: str, explain: bool = False):
 @click.option("--overwrite", is_flag=True,
               help="Start over: remove what an earlier run wrote in training.output_dir "
                    "(checkpoints, adapter, logs); other files stay.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="Errors and the final line only.")
+@click.option("-v", "--verbose", is_flag=True, help="Also print debugging details.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.pass_context
 @friendly_errors
-def train(ctx, config_path, backend, resume, overwrite, quiet, debug):
+def train(ctx, config_path, backend, resume, overwrite, quiet, verbose, debug):
     """Train a LoRA adapter (SFT, DPO or GRPO, from training.trainer_type).
 
     Any config field can be overridden after the options, e.g.
     `--training.max_steps 10 --model.model_name path/to/model`.
     Checkpoints go to training.output_dir/checkpoint-<step>, the final adapter to
-    training.output_dir, metrics to training.output_dir/metrics.jsonl.
+    training.output_dir, metrics to training.output_dir/metrics.jsonl (and TensorBoard logs to
+    training.output_dir/runs/, W&B with training.enable_wandb). On a terminal a live bar sits
+    under one line per logging step; piped, the lines alone. The run ends with a summary and
+    the commands to try the adapter.
     """
     import datasets
 
@@ -84,14 +91,18 @@ def train(ctx, config_path, backend, resume, overwrite, quiet, debug):
     cfg = load_config(config_path, list(ctx.args))
     if resume:
         cfg.training.try_resume_from_last_checkpoint = True
-    on_mlx = pick_backend(backend) == "mlx"
+    chosen, why = pick_backend(backend, explain=True)
+    on_mlx = chosen == "mlx"
+    main_process = os.environ.get("RANK", "0") == "0"  # once under `accelerate launch`
+    if main_process:
+        logger.info(f"backend: {'MLX' if on_mlx else 'torch'} ({why})")
     with _mlx_runtime() if on_mlx else contextlib.nullcontext():  # OpenBLAS for MLX alone
         if on_mlx:
             from mlxrl.mlx.train import train as run
         else:
             from mlxrl.torch.train import train as run
-        state = run(cfg, quiet=quiet, log=lambda m: click.echo(m, err=True), overwrite=overwrite)
-    if os.environ.get("RANK", "0") == "0":  # once under `accelerate launch`
+        state = run(cfg, quiet=quiet, overwrite=overwrite)
+    if main_process:
         click.echo(f"done: {state['global_step']} steps; adapter in {cfg.training.output_dir}", err=True)
 
 
@@ -119,7 +130,8 @@ def env():
     except ImportError:
         lines.append("mlx device    (mlx not installed)")
     lines += [f"{name:13s} {value}" for name, value in runtime.status().items()]
-    lines.append("backend auto  -> {} ({})".format(*pick_backend("auto", explain=True)))
+    chosen, why = pick_backend("auto", explain=True)
+    lines.append(f"backend auto  -> {chosen} ({why.removeprefix('--backend auto: ')})")
     click.echo("\n".join(lines))
 
 

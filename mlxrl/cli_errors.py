@@ -7,7 +7,9 @@
 - `--debug` (or MLXRL_DEBUG=1) lets the traceback through instead;
 - Ctrl-C prints `interrupted` (naming the output a command leaves as it was) and exits 130;
 - warnings of category `MlxrlNote` (e.g. an adapter conversion's) print as `note: <line>`;
-- `mlx=True`: the command runs inside `mlxrl.runtime.mlx_runtime()` (OpenBLAS, JIT flags).
+- `mlx=True`: the command runs inside `mlxrl.runtime.mlx_runtime()` (OpenBLAS, JIT flags);
+- mlxrl's messages (the `mlxrl` logger) print as plain lines on stderr while the command runs
+  (`mlxrl.console.cli_logging`): errors only with the command's `--quiet`, details with `--verbose`.
 
 Its own module so that `mlxrl.cli` (run as `__main__` by `python -m mlxrl.cli`) and the command
 modules it registers share it without importing each other.
@@ -17,12 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import sys
 import warnings
 
 import click
 
+from mlxrl.console import cli_logging
 from mlxrl.errors import MlxrlError, MlxrlNote
 
 
@@ -34,7 +38,8 @@ def friendly_errors(fn=None, *, mlx: bool = False):
     def wrapper(*args, **kwargs):
         debug = kwargs.get("debug") or os.environ.get("MLXRL_DEBUG") == "1"
         try:
-            with _mlx_runtime() if mlx else contextlib.nullcontext(), _notes_printed():
+            with cli_logging(bool(kwargs.get("quiet")), bool(kwargs.get("verbose"))), \
+                    _mlx_runtime() if mlx else contextlib.nullcontext(), _notes_printed():
                 return fn(*args, **kwargs)
         except MlxrlError as e:
             if debug:
@@ -64,7 +69,7 @@ def _notes_printed():
 
         def show(message, category, filename, lineno, file=None, line=None):
             if issubclass(category, MlxrlNote):
-                click.echo(f"note: {message}", err=True)
+                logging.getLogger("mlxrl.cli").warning(f"note: {message}")
             else:
                 show_other(message, category, filename, lineno, file, line)
 

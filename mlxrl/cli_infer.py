@@ -13,6 +13,7 @@ The chat (`chat()`) lives here too: it is the terminal side of `mlxrl.inference.
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import click
@@ -30,8 +31,11 @@ _DEFAULT_COMPARE_PROMPTS = (
 )
 
 
+logger = logging.getLogger("mlxrl.cli")
+
+
 def _note(line: str) -> None:
-    click.echo(line, err=True)
+    logger.warning(line)
 
 
 def _quiet_datasets() -> None:
@@ -42,12 +46,16 @@ def _quiet_datasets() -> None:
 
 # ----------------------------------------------------------------------------- chat
 
-CHAT_HELP = "/reset clears the history, /system TEXT sets the system prompt, /quit exits"
+CHAT_HELP = "/reset (/clear) clears the history, /system TEXT sets the system prompt, /quit (/bye) exits"
+QUIT = ("/quit", "/exit", "/q", "/bye")
+CLEAR = ("/reset", "/clear")
 
 
 def chat(engine, system_prompt: str | None = None, *, verbose: bool = False, read=input,
          out=None, err=None) -> int:
-    """Multi-turn chat: each reply streams, and every turn so far is in the next prompt."""
+    """Multi-turn chat: each reply streams, and every turn so far is in the next prompt (the
+    oldest turns leave it, with a warning, when it would pass the model's context). ollama's
+    `/bye` and `/clear` work too; `verbose` shows each prompt and the reply's tokens/s."""
     out, err = out or sys.stdout, err or sys.stderr
     err.write(f"Chatting with {engine.name} ({CHAT_HELP}; end of input exits)\n")
     history: list[dict] = []
@@ -60,9 +68,9 @@ def chat(engine, system_prompt: str | None = None, *, verbose: bool = False, rea
         text = line.strip()
         if not text:
             continue
-        if text in ("/quit", "/exit", "/q"):
+        if text in QUIT:
             return 0
-        if text == "/reset":
+        if text in CLEAR:
             history = []
             err.write("[history cleared]\n")
             continue
@@ -78,14 +86,27 @@ def chat(engine, system_prompt: str | None = None, *, verbose: bool = False, rea
         history.append({"role": "assistant", "content": reply})
 
 
-def _reply(engine, system_prompt, history: list[dict], verbose: bool, out, err) -> str:
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+def _fit_context(engine, system: list[dict], history: list[dict], err) -> list[int]:
+    """The prompt ids, the oldest exchanges dropped (with a warning) while the prompt and a
+    reply of max_new_tokens would pass the model's context."""
     ids = engine.prompt_ids(system + history)
-    limit = engine.model_params.model_max_length
+    limit = engine.context
     while limit and len(ids) + engine.generation.max_new_tokens > limit and len(history) > 2:
+        before = len(ids)
         del history[:2]  # the oldest exchange goes first
         ids = engine.prompt_ids(system + history)
-        err.write("[oldest turn dropped: model.model_max_length]\n")
+        err.write(f"[warning: the conversation ({before} tokens and a reply of up to "
+                  f"{engine.generation.max_new_tokens}) passes the model's context of {limit} "
+                  f"tokens; the oldest turn was dropped]\n")
+    if limit and len(ids) >= limit:
+        err.write(f"[warning: this prompt alone is {len(ids)} tokens, the model's context is "
+                  f"{limit}; the reply will be cut]\n")
+    return ids
+
+
+def _reply(engine, system_prompt, history: list[dict], verbose: bool, out, err) -> str:
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    ids = _fit_context(engine, system, history, err)
     if verbose:
         err.write(f"[prompt: {len(ids)} tokens] {engine.hf_tokenizer.decode(ids)!r}\n")
     reply = ""
@@ -98,15 +119,21 @@ def _reply(engine, system_prompt, history: list[dict], verbose: bool, out, err) 
         out.write(" [interrupted]")
     out.write("\n")
     out.flush()
+    stats = engine.last_stats
+    if verbose and stats:
+        err.write(f"[{stats['tokens']} tokens, {stats['tokens_per_second']:.1f} tokens/s; prompt "
+                  f"{stats['prompt_tokens']} tokens, {stats['prompt_tps']:.1f} tokens/s; "
+                  f"{stats['seconds']:.2f}s in all]\n")
     return reply
 
 
 @click.command(context_settings=OVERRIDES)
 @click.option("-c", "--config", "config_path", type=click.Path(), help="Inference config (optional).")
 @click.option("-i", "--interactive", is_flag=True, help="Chat in the terminal (multi-turn, streamed).")
-@click.option("--system-prompt", default=None,
+@click.option("--system-prompt", "--system_prompt", "system_prompt", default=None,
               help="System prompt; `letter_count` is the \\boxed{} prompt GRPO trained with.")
-@click.option("-v", "--verbose", is_flag=True, help="Show each prompt as the model sees it.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Show each prompt as the model sees it, and each reply's tokens/s.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.pass_context
 @friendly_errors(mlx=True)
@@ -115,7 +142,8 @@ def infer(ctx, config_path, interactive, system_prompt, verbose, debug):
 
     `-c` is optional: `--model.model_name NAME` (hub id, folder, checkpoint, tiny://qwen2) is
     enough. Generation settings: `--generation.max_new_tokens 256 --generation.temperature 0.7`.
-    In the chat, /reset clears the history, /system TEXT sets the system prompt, /quit exits.
+    In the chat, /reset (or /clear) clears the history, /system TEXT sets the system prompt,
+    /quit (or /bye) exits. `-v` shows each prompt and the reply's speed.
     Batch: `--input_path in.jsonl --output_path out.jsonl` ({"prompt": ...} or {"messages": [...]}
     rows).
     """
@@ -129,7 +157,7 @@ def infer(ctx, config_path, interactive, system_prompt, verbose, debug):
     if cfg.input_path:
         if interactive:
             _note("note: --interactive is ignored: input_path is set, running batch inference")
-        rows = run_batch(cfg, system, log=_note)
+        rows = run_batch(cfg, system)
         if not cfg.output_path:
             for row in rows:
                 click.echo(row["response"])
@@ -149,10 +177,12 @@ def infer(ctx, config_path, interactive, system_prompt, verbose, debug):
 @click.option("-c", "--config", "config_path", type=click.Path(), help="Eval config (optional).")
 @click.option("--task", "tasks", multiple=True,
               help="letter_count (default), preference or reward; repeat for several.")
-@click.option("--dataset", default=None, help="Hub name or local file (default: a generated set).")
-@click.option("--dataset-path", default=None, help="Local copy of a registered/hub dataset.")
+@click.option("--dataset", "--dataset_name", "--dataset-name", "dataset", default=None,
+              help="Hub name or local file (default: a generated set).")
+@click.option("--dataset_path", "--dataset-path", "dataset_path", default=None,
+              help="A local file: alone, the task's data; with --dataset, a local copy of it.")
 @click.option("--split", default=None, help="Split, with slicing, e.g. 'test[:100]'.")
-@click.option("--num-samples", type=int, default=None, help="First N rows.")
+@click.option("--num_samples", "--num-samples", "num_samples", type=int, default=None, help="First N rows.")
 @click.option("--reward", "rewards", multiple=True, help="Reward function for --task reward.")
 @click.option("--output", default=None, type=click.Path(), help="Folder for eval_results.json.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
@@ -174,10 +204,10 @@ def eval_command(ctx, config_path, tasks, dataset, dataset_path, split, num_samp
                                split=split, num_samples=num_samples, reward_functions=rewards)
     if output:
         cfg.output_dir = output
-    results = Evaluator(cfg, log=_note).run()
+    results = Evaluator(cfg).run()
     click.echo(format_table([results]))
     if cfg.output_dir:
-        _note(f"wrote {cfg.output_dir}/eval_results.json")
+        logger.info(f"wrote {cfg.output_dir}/eval_results.json")
 
 
 @click.command(context_settings=OVERRIDES)
@@ -185,9 +215,11 @@ def eval_command(ctx, config_path, tasks, dataset, dataset_path, split, num_samp
 @click.option("--prompt", "prompts", multiple=True, help="A prompt; repeat for several.")
 @click.option("--input_path", "--input-path", "input_path", default=None, type=click.Path(),
               help="JSONL of {prompt} / {messages} rows.")
-@click.option("--system-prompt", default=None, help="System prompt (`letter_count`: the \\boxed{} one).")
+@click.option("--system-prompt", "--system_prompt", "system_prompt", default=None,
+              help="System prompt (`letter_count`: the \\boxed{} one).")
 @click.option("--eval", "tasks", multiple=True, help="Also compare eval metrics (letter_count, ...).")
-@click.option("--num-samples", type=int, default=None, help="Rows per eval task.")
+@click.option("--num_samples", "--num-samples", "num_samples", type=int, default=None,
+              help="Rows per eval task.")
 @click.option("--output", default=None, type=click.Path(), help="Folder for compare.json.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.pass_context
@@ -213,7 +245,7 @@ def compare(ctx, models, prompts, input_path, system_prompt, tasks, num_samples,
         items += read_rows(input_path)
     result = compare_models(list(models), items or list(_DEFAULT_COMPARE_PROMPTS),
                             overrides=overrides, system_prompt=system_prompt, tasks=tasks,
-                            num_samples=num_samples, output=output, echo=click.echo, log=_note)
+                            num_samples=num_samples, output=output, echo=click.echo)
     return result
 
 
@@ -274,17 +306,16 @@ def quickstart(output, scale, real, model, debug):
     eval and compare before/after; writes report.md and PNG plots to --output. With --real, DPO
     on a real pretrained model instead (see --real)."""
     _quiet_datasets()
-    quiet = not sys.stderr.isatty()
     if real:
         from mlxrl.quickstart_real import REAL_MODEL, run_real_quickstart
 
         report = run_real_quickstart(output or "output/quickstart_real", scale=scale,
-                                     model=model or REAL_MODEL, quiet=quiet, log=_note)
+                                     model=model or REAL_MODEL)
     else:
         from mlxrl.quickstart import BASE_MODEL, run_quickstart
 
         report = run_quickstart(output or "output/quickstart", scale=scale,
-                                model=model or BASE_MODEL, quiet=quiet, log=_note)
+                                model=model or BASE_MODEL)
     click.echo(f"report: {report}")
 
 

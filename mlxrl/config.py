@@ -396,6 +396,10 @@ def _check_grpo_batch(training: TrainingParams, num_generations: int) -> None:
             f"GRPO needs per_device_train_batch_size x gradient_accumulation_steps ({completions}) "
             f"to be a multiple of grpo.num_generations ({num_generations}): each prompt's "
             f"{num_generations} completions must land in the same step")
+    if training.eval_strategy != "no" and training.per_device_eval_batch_size % num_generations:
+        raise ConfigError(
+            f"GRPO evaluation needs per_device_eval_batch_size ({training.per_device_eval_batch_size}) "
+            f"to be a multiple of grpo.num_generations ({num_generations}), as TRL does")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,

@@ -110,12 +110,13 @@ def split_overrides(args: list[str]) -> list[tuple[str, Any]]:
 
 
 def key_path(dotted: str) -> tuple:
-    """`a.l[0].x` and `a.l.0.x` -> ('a', 'l', 0, 'x')."""
+    """`a.l[0].x` and `a.l.0.x` -> ('a', 'l', 0, 'x'); a command line's `max-steps` spelling is
+    the field `max_steps` (no field name has a hyphen)."""
     parts: list = []
     for piece in dotted.replace("[", ".").replace("]", "").split("."):
         if piece == "":
             raise ConfigError(f"malformed key {dotted!r}")
-        parts.append(int(piece) if piece.isdigit() else piece)
+        parts.append(int(piece) if piece.isdigit() else piece.replace("-", "_"))
     return tuple(parts)
 
 
@@ -162,6 +163,10 @@ class Builder:
     def where(self, path: tuple) -> str:
         if path in self.origins:
             return self.origins[path]
+        # a key the command line introduced (`--trainig.max_steps 3`): the override, not the file
+        for key, origin in self.origins.items():
+            if key[:len(path)] == path and path not in self.lines:
+                return origin
         for n in range(len(path), 0, -1):
             if path[:n] in self.lines:
                 return f"{self.source}:{self.lines[path[:n]]}"

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,8 @@ from typing import Any
 from mlxrl import config_ranges
 from mlxrl.config import DatasetParams, GenerationParams, ModelParams, load_config
 from mlxrl.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 BUILTIN_TASKS = {"preference": "preference", "dpo": "preference", "reward": "reward",
                  "rewards": "reward"}
@@ -97,7 +99,7 @@ def load_eval_config(path=None, overrides=None) -> EvalConfig:
 # ----------------------------------------------------------------------------- datasets
 
 
-def task_rows(task: EvalTaskParams, log=print) -> list[dict]:
+def task_rows(task: EvalTaskParams) -> list[dict]:
     """The task's rows: its dataset (first num_samples rows, transformed as registered) or a
     generated held-out set."""
     n = task.num_samples
@@ -110,7 +112,7 @@ def task_rows(task: EvalTaskParams, log=print) -> list[dict]:
         return [dict(r) for r in dataset.select(range(min(n or len(dataset), len(dataset))))]
     n = n or DEFAULT_SAMPLES.get(task.task, DEFAULT_SAMPLE_COUNT)
     rows = _generated(task.task, n)
-    log(f"note: {task.task}: {n} generated held-out rows (seed {EVAL_SEED}); "
+    logger.warning(f"note: {task.task}: {n} generated held-out rows (seed {EVAL_SEED}); "
         f"--dataset NAME for another set")
     return rows
 
@@ -152,7 +154,7 @@ def reward_metrics(task: EvalTaskParams, rows: list[dict], responses: list[str],
     return out
 
 
-def preference_metrics(engine, task: EvalTaskParams, rows: list[dict], log=print) -> dict:
+def preference_metrics(engine, task: EvalTaskParams, rows: list[dict]) -> dict:
     """Held-out pairs: the model against the same model with its adapter off."""
     import datasets
 
@@ -160,7 +162,7 @@ def preference_metrics(engine, task: EvalTaskParams, rows: list[dict], log=print
     from mlxrl.mlx.dpo import preference_eval
 
     if engine.loaded.adapter_path is None:
-        log(f"note: {engine.name} has no adapter: policy == reference, so margins are 0")
+        logger.warning(f"note: {engine.name} has no adapter: policy == reference, so margins are 0")
     settings = DpoSettings(beta=task.beta, max_length=engine.model_params.model_max_length or 1024)
     m = preference_eval(engine.loaded.model, engine.tokenizer, datasets.Dataset.from_list(rows), settings)
     return {"preference_accuracy": m["rewards/accuracies"], "mean_reward_margin": m["rewards/margins"],
@@ -174,12 +176,13 @@ def preference_metrics(engine, task: EvalTaskParams, rows: list[dict], log=print
 class Evaluator:
     """Runs tasks on one model; answers to the same prompts are generated once."""
 
-    def __init__(self, cfg: EvalConfig, log=print, engine=None):
+    def __init__(self, cfg: EvalConfig, engine=None):
         from mlxrl.capabilities import check_inference
         from mlxrl.inference import Engine
 
-        self.cfg, self.log = cfg, log
-        check_inference(cfg.generation, log)
+        self.cfg = cfg
+        for line in check_inference(cfg.generation):
+            logger.warning(line)
         self.engine = engine or Engine(cfg.model, cfg.generation)
         self._answers: dict[str, tuple[list[dict], list[str]]] = {}
 
@@ -188,7 +191,7 @@ class Evaluator:
 
         key = json.dumps([task.dataset_name, task.dataset_path, task.split, task.num_samples])
         if key not in self._answers:
-            rows = task_rows(task, self.log)
+            rows = task_rows(task)
             conversations = [as_messages(r, where=f"row {i}") for i, r in enumerate(rows)]
             self._answers[key] = (rows, self.engine.generate(conversations, progress=True))
         return self._answers[key]
@@ -198,7 +201,7 @@ class Evaluator:
         from mlxrl import tasks
 
         if task.task == "preference":
-            return preference_metrics(self.engine, task, task_rows(task, self.log), self.log), []
+            return preference_metrics(self.engine, task, task_rows(task)), []
         rows, responses = self.answers(task)
         if task.task == "reward":
             return reward_metrics(task, rows, responses, self.engine.hf_tokenizer), []
@@ -277,7 +280,7 @@ def make_tasks(tasks=("letter_count",), *, dataset=None, dataset_path=None, spli
 
 def evaluate(model: str | None = None, tasks=("letter_count",), *, config=None, dataset=None,
              dataset_path=None, split=None, num_samples=None, reward_functions=None,
-             output_dir=None, overrides=None, log=None, **generation) -> dict:
+             output_dir=None, overrides=None, **generation) -> dict:
     """Evaluate `model` (hub id, folder, checkpoint or tiny://) on `tasks`; returns
     `{"model", "tasks": {task: metrics}, ...}` and writes it to `output_dir` when given.
 
@@ -294,11 +297,11 @@ def evaluate(model: str | None = None, tasks=("letter_count",), *, config=None, 
     cfg.generation = dataclasses.replace(cfg.generation, **generation)
     if output_dir:
         cfg.output_dir = str(output_dir)
-    return Evaluator(cfg, log=log or (lambda m: print(m, file=sys.stderr))).run()
+    return Evaluator(cfg).run()
 
 
 def compare_models(models: list[str], prompts: list, *, overrides=None, system_prompt=None,
-                   tasks=(), num_samples=None, output=None, echo=print, log=print) -> dict:
+                   tasks=(), num_samples=None, output=None, echo=print) -> dict:
     """Each model's replies to the same prompts (and its eval metrics), printed side by side."""
     from mlxrl.inference import (
         Engine,
@@ -314,13 +317,13 @@ def compare_models(models: list[str], prompts: list, *, overrides=None, system_p
     answers, results = [], []
     for label, name in zip(labels, models):
         cfg, notes = load_inference_config(None, ["--model.model_name", name, *(overrides or [])])
-        log(f"[{label}] {name}")
+        logger.info(f"[{label}] {name}")
         engine = Engine(cfg.model, cfg.generation, loaded=load_model(cfg.model, cache=False))
         answers.append(engine.generate(conversations))
         if tasks:
             eval_cfg = EvalConfig(model=cfg.model, generation=cfg.generation,
                                   tasks=make_tasks(tasks, num_samples=num_samples))
-            results.append(Evaluator(eval_cfg, log=log, engine=engine).run())
+            results.append(Evaluator(eval_cfg, engine=engine).run())
     for i, messages in enumerate(conversations):
         echo(f"=== prompt {i + 1}: {messages[-1]['content']}")
         for label, name, replies in zip(labels, models, answers):
@@ -333,6 +336,6 @@ def compare_models(models: list[str], prompts: list, *, overrides=None, system_p
         from mlxrl.output_folder import write_text_atomic
 
         write_text_atomic(Path(output) / "compare.json", json.dumps(out, indent=2) + "\n")
-        log(f"wrote {Path(output) / 'compare.json'}")
+        logger.info(f"wrote {Path(output) / 'compare.json'}")
     return out
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from typing import Any
 
 from mlxrl.config import GenerationParams, ModelParams, load_config
 from mlxrl.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
 
 # eval_dpo_results.yaml's extra sections, and a training config's (so `-c train.yaml` works)
 _LEGACY_SECTIONS = ("data", "evaluation", "inference", "training", "peft", "fsdp", "deepspeed")
@@ -62,7 +65,7 @@ def load_inference_config(path=None, overrides=None) -> tuple[InferenceConfig, l
         raise ConfigError("model.model_name is required (-c CONFIG or --model.model_name NAME)")
     from mlxrl.capabilities import check_inference
 
-    check_inference(cfg.generation, notes.append)
+    notes.extend(check_inference(cfg.generation))
     return cfg, notes
 
 
@@ -129,24 +132,19 @@ def model_context(model_params: ModelParams, base_path: Path) -> int | None:
     return None
 
 
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr)
-
-
 class Engine:
     """A loaded model with its generation settings: prompts in, replies out.
 
     `generation.max_new_tokens` is capped at the model's context (`model_context`), and each reply
-    at what its prompt leaves of it, with a note (`log`)."""
+    at what its prompt leaves of it, with a note."""
 
-    def __init__(self, model_params: ModelParams, generation: GenerationParams, loaded=None,
-                 log=_stderr):
+    def __init__(self, model_params: ModelParams, generation: GenerationParams, loaded=None):
         from mlxrl.data.formats import end_of_turn_ids, unwrap
 
         self.loaded = loaded or load_model(model_params)
         self.context = model_context(model_params, self.loaded.base_path)
         if self.context and generation.max_new_tokens > self.context:
-            log(f"note: generation.max_new_tokens {generation.max_new_tokens} is more than the "
+            logger.warning(f"note: generation.max_new_tokens {generation.max_new_tokens} is more than the "
                 f"model's context of {self.context} tokens; capped at {self.context}")
             generation = dataclasses.replace(generation, max_new_tokens=self.context)
         self.model_params, self.generation = model_params, generation
@@ -154,6 +152,7 @@ class Engine:
         self.hf_tokenizer = unwrap(self.tokenizer)
         stops = end_of_turn_ids(self.tokenizer) | set(generation.stop_token_ids or [])
         self.eos_ids = sorted(set(self.tokenizer.eos_token_ids) | stops)
+        self.last_stats: dict | None = None  # the last streamed reply: tokens, seconds, tokens/s
 
     @property
     def name(self) -> str:
@@ -177,7 +176,10 @@ class Engine:
         return self.hf_tokenizer.decode(list(ids), skip_special_tokens=skip)
 
     def stream(self, prompt_ids: list[int]) -> Iterator[str]:
-        """Text pieces of one reply as they are generated (stop strings end it)."""
+        """Text pieces of one reply as they are generated (stop strings end it); its speed is
+        in `last_stats` afterwards."""
+        import time
+
         import mlx.core as mx
         from mlx_lm.generate import stream_generate
         from mlx_lm.sample_utils import make_sampler
@@ -188,20 +190,29 @@ class Engine:
         sampler = make_sampler(temp=g.temperature, top_p=g.top_p if g.top_p < 1.0 else 0.0,
                                min_p=g.min_p, top_k=g.top_k)
         self.tokenizer.eos_token_ids = set(self.eos_ids)  # stream_generate stops on these
-        text = ""
-        for response in stream_generate(self.loaded.model, self.tokenizer, prompt_ids,
+        text, started, last = "", time.perf_counter(), None
+        self.last_stats = None
+        try:
+            for last in stream_generate(self.loaded.model, self.tokenizer, prompt_ids,
                                         max_tokens=self.max_tokens(len(prompt_ids)), sampler=sampler):
-            cut = _stop_at(text + response.text, g.stop_strings)
-            if cut is not None:
-                yield cut[len(text):]
-                return
-            text += response.text
-            yield response.text
+                cut = _stop_at(text + last.text, g.stop_strings)
+                if cut is not None:
+                    yield cut[len(text):]
+                    return
+                text += last.text
+                yield last.text
+        finally:
+            if last is not None:  # mlx-lm's own rates: the prompt's, then the reply's tokens
+                self.last_stats = {"tokens": last.generation_tokens,
+                                   "tokens_per_second": last.generation_tps,
+                                   "prompt_tokens": last.prompt_tokens, "prompt_tps": last.prompt_tps,
+                                   "seconds": time.perf_counter() - started}
 
     def generate(self, conversations: list[list[dict]], progress: bool = False) -> list[str]:
         """One reply per conversation through the batched sampler, shortest prompts together."""
         from tqdm.auto import tqdm
 
+        from mlxrl.console import live_bars
         from mlxrl.mlx.sampling import sample
 
         g = self.generation
@@ -209,7 +220,7 @@ class Engine:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         size = g.batch_size if g.batch_size and g.batch_size > 1 else DEFAULT_BATCH
         replies: dict[int, str] = {}
-        bar = tqdm(total=len(prompts), desc="infer", unit="row", disable=not progress,
+        bar = tqdm(total=len(prompts), desc="infer", unit="row", disable=not (progress and live_bars()),
                    file=sys.stderr, dynamic_ncols=True)
         for start in range(0, len(order), size):
             chunk = order[start:start + size]
@@ -294,8 +305,7 @@ def read_rows(path: str) -> list[dict]:
     return rows
 
 
-def run_batch(cfg: InferenceConfig, system_prompt: str | None = None, engine=None,
-              log=print) -> list[dict]:
+def run_batch(cfg: InferenceConfig, system_prompt: str | None = None, engine=None) -> list[dict]:
     """Every row of `cfg.input_path` answered; written to `cfg.output_path` as JSON lines."""
     rows = read_rows(cfg.input_path)
     conversations = [as_messages(r, system_prompt, f"{cfg.input_path}:{i + 1}")
@@ -313,7 +323,7 @@ def run_batch(cfg: InferenceConfig, system_prompt: str | None = None, engine=Non
 
         path = Path(cfg.output_path)
         write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out))
-        log(f"wrote {len(out)} rows to {path}")
+        logger.info(f"wrote {len(out)} rows to {path}")
     return out
 
 

@@ -17,6 +17,7 @@ sizes (tests use a small scale).
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from pathlib import Path
 
 from mlxrl.errors import MlxrlError
 from mlxrl.tasks.letter_count import SYSTEM_PROMPT
+
+logger = logging.getLogger(__name__)
 
 # Shipped inside the package (a wheel has them too); a checkout's configs/quickstart links here.
 CONFIGS = Path(__file__).resolve().parent / "assets" / "quickstart"
@@ -53,7 +56,7 @@ class Stage:
     seconds: float = 0.0
 
 
-def _train(stage: Stage, scale: float, quiet: bool, log) -> None:
+def _train(stage: Stage, scale: float, quiet: bool) -> None:
     from mlxrl.config import load_config
     from mlxrl.mlx.train import train
 
@@ -62,7 +65,7 @@ def _train(stage: Stage, scale: float, quiet: bool, log) -> None:
         *stage.overrides])
     stage.steps = cfg.training.max_steps = max(2, round(cfg.training.max_steps * scale))
     started = time.perf_counter()
-    train(cfg, quiet=quiet, log=log)
+    train(cfg, quiet=quiet)
     stage.seconds = time.perf_counter() - started
 
 
@@ -80,8 +83,9 @@ def _stages(out: Path, base: str) -> list[Stage]:
     ]
 
 
-def _evaluate(name: str, scale: float, log) -> dict:
+def _evaluate(name: str, scale: float) -> dict:
     """letter_count (greedy), rewards of answers sampled at T=1, held-out preference pairs."""
+    from mlxrl.console import muted
     from mlxrl.evaluation import EvalConfig, Evaluator, make_tasks
     from mlxrl.inference import Engine, as_messages, load_inference_config
 
@@ -93,18 +97,19 @@ def _evaluate(name: str, scale: float, log) -> dict:
     tasks += make_tasks(["preference"], dataset=str(CONFIGS / "data" / "preferences_heldout.jsonl"),
                         num_samples=max(16, round(64 * scale)))
     greedy = Evaluator(EvalConfig(model=cfg.model, generation=cfg.generation, tasks=tasks),
-                       log=log, engine=engine).run()
+                       engine=engine).run()
     engine.generation.temperature, engine.generation.seed = SAMPLED_TEMPERATURE, 0
-    sampled = Evaluator(EvalConfig(model=cfg.model, generation=engine.generation,
-                                   tasks=make_tasks(["reward"], num_samples=n)),
-                        log=lambda m: None, engine=engine).run()
+    with muted("mlxrl.evaluation"):  # its notes were said for the greedy pass
+        sampled = Evaluator(EvalConfig(model=cfg.model, generation=engine.generation,
+                                       tasks=make_tasks(["reward"], num_samples=n)),
+                            engine=engine).run()
     greedy["tasks"]["sampled_reward"] = sampled["tasks"]["reward"]
     greedy["answers"] = engine.generate([as_messages(p, system) for p, system in PROMPTS])
     return greedy
 
 
 def run_quickstart(output="output/quickstart", *, scale: float = 1.0, model: str = BASE_MODEL,
-                   quiet: bool = False, log=print) -> Path:
+                   quiet: bool = False) -> Path:
     """Train, evaluate and report; returns the path of `report.md`."""
     if not (CONFIGS / "sft.yaml").is_file():
         raise MlxrlError(f"quickstart configs not found in {CONFIGS}: the mlxrl install is "
@@ -114,19 +119,19 @@ def run_quickstart(output="output/quickstart", *, scale: float = 1.0, model: str
     base = model
     started = time.perf_counter()
     stages = _stages(out, base)
-    log(f"quickstart: evaluating the untrained {model}")
-    results = {"base": _evaluate(base, scale, log)}
+    logger.info(f"quickstart: evaluating the untrained {model}")
+    results = {"base": _evaluate(base, scale)}
     for stage in stages:
-        log(f"quickstart: {stage.name} from {stage.start_from}")
-        _train(stage, scale, quiet, log)
-        results[stage.name] = _evaluate(str(stage.output_dir), scale, log)
+        logger.info(f"quickstart: {stage.name} from {stage.start_from}")
+        _train(stage, scale, quiet)
+        results[stage.name] = _evaluate(str(stage.output_dir), scale)
     plots = _plots(out, stages)
     summary = summarize(results, stages, model, time.perf_counter() - started)
     summary["majority_baseline"] = majority_baseline(max(16, round(100 * scale)))
     (out / "quickstart_results.json").write_text(json.dumps(summary, indent=2) + "\n")
     report = out / "report.md"
     report.write_text(render_report(summary, plots))
-    log(f"quickstart: done in {summary['seconds']:.0f} s")
+    logger.info(f"quickstart: done in {summary['seconds']:.0f} s")
     return report
 
 

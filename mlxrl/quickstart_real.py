@@ -16,12 +16,15 @@ hard-coded. `--model` runs the same on another model (hub id, folder, `.gguf` fi
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import time
 from pathlib import Path
 
 from mlxrl.errors import MlxrlError
 from mlxrl.quickstart import CONFIGS, Stage, _fmt, _oneline, _train
+
+logger = logging.getLogger(__name__)
 
 REAL_MODEL = "gguf://smollm2"
 PAIRS = CONFIGS / "data" / "concise_pairs.jsonl"
@@ -30,7 +33,7 @@ ANSWER_TOKENS = 40
 
 
 def run_real_quickstart(output="output/quickstart_real", *, scale: float = 1.0,
-                        model: str = REAL_MODEL, quiet: bool = False, log=print) -> Path:
+                        model: str = REAL_MODEL, quiet: bool = False) -> Path:
     """DPO on the concise-answer pairs, evaluated before and after; returns `report.md`."""
     from mlxrl.model_names import local_model_path
 
@@ -44,20 +47,20 @@ def run_real_quickstart(output="output/quickstart_real", *, scale: float = 1.0,
                   ["--data.train.datasets[0].dataset_name", str(PAIRS)])
     rows = [json.loads(line) for line in HELDOUT.read_text().splitlines()]
     questions = [row["prompt"][-1]["content"] for row in rows]
-    log(f"quickstart: evaluating the untrained {model}")
-    before = _evaluate(model, questions, log)
-    log(f"quickstart: DPO from {model} (concise answers preferred)")
-    _train(stage, scale, quiet, log)
-    after = _evaluate(str(stage.output_dir), questions, log)
+    logger.info(f"quickstart: evaluating the untrained {model}")
+    before = _evaluate(model, questions)
+    logger.info(f"quickstart: DPO from {model} (concise answers preferred)")
+    _train(stage, scale, quiet)
+    after = _evaluate(str(stage.output_dir), questions)
     summary = _summarize(model, stage, questions, before, after, time.perf_counter() - started)
     (out / "quickstart_results.json").write_text(json.dumps(summary, indent=2) + "\n")
     report = out / "report.md"
     report.write_text(render_report(summary, _plot(out, stage)))
-    log(f"quickstart: done in {summary['seconds']:.0f} s")
+    logger.info(f"quickstart: done in {summary['seconds']:.0f} s")
     return report
 
 
-def _evaluate(name: str, questions: list[str], log) -> dict:
+def _evaluate(name: str, questions: list[str]) -> dict:
     """Held-out preference metrics and greedy answers (with their token counts)."""
     from mlxrl.evaluation import EvalConfig, Evaluator, make_tasks
     from mlxrl.inference import Engine, as_messages, load_inference_config
@@ -68,7 +71,7 @@ def _evaluate(name: str, questions: list[str], log) -> dict:
     engine = Engine(cfg.model, cfg.generation)
     tasks = make_tasks(["preference"], dataset=str(HELDOUT))
     result = Evaluator(EvalConfig(model=cfg.model, generation=cfg.generation, tasks=tasks),
-                       log=log, engine=engine).run()
+                       engine=engine).run()
     answers = engine.generate([as_messages(q) for q in questions])
     lengths = [len(engine.hf_tokenizer.encode(a, add_special_tokens=False)) for a in answers]
     return {"preference": result["tasks"]["preference"], "answers": answers, "lengths": lengths}

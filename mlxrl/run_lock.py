@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import shlex
 import socket
@@ -21,6 +22,8 @@ import time
 from pathlib import Path
 
 from mlxrl.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".mlxrl.lock"
 
@@ -54,8 +57,8 @@ def prepare_output_dir(output_dir: Path, field: str = "training.output_dir") -> 
 class RunLock:
     """`with RunLock(output_dir):` holds the folder; a second holder gets a one-line ConfigError."""
 
-    def __init__(self, output_dir, enabled: bool = True, log=print):
-        self.output_dir, self.enabled, self.log = Path(output_dir), enabled, log
+    def __init__(self, output_dir, enabled: bool = True):
+        self.output_dir, self.enabled = Path(output_dir), enabled
         self._file = None
         self._created: Path | None = None
 
@@ -74,7 +77,7 @@ class RunLock:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # e.g. NFS: ENOLCK
-                self.log(f"note: cannot lock {self.output_dir} ({e.strerror}); a second run on it "
+                logger.warning(f"note: cannot lock {self.output_dir} ({e.strerror}); a second run on it "
                          f"would not be stopped")
                 return self
             holder = _holder(path)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from mlxrl.errors import ConfigError
 from mlxrl.integrity import adapter_kind, checkpoint_problem, json_problem
 from mlxrl.run_dir import RUN_FILE, STATE_FILE, checkpoint_folders, leftovers, read_state
 from mlxrl.run_lock import LOCK_FILE
+
+logger = logging.getLogger(__name__)
 
 BACKEND_NAMES = {"mlx": "MLX", "torch": "torch"}
 # Fields whose change makes another run: (dotted key or prefix ending in ".")
@@ -45,6 +48,7 @@ IGNORED = ("training.output_dir", "training.resume_from_checkpoint",
 # What a run writes into output_dir besides its checkpoints (the final files are listed in the
 # final RUN_FILE; these names cover runs from before it).
 RUN_LOGS = ("metrics.jsonl", "completions.jsonl")
+TENSORBOARD_DIR = "runs"  # output_dir/runs/<date>_<host>/events.out.tfevents.* (both backends)
 FINAL_FILES = {"mlx": ("adapters.safetensors", "adapter_config.json"),
                "torch": ("adapter_model.safetensors", "adapter_config.json", "README.md",
                          "training_args.json", "tokenizer.json", "tokenizer_config.json",
@@ -136,19 +140,19 @@ class RunPlan:
     overwrite: bool = False
     messages: list[str] = field(default_factory=list)
 
-    def start(self, log=print) -> None:
+    def start(self) -> None:
         """Before the first write (main process only): `--overwrite` removes the previous run;
         a fresh run drops the logs of a run that was killed before its first checkpoint."""
         if self.resume is not None:
             return
         if self.overwrite:
-            clear_run(self.output_dir, log)
+            clear_run(self.output_dir)
         else:
             for name in RUN_LOGS:
                 (self.output_dir / name).unlink(missing_ok=True)
 
 
-def clear_run(output_dir: Path, log=print) -> None:
+def clear_run(output_dir: Path) -> None:
     """Remove what mlxrl runs wrote in output_dir; keep (and name) everything else."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
@@ -158,6 +162,9 @@ def clear_run(output_dir: Path, log=print) -> None:
     if not record.get("files") and (output_dir / STATE_FILE).is_file():  # a run from before RUN_FILE
         ours.update(FINAL_FILES.get(adapter_kind(output_dir), ()))
     folders = {*checkpoint_folders(output_dir, complete=False), *leftovers(output_dir)}
+    board = output_dir / TENSORBOARD_DIR  # TensorBoard's event files, of this run's runs alone
+    if board.is_dir() and all("tfevents" in p.name for p in board.rglob("*") if p.is_file()):
+        folders.add(board)
     kept = []
     for path in sorted(output_dir.iterdir()):
         if path in folders:
@@ -167,7 +174,7 @@ def clear_run(output_dir: Path, log=print) -> None:
         elif path.name != LOCK_FILE:
             kept.append(path.name + ("/" if path.is_dir() else ""))
     if kept:
-        log(f"note: --overwrite removed the previous run in {output_dir} and kept what mlxrl did "
+        logger.warning(f"note: --overwrite removed the previous run in {output_dir} and kept what mlxrl did "
             f"not write there: {', '.join(kept[:8])}{' ...' if len(kept) > 8 else ''}")
 
 
@@ -175,7 +182,7 @@ def _backend_of(folder: Path, record: dict | None) -> str | None:
     return (record or {}).get("backend") or adapter_kind(folder)
 
 
-def _check_same_run(folder: Path, cfg_record: dict, backend: str, what: str, log) -> None:
+def _check_same_run(folder: Path, cfg_record: dict, backend: str, what: str) -> None:
     """Refuse another backend's or another run's checkpoint; note the settings that change."""
     record = read_record(folder)
     theirs = _backend_of(folder, record)
@@ -183,7 +190,7 @@ def _check_same_run(folder: Path, cfg_record: dict, backend: str, what: str, log
         raise ConfigError(f"{folder} was written by the {BACKEND_NAMES.get(theirs, theirs)} backend; "
                           f"resume it with --backend {theirs}, or start over with --overwrite")
     if record is None:
-        log(f"note: {folder} does not record its config; cannot check that it is the same run")
+        logger.warning(f"note: {folder} does not record its config; cannot check that it is the same run")
         return
     identity, changed = compare(record["config"], cfg_record["config"])
     if identity:
@@ -191,17 +198,17 @@ def _check_same_run(folder: Path, cfg_record: dict, backend: str, what: str, log
                           f"its settings, start over with --overwrite, or set training.output_dir "
                           f"elsewhere")
     if changed:
-        log(f"note: resuming with changed settings, applied from the resumed step on: "
+        logger.warning(f"note: resuming with changed settings, applied from the resumed step on: "
             f"{'; '.join(changed)}")
 
 
-def _newest_readable(output_dir: Path, log) -> Path | None:
+def _newest_readable(output_dir: Path) -> Path | None:
     damaged = []
     for folder in reversed(checkpoint_folders(output_dir, complete=False)):
         problem = checkpoint_problem(folder)
         if problem is None:
             if damaged:
-                log(f"warning: skipping damaged checkpoints ({'; '.join(damaged)}); resuming from "
+                logger.warning(f"warning: skipping damaged checkpoints ({'; '.join(damaged)}); resuming from "
                     f"{folder.name}, the newest complete and readable one")
             return folder
         damaged.append(f"{folder.name}: {problem}")
@@ -240,7 +247,7 @@ def finished_message(output_dir: Path, state: dict, backend: str | None) -> str:
             f"--overwrite, or further with --resume and a higher training.max_steps")
 
 
-def plan_run(cfg, backend: str, *, overwrite: bool = False, log=print, main: bool = True) -> RunPlan:
+def plan_run(cfg, backend: str, *, overwrite: bool = False, main: bool = True) -> RunPlan:
     """Decide, before anything loads, what this command does with training.output_dir."""
     t = cfg.training
     out = Path(t.output_dir)
@@ -253,13 +260,13 @@ def plan_run(cfg, backend: str, *, overwrite: bool = False, log=print, main: boo
         problem = checkpoint_problem(folder)
         if problem is not None:
             raise ConfigError(f"training.resume_from_checkpoint: cannot resume from {folder}: {problem}")
-        _check_same_run(folder, record, backend, "training.resume_from_checkpoint:", log)
+        _check_same_run(folder, record, backend, "training.resume_from_checkpoint:")
         return RunPlan(out, resume=folder)
     existing = checkpoint_folders(out, complete=False)
     done = finished_state(out)
     if overwrite or (not existing and done is None):
         if t.try_resume_from_last_checkpoint and not existing:
-            log(f"note: --resume: no checkpoint in {out} yet; starting a fresh run")
+            logger.warning(f"note: --resume: no checkpoint in {out} yet; starting a fresh run")
         return RunPlan(out, overwrite=overwrite)
     if done is not None:
         state, folder = done
@@ -283,10 +290,10 @@ def plan_run(cfg, backend: str, *, overwrite: bool = False, log=print, main: boo
         raise ConfigError(f"{out} already holds checkpoints of an unfinished run{of} ({newest}); "
                           f"resume it with --resume, start over with --overwrite, or set "
                           f"training.output_dir elsewhere")
-    folder = _newest_readable(out, log)
+    folder = _newest_readable(out)
     if folder is None:
         raise ConfigError(f"{out} holds a finished run but no checkpoint to continue from; train "
                           f"its adapter further as a new run (--model.model_name {out} "
                           f"--training.output_dir NEW), or start over with --overwrite")
-    _check_same_run(folder, record, backend, "--resume:", log)
+    _check_same_run(folder, record, backend, "--resume:")
     return RunPlan(out, resume=folder)

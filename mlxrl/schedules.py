@@ -156,7 +156,7 @@ SCHEDULES: dict[str, Schedule] = {
 }
 # transformers ignores lr_scheduler_kwargs for these two (it never passes them on)
 _KWARGS_IGNORED = {"constant", "constant_with_warmup"}
-_REFUSED = {"reduce_lr_on_plateau": "it steps on an eval metric, and training does not evaluate",
+_REFUSED = {"reduce_lr_on_plateau": "it steps on an eval metric, which mlxrl's schedules do not follow",
             "greedy": "it adapts to the loss at run time, which only transformers' Trainer feeds it"}
 
 

@@ -6,6 +6,9 @@ model in a folder of the test's own, `tiny_model(arch, ...)` for the cached one,
 and chat template they share.
 """
 
+import contextlib
+import logging
+
 from mlxrl.tiny_models import (  # noqa: F401
     ARCHS,
     CHAT_TEMPLATE,
@@ -18,3 +21,23 @@ from mlxrl.tiny_models import (  # noqa: F401
     make_weights,
     tiny_model,
 )
+
+
+@contextlib.contextmanager
+def capture_lines(level: int = logging.INFO):
+    """The messages mlxrl logs (the `mlxrl` logger) while the block runs, as a list of strings."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("mlxrl")
+    handler, saved = Collect(level), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(min(level, saved) if saved else level)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)

@@ -4,6 +4,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# configs that enable W&B (Oumi recipes) run without a W&B account here; the W&B tests set their
+# own mode (test_reporting.py)
+os.environ.setdefault("WANDB_MODE", "disabled")
 
 from mlxrl.runtime import mlx_runtime  # noqa: E402
 

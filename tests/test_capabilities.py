@@ -10,9 +10,7 @@ from mlxrl.errors import ConfigError
 
 def notes(overrides, backend="mlx"):
     cfg = load_config(None, ["--model.model_name", "m", "--training.use_peft", "true", *overrides])
-    lines = []
-    capabilities.check(cfg, backend, lines.append)
-    return lines
+    return capabilities.notes(cfg, backend)
 
 
 def test_every_field_of_the_schema_is_in_the_table():
@@ -30,8 +28,7 @@ def test_defaults_give_no_note_on_either_backend():
 
 def test_use_peft_false_is_noted_even_as_oumis_default():
     cfg = load_config(None, ["--model.model_name", "m"])
-    lines = []
-    capabilities.check(cfg, "mlx", lines.append)
+    lines = capabilities.notes(cfg, "mlx")
     assert lines == ["note: training.use_peft: false: mlxrl trains LoRA adapters (r=8, alpha=8) on a frozen base"]
 
 
@@ -80,8 +77,7 @@ def test_sections_and_shared_reasons_give_one_line():
 
 
 def test_inference_notes():
-    lines = []
-    capabilities.check_inference(GenerationParams(num_beams=4, max_new_tokens=8, frequency_penalty=0.5), lines.append)
+    lines = capabilities.check_inference(GenerationParams(num_beams=4, max_new_tokens=8, frequency_penalty=0.5))
     assert lines == ["note: generation.frequency_penalty: not supported by mlxrl's sampler; ignored",
                      "note: generation.num_beams: not supported by mlxrl's sampler; ignored"]
 

@@ -67,7 +67,7 @@ def test_letter_count_and_reward_tasks_on_fixed_data(letter_file, tmp_path):
              EvalTaskParams("reward", dataset_name=str(letter_file), split="train[:4]",
                             reward_functions=["count_letters", "letter_count"])]
     cfg = EvalConfig(tasks=tasks, output_dir=str(tmp_path / "out"))
-    results = Evaluator(cfg, log=lambda m: None, engine=engine).run()["tasks"]
+    results = Evaluator(cfg, engine=engine).run()["tasks"]
     assert results["letter_count"] == {
         "accuracy": 0.5, "properly_extracted_accuracy": 2 / 3, "num_samples": 4,
         "num_correct_answers": 2, "num_incorrect_answers": 1, "num_invalid_answers": 1}
@@ -126,7 +126,7 @@ def test_preference_metrics_match_a_hand_computation(checkpoint, tmp_path):
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
-    result = evaluate(str(checkpoint), ["preference"], dataset=str(pairs), log=lambda m: None)
+    result = evaluate(str(checkpoint), ["preference"], dataset=str(pairs))
     got = result["tasks"]["preference"]
 
     base, tok = load(str(tiny_model("qwen2")))
@@ -158,11 +158,11 @@ def test_a_peft_checkpoint_answers_as_the_mlx_one(checkpoint, tmp_path):
     assert infer(prompts, TINY, max_new_tokens=8) != mlx_replies  # the adapter matters
 
 
-def test_base_model_preference_is_zero_and_says_why():
-    notes = []
+def test_base_model_preference_is_zero_and_says_why(caplog):
     from mlxrl.evaluation import evaluate
 
-    got = evaluate(TINY, "preference", num_samples=4, log=notes.append)["tasks"]["preference"]
+    got = evaluate(TINY, "preference", num_samples=4)["tasks"]["preference"]
+    notes = [r.getMessage() for r in caplog.records if r.name.startswith("mlxrl")]
     assert got["mean_reward_margin"] == 0.0 and got["preference_accuracy"] == 0.0
     assert any("no adapter" in n for n in notes) and any("generated" in n for n in notes)
 

@@ -40,7 +40,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     result = run("train", "--backend", "mlx", "-c", DPO, "--data.train.datasets[0].dataset_name", PAIRS,
                  "--training.output_dir", root / "run", "--training.max_steps", "2", "--training.save_steps",
-                 "2", "--quiet")
+                 "2")
     assert result.exit_code == 0, result.output
     assert run("export", root / "run", "-o", root / "peft").exit_code == 0
     return root
@@ -198,7 +198,7 @@ def test_a_nan_reward_is_missing_for_that_row(backend, tmp_path):
     result = run("train", "--backend", backend, "-c", GRPO, "--data.train.datasets[0].dataset_path", LETTERS,
                  "--training.output_dir", tmp_path / "run", "--training.max_steps", "1",
                  "--training.reward_functions", f"[count_letters, '{rewards}:half_nan']",
-                 "--training.grpo.max_completion_length", "8", "--training.logging_steps", "1", "--quiet")
+                 "--training.grpo.max_completion_length", "8", "--training.logging_steps", "1")
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[-1])
     assert record["rewards/half_nan/mean"] == 1.0

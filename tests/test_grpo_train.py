@@ -45,7 +45,7 @@ def grpo_config(out, reward, *extra):
 
 def method_for(cfg):
     loaded = mlx_model.load(cfg.model, cfg.peft, for_training=True)
-    return loaded, GRPOMethod(cfg, loaded, load_split(cfg.data.train), log=lambda m: None)
+    return loaded, GRPOMethod(cfg, loaded, load_split(cfg.data.train))
 
 
 def test_logprobs_condition_on_the_prompt_and_ids_are_kept_as_sampled(tmp_path, reward_file):
@@ -116,7 +116,7 @@ def test_grpo_learns_a_reward_the_tiny_model_can_reach(tmp_path, reward_file):
     cfg = grpo_config(tmp_path, f"{reward_file}:digit_fraction", "--training.max_steps", "40",
                       "--training.learning_rate", "2e-2", "--training.logging_steps", "1",
                       "--training.grpo.max_completion_length", "8", "--training.save_steps", "0")
-    train(cfg, quiet=True, log=lambda m: None)
+    train(cfg, quiet=True)
     rewards = [json.loads(line)["reward"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     first, last = np.mean(rewards[:8]), np.mean(rewards[-8:])
     # measured here: first 8 steps 0.002, last 8 steps 1.0 (digits take over the completions)
@@ -134,7 +134,7 @@ def test_walkthrough_grpo_config_runs_to_the_end(tmp_path):
     cmd = [sys.executable, "-m", "mlxrl.cli", "train", "--backend", "mlx", "-c", "configs/examples/learn_grpo_laptop.yaml",
            "--model.model_name", "tiny://qwen2",
            "--data.train.datasets[0].dataset_path", str(LETTERS),
-           "--training.output_dir", str(tmp_path), "--quiet"]
+           "--training.output_dir", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr
     assert any(x.startswith("note: training.grpo.use_vllm") and "MLX has no vLLM" in x

@@ -51,7 +51,7 @@ def _first_loss(backend, out, *extra):
            "--model.model_max_length", "512", "--training.max_steps", "1", "--training.save_steps", "0",
            "--training.per_device_train_batch_size", "4", "--training.logging_steps", "1"]
     result = CliRunner().invoke(main, ["train", "-c", str(ROOT / "configs/quickstart/sft.yaml"), "--backend",
-                                       backend, "--quiet", "--training.output_dir", str(out), *sft, *extra])
+                                       backend, "--training.output_dir", str(out), *sft, *extra])
     assert result.exit_code == 0, result.output
     return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"], result.stderr
 

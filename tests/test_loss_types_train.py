@@ -27,7 +27,7 @@ def run(method, out, trainer_kwargs, *extra):
         *data, "--training.output_dir", str(out), "--training.max_steps", str(STEPS),
         "--training.logging_steps", "1", "--training.save_steps", "0",
         "--training.trainer_kwargs", trainer_kwargs, *extra])
-    train(cfg, quiet=True, log=lambda m: None)
+    train(cfg, quiet=True)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -41,7 +41,7 @@ class Watch:
 
 def train(recipe, out, *extra, backend="mlx"):
     result = CliRunner().invoke(main, ["train", "-c", str(RECIPES / recipe), "--backend", backend,
-                                       "--quiet", "--training.output_dir", str(out), *extra])
+                                       "--training.output_dir", str(out), *extra])
     assert result.exit_code == 0, result.output
     return result.stderr
 

@@ -28,7 +28,7 @@ def train_cmd(backend, out, *extra):
             "--training.output_dir", str(out), "--training.max_steps", "16", "--training.save_steps", "4",
             "--training.logging_steps", "2", "--peft.lora_dropout", "0.1",
             "--training.trainer_kwargs.disable_dropout", "false",  # keep dropout: its RNG must resume too
-            "--quiet", *extra]
+            *extra]
 
 
 def adapter(folder):
@@ -112,7 +112,7 @@ def test_grpo_sigkill_then_resume_gives_the_same_adapter(backend, tmp_path):
     def grpo(out, *extra):
         return [sys.executable, "-m", "mlxrl.cli", "train", "--backend", backend, "-c",
                 str(ROOT / "configs/quickstart/grpo.yaml"), "--training.output_dir", str(out),
-                "--training.max_steps", "6", "--training.save_steps", "2", "--quiet", *extra]
+                "--training.max_steps", "6", "--training.save_steps", "2", *extra]
 
     straight, out = tmp_path / "straight", tmp_path / "run"
     subprocess.run(grpo(straight), cwd=ROOT, check=True, capture_output=True, timeout=300)

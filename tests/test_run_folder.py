@@ -40,7 +40,7 @@ def error_line(result) -> str:
 def train(backend, out, *extra, data=PAIRS):
     return run("train", "--backend", backend, "-c", DPO, "--data.train.datasets[0].dataset_name", data,
                "--training.output_dir", out, "--training.max_steps", "4", "--training.save_steps", "2",
-               "--training.logging_steps", "1", "--quiet", *extra)
+               "--training.logging_steps", "1", *extra)
 
 
 def learning_rates(out: Path) -> dict[int, float]:
@@ -159,7 +159,8 @@ def test_overwrite_removes_what_runs_wrote_and_keeps_the_rest(finished, tmp_path
     record = json.loads((out / "mlxrl_run.json").read_text())
     assert record["backend"] == second
     left = {p.name for p in out.iterdir()}
-    assert left == {".mlxrl.lock", "notes.txt", "plots", "metrics.jsonl", "checkpoint-2", *record["files"]}
+    assert left == {".mlxrl.lock", "notes.txt", "plots", "metrics.jsonl", "checkpoint-2", "runs", *record["files"]}
+    assert len(list((out / "runs").iterdir())) == 1  # the new run's TensorBoard logs alone
     assert WEIGHTS[first] not in left and (first != "torch" or "README.md" not in left)
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
@@ -243,7 +244,7 @@ def test_a_failed_checkpoint_write_keeps_the_last_one(finished, tmp_path):
     cmd = [sys.executable, "-m", "mlxrl.cli", "train", "--backend", backend, "-c", DPO,
            "--data.train.datasets[0].dataset_name", str(data), "--training.output_dir", str(out),
            "--training.max_steps", "6", "--training.save_steps", "2", "--training.logging_steps", "1",
-           "--quiet", "--resume"]
+           "--resume"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           preexec_fn=_file_size_limit(optimizer // 2))
     assert proc.returncode == 1, proc.stderr

@@ -86,12 +86,12 @@ def test_countdown_reward():
 # ----------------------------------------------------------------------------- datasets
 
 
-def test_alpaca_local_file_and_registered_name(tmp_path):
+def test_alpaca_local_file_and_registered_name(tmp_path, caplog):
     rows = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
             {"instruction": "Say hi.", "input": "", "output": "hi"}]
     path = write(tmp_path, "alpaca.jsonl", rows)
-    said = []
-    by_file = load_one(params(dataset_name=str(path)), log=said.append)
+    by_file = load_one(params(dataset_name=str(path)))
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("mlxrl")]
     assert said == [f"note: dataset ({path}): rows have the columns of yahma/alpaca-cleaned "
                     f"(instruction, output); transformed as it is"]
     by_name = load_one(params(dataset_name="tatsu-lab/alpaca", dataset_path=str(path)))
@@ -149,11 +149,10 @@ def test_rows_matching_two_formats_stop_with_one_line(tmp_path, monkeypatch):
     assert load_one(params(dataset_name="a", dataset_path=str(path)))[0] == {"x": 1, "y": 2}
 
 
-def test_formats_need_their_columns(tmp_path):
+def test_formats_need_their_columns(tmp_path, caplog):
     canonical = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
-    said = []
-    load_one(params(dataset_name=str(write(tmp_path, "m.jsonl", canonical))), log=said.append)
-    assert said == []  # already mlxrl's columns: nothing to transform
+    load_one(params(dataset_name=str(write(tmp_path, "m.jsonl", canonical))))
+    assert [r for r in caplog.records if r.name.startswith("mlxrl")] == []  # already mlxrl's columns: nothing to transform
     assert tasks.datasets_matching({"instruction": "x"}) == []
 
 
@@ -180,7 +179,7 @@ def test_user_task_from_a_file_trains_and_evaluates(tmp_path, user_tasks):
     user_tasks("docs/examples/word_count_task.py")
     out = tmp_path / "run"
     result = CliRunner().invoke(main, ["train", "--backend", "mlx", "-c", "docs/examples/word_count_grpo.yaml",
-                                       "--training.max_steps", "2", "--training.output_dir", str(out), "--quiet"])
+                                       "--training.max_steps", "2", "--training.output_dir", str(out)])
     assert result.exit_code == 0, result.output
     assert "rows have the columns of example/word-count" in result.stderr
     logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
@@ -206,6 +205,8 @@ def test_a_broken_task_file_is_one_line(tmp_path, user_tasks):
     result = CliRunner().invoke(main, ["train", "-c", "configs/quickstart/grpo.yaml", "--backend", "mlx",
                                        "--training.output_dir", str(tmp_path / "o")])
     assert result.exit_code == 1
-    assert result.stderr.strip().splitlines() == [
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == "backend: MLX (--backend mlx)"  # the run's first line, then the one error line
+    assert lines[1:] == [
         f"error: $MLXRL_TASKS: importing task {str(bad)!r} failed: ModuleNotFoundError: "
         "No module named 'not_a_module_anywhere'"]

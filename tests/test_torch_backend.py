@@ -4,6 +4,7 @@ the CLI's backend choice and notes."""
 
 import json
 import math
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -24,11 +25,12 @@ from mlxrl.mlx import model as mlx_model  # noqa: E402
 from mlxrl.mlx.dpo import encode_pairs, pair_arrays, policy_loss, reference_logps  # noqa: E402
 from mlxrl.mlx.grpo import grpo_loss  # noqa: E402
 from mlxrl.mlx.logprobs import per_token_logps  # noqa: E402
+from mlxrl.testing import capture_lines  # noqa: E402
 from mlxrl.torch import train as torch_train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "configs/quickstart/data"
-QUIET = dict(quiet=True, log=lambda m: None)
+QUIET = dict(quiet=True)
 
 
 def quickstart(method, out, *extra):
@@ -234,9 +236,9 @@ def _run(name, backend, out):
 
     path, extra = RUNS[name]
     cfg = load_config(ROOT / path, ["--training.output_dir", str(out / backend), *extra])
-    lines = []
     run = mlx_train if backend == "mlx" else torch_train.train
-    state = run(cfg, quiet=True, log=lines.append)
+    with capture_lines() as lines:
+        state = run(cfg, quiet=True)
     return state, lines
 
 
@@ -257,8 +259,16 @@ def test_both_backends_run_the_example_configs_to_the_end(runs, name):
     mlx_lines, torch_lines = ([json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
                               for out in (mlx_out, torch_out))
     assert [r["step"] for r in mlx_lines] == [r["step"] for r in torch_lines] == [1, 2]
-    missing = set(mlx_lines[-1]) - set(torch_lines[-1]) - {"rollout_tokens_per_second"}
+    # the MLX loop times every update apart from its batch; both time GRPO's rollout apart
+    missing = set(mlx_lines[-1]) - set(torch_lines[-1]) - ({"update_time"} if "grpo" not in name else set())
     assert not missing, f"torch metrics.jsonl lacks {sorted(missing)}"
+    if "grpo" in name:
+        for r in torch_lines:
+            assert r["rollout_time"] > 0 and r["rollout_tokens_per_second"] > 0
+            assert r["rollout_time"] + r["update_time"] == pytest.approx(r["step_time"], rel=1e-4)  # jsonl rounds
+        steps = [x for x in runs[name, "torch"][1] if x.startswith("step ")]
+        assert len(steps) == 2 and all(re.search(r"  rollout \S+ \(\d+ tok/s\)  update \S+  ", x)
+                                       for x in steps), steps
 
 
 def test_both_backends_log_completions_alike(runs):
@@ -300,16 +310,19 @@ def _cli(*args):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
-def test_backend_mlx_forces_mlx_and_auto_picks_torch_here(tmp_path, monkeypatch):
-    one_step = ["-c", str(ROOT / "configs/quickstart/dpo.yaml"), "--quiet", "--training.max_steps", "1",
+def test_backend_flags_force_a_backend_and_auto_picks_mlx_without_a_gpu(tmp_path, monkeypatch):
+    one_step = ["-c", str(ROOT / "configs/quickstart/dpo.yaml"), "--training.max_steps", "1",
                 "--training.save_steps", "0"]
-    forced = _cli("train", "--backend", "mlx", *one_step, "--training.output_dir", str(tmp_path / "mlx"))
+    forced = _cli("train", "--backend", "torch", *one_step, "--training.output_dir", str(tmp_path / "torch"))
     assert forced.exit_code == 0, forced.output
-    assert "on MLX" in forced.stderr and (tmp_path / "mlx" / ADAPTER["mlx"]).is_file()
+    assert "backend: torch (--backend torch)" in forced.stderr and "on torch" in forced.stderr
+    assert (tmp_path / "torch" / ADAPTER["torch"]).is_file()
     monkeypatch.delenv("MLXRL_BACKEND", raising=False)
     auto = _cli("train", *one_step, "--training.output_dir", str(tmp_path / "auto"))
     assert auto.exit_code == 0, auto.output
-    assert "on torch" in auto.stderr and (tmp_path / "auto" / ADAPTER["torch"]).is_file()
+    # this machine: Linux, torch installed, no GPU: MLX, and the header says why
+    assert "backend: MLX (--backend auto: no GPU for torch" in auto.stderr and "on MLX" in auto.stderr
+    assert (tmp_path / "auto" / ADAPTER["mlx"]).is_file()
 
 
 def test_auto_backend_rules(monkeypatch):
@@ -318,8 +331,17 @@ def test_auto_backend_rules(monkeypatch):
     from mlxrl.errors import MlxrlError
 
     monkeypatch.delenv("MLXRL_BACKEND", raising=False)
-    assert pick_backend("auto") == "torch"  # Linux with the torch extra installed
-    assert "backend auto  -> torch (" in _cli("env").output
+    import torch  # the installed build: CPU only here, so auto must not pick it
+
+    assert backend._torch_build()["cuda"] == torch.version.cuda
+    assert pick_backend("auto") == ("torch" if backend.gpu_for_torch() else "mlx")
+    assert f"backend auto  -> {pick_backend('auto')} (" in _cli("env").output
+    monkeypatch.setattr(backend, "_torch_build", lambda: {"cuda": "12.8", "hip": None})
+    monkeypatch.setattr(backend.Path, "glob", lambda self, pattern: iter([Path("/dev/nvidia0")]))
+    assert pick_backend("auto", explain=True) == ("torch", "--backend auto: CUDA 12.8 build of torch, NVIDIA GPU")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert pick_backend("auto") == "mlx"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     monkeypatch.setattr(backend, "missing_packages", lambda: ["trl"])
     backend_name, why = pick_backend("auto", explain=True)
     assert backend_name == "mlx" and "trl" in why
@@ -327,7 +349,7 @@ def test_auto_backend_rules(monkeypatch):
         pick_backend("torch")
     monkeypatch.setattr(backend, "apple_silicon", lambda: True)
     monkeypatch.setattr(backend, "missing_packages", lambda: [])
-    assert pick_backend("auto", explain=True) == ("mlx", "Apple Silicon: MLX runs on its GPU")
+    assert pick_backend("auto", explain=True) == ("mlx", "--backend auto: Apple Silicon: MLX runs on its GPU")
     assert pick_backend("mlx") == "mlx" and pick_backend("torch") == "torch"
     monkeypatch.setenv("MLXRL_BACKEND", "torch")
     assert pick_backend("auto", explain=True) == ("torch", "MLXRL_BACKEND=torch")

@@ -45,7 +45,7 @@ def dpo_run(tmp_path_factory):
     before = mlx_model.load(cfg.model, cfg.peft, for_training=True)
     data = load_split(heldout_config(cfg, cfg.model.model_name).data.train)
     eval_before = preference_eval(before.model, before.tokenizer, data, cfg.dpo_settings())
-    train(cfg, quiet=True, log=lambda m: None)
+    train(cfg, quiet=True)
     after = mlx_model.load(load_config(None, ["--model.model_name", str(out)]).model)
     eval_after = preference_eval(after.model, after.tokenizer, data, cfg.dpo_settings())
     return cfg, out, before, eval_before, eval_after
@@ -54,7 +54,7 @@ def dpo_run(tmp_path_factory):
 def test_step_zero_policy_equals_reference(tmp_path):
     cfg = dpo_config(tmp_path)
     loaded = mlx_model.load(cfg.model, cfg.peft, for_training=True)
-    method = DPOMethod(cfg, loaded, load_split(cfg.data.train), log=lambda m: None)
+    method = DPOMethod(cfg, loaded, load_split(cfg.data.train))
     (ids, mask, ref), = method.next_step().micro_batches
     loss, metrics = method.loss(ids, mask, ref)
     assert abs(float(loss) - math.log(2)) < 1e-5
@@ -139,7 +139,7 @@ def test_sft_lowers_loss_and_reloads(tmp_path):
         "--training.per_device_train_batch_size", "4", "--training.learning_rate", "5e-3",
         "--training.logging_steps", "5", "--training.save_steps", "0",
         "--training.output_dir", str(tmp_path), "--peft.lora_r", "8", "--peft.lora_alpha", "16"])
-    train(cfg, quiet=True, log=lambda m: None)
+    train(cfg, quiet=True)
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["loss"] < 0.7 * logged[0]["loss"], (logged[0]["loss"], logged[-1]["loss"])
     reloaded = mlx_model.load(load_config(None, ["--model.model_name", str(tmp_path)]).model)
@@ -155,7 +155,7 @@ def test_qlora_base_is_quantized_and_frozen(tmp_path):
     quantized = [m for _, m in loaded.model.named_modules() if isinstance(m, nn.QuantizedLinear)]
     assert quantized, "q_lora must quantize the base"
     before = base_weights(loaded.model)
-    train(cfg, quiet=True, log=lambda m: None)
+    train(cfg, quiet=True)
     trained = mlx_model.load(load_config(None, ["--model.model_name", str(tmp_path)]).model)
     after = base_weights(trained.model)
     assert before.keys() == after.keys()
@@ -184,7 +184,7 @@ def test_walkthrough_dpo_config_runs_to_the_end(tmp_path):
     cmd = [sys.executable, "-m", "mlxrl.cli", "train", "--backend", "mlx", "-c", "configs/examples/learn_dpo_laptop.yaml",
            "--model.model_name", "tiny://qwen2", "--model.torch_dtype_str", "float32",
            "--data.train.datasets[0].dataset_name", str(DATA / "preferences.jsonl"),
-           "--training.output_dir", str(tmp_path), "--quiet"]
+           "--training.output_dir", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr
     for folder in (tmp_path / "checkpoint-25", tmp_path / "checkpoint-50", tmp_path):
@@ -206,7 +206,7 @@ def test_dpo_from_a_trained_adapter_uses_it_as_reference(dpo_run, tmp_path):
     _, out, *_ = dpo_run
     cfg = dpo_config(tmp_path, "--model.model_name", str(out))
     loaded = mlx_model.load(cfg.model, cfg.peft, for_training=True)
-    method = DPOMethod(cfg, loaded, load_split(cfg.data.train), log=lambda m: None)
+    method = DPOMethod(cfg, loaded, load_split(cfg.data.train))
     (ids, mask, ref), = method.next_step().micro_batches
     loss, metrics = method.loss(ids, mask, ref)
     assert abs(float(loss) - math.log(2)) < 1e-5  # policy == reference at the start

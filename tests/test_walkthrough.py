@@ -66,7 +66,7 @@ def plan(command: str) -> tuple[list[str] | str, str | None]:
         extra = ["--dataset_path", PREFS if "DPO" in argv[3] else LETTERS]
     elif head == "train -c":
         dpo = "learn_dpo" in argv[3]
-        extra = ["--backend", "mlx", "--quiet", "--model.model_name",
+        extra = ["--backend", "mlx", "--model.model_name",
                  "tiny://llama" if dpo else "tiny://qwen2",
                  "--data.train.datasets[0].dataset_path", PREFS if dpo else LETTERS]
         # QLoRA's quantized matmuls are slow on MLX's CPU backend; test_train_mlx covers QLoRA
@@ -189,7 +189,7 @@ def test_full_quickstart_learns_what_the_page_says(tmp_path):
     """The full-size quickstart (a few minutes): the claims of the page's "Combine all three"."""
     from mlxrl.quickstart import run_quickstart
 
-    run_quickstart(tmp_path, quiet=True, log=lambda m: None)
+    run_quickstart(tmp_path, quiet=True)
     s = json.loads((tmp_path / "quickstart_results.json").read_text())
     lc = {name: e["letter_count"] for name, e in s["evals"].items()}
     sampled = {name: e["sampled_reward"]["rewards/letter_count/mean"] for name, e in s["evals"].items()}

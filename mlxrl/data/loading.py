@@ -24,10 +24,10 @@ Every user-caused problem raises `DataError` with one line naming the dataset an
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -36,16 +36,17 @@ import datasets
 from mlxrl import tasks
 from mlxrl.errors import DataError
 
+logger = logging.getLogger(__name__)
+
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-def load_split(split_params, where: str = "data", log: Callable[[str], None] | None = None
-               ) -> datasets.Dataset:
+def load_split(split_params, where: str = "data") -> datasets.Dataset:
     """All of `split_params.datasets`, loaded and concatenated (or interleaved)."""
     entries = list(getattr(split_params, "datasets", None) or [])
     if not entries:
         raise DataError(f"{where}: no datasets configured")
-    parts = [load_one(dp, where=f"{where}.datasets[{i}]", log=log) for i, dp in enumerate(entries)]
+    parts = [load_one(dp, where=f"{where}.datasets[{i}]") for i, dp in enumerate(entries)]
     if len(parts) == 1:
         return parts[0]
     proportions = [getattr(dp, "mixture_proportion", None) for dp in entries]
@@ -62,8 +63,7 @@ def load_split(split_params, where: str = "data", log: Callable[[str], None] | N
                         f"columns {columns}") from e
 
 
-def load_one(dataset_params, where: str = "dataset", log: Callable[[str], None] | None = None
-             ) -> datasets.Dataset:
+def load_one(dataset_params, where: str = "dataset") -> datasets.Dataset:
     """One `data.<split>.datasets[i]` entry as a `datasets.Dataset`."""
     name = getattr(dataset_params, "dataset_name", None)
     path = getattr(dataset_params, "dataset_path", None)
@@ -82,7 +82,7 @@ def load_one(dataset_params, where: str = "dataset", log: Callable[[str], None] 
         ds = _load_hub(name, getattr(dataset_params, "subset", None), split, kwargs, label)
     if len(ds) == 0:
         raise DataError(f"{label}: no rows in split {split!r}")
-    ds = _transformed(ds, registered, options, label, log)
+    ds = _transformed(ds, registered, options, label)
     ds = _sample(ds, getattr(dataset_params, "sample_count", None),
                  bool(getattr(dataset_params, "shuffle", False)),
                  getattr(dataset_params, "seed", None))
@@ -274,7 +274,7 @@ def _load_hub(name: str, subset, split: str, kwargs: dict, label: str) -> datase
 # ----------------------------------------------------------------------------- transform, sample
 
 
-def _transformed(ds: datasets.Dataset, registered, options: dict, label: str, log) -> datasets.Dataset:
+def _transformed(ds: datasets.Dataset, registered, options: dict, label: str) -> datasets.Dataset:
     """The rows after their registered transform: the named dataset's, or the one format whose
     raw columns the first row has (then one note says so)."""
     first = ds[0]
@@ -285,8 +285,8 @@ def _transformed(ds: datasets.Dataset, registered, options: dict, label: str, lo
             raise DataError(f"{label}: rows match several registered formats "
                             f"({', '.join(d.name for d in found)}); name one as dataset_name")
         entry = found[0] if found else None
-        if entry is not None and log is not None:
-            log(f"note: {label}: rows have the columns of {entry.name} "
+        if entry is not None:
+            logger.warning(f"note: {label}: rows have the columns of {entry.name} "
                 f"({', '.join(sorted(entry.columns))}); transformed as it is")
     elif not entry.is_raw(first):
         return ds  # already in the trainer's columns (e.g. a transformed local copy)

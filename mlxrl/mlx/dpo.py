@@ -4,6 +4,7 @@ The loss is TRL 1.16's, every `loss_type` and option (`mlxrl/mlx/dpo_loss.py`).
 """
 
 import contextlib
+import logging
 
 import mlx.core as mx
 
@@ -21,6 +22,8 @@ from mlxrl.mlx.logprobs import per_token_logps, per_token_logps_and_log_sum_sq
 from mlxrl.mlx.model import adapters_disabled
 from mlxrl.mlx.trainer import IndexStream, StepBatch, StreamPosition, bucket, pad_rows
 
+logger = logging.getLogger(__name__)
+
 # ---------------------------------------------------------------------------------------------
 # Training: chosen and rejected in one concatenated forward; the reference is the same model
 # with its adapters switched off (a forward outside the differentiated function), or log-probs
@@ -37,7 +40,7 @@ def _pair_rows(pair: dict) -> tuple:
     return tuple(out)
 
 
-def encode_pairs(dataset, tokenizer, max_length: int, log=print) -> list[tuple]:
+def encode_pairs(dataset, tokenizer, max_length: int) -> list[tuple]:
     truncation = Truncation(max_length)
     pairs = []
     for i, row in enumerate(dataset):
@@ -45,7 +48,7 @@ def encode_pairs(dataset, tokenizer, max_length: int, log=print) -> list[tuple]:
         if pair is not None:
             pairs.append(_pair_rows(pair))
     if truncation.message():
-        log(truncation.message())
+        logger.warning(truncation.message())
     if not pairs:
         raise DataError("no preference pairs left after truncation to model.model_max_length")
     return pairs
@@ -82,33 +85,63 @@ def reference_logps(model, input_ids, mask, adapters_off: bool = True,
 def preference_eval(model, tokenizer, dataset, settings, batch_size: int = 8) -> dict[str, float]:
     """TRL's DPO metrics (and loss) over a whole held-out dataset, policy vs adapter-off ref."""
     pairs = encode_pairs(dataset, tokenizer, settings.max_length)
+    return pairs_metrics(model, settings, pairs, batch_size) | {"num_pairs": len(pairs)}
+
+
+def pairs_metrics(model, settings, pairs: list[tuple], batch_size: int,
+                  reference: list[tuple[float, float]] | None = None) -> dict[str, float]:
+    """The DPO loss and metrics over `pairs`, batch by batch, each weighted by its pairs; the
+    reference is the adapter-off model unless `reference` gives its (chosen, rejected) log-probs."""
     totals: dict[str, float] = {}
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         ids, mask, _ = pair_arrays(chunk)
-        ref = reference_logps(model, ids, mask, ld_alpha=settings.ld_alpha)
+        if reference is None:
+            ref = reference_logps(model, ids, mask, ld_alpha=settings.ld_alpha)
+        else:
+            cached = reference[start:start + batch_size]
+            ref = mx.array([c[0] for c in cached] + [c[1] for c in cached])
         loss, metrics = policy_loss(model, settings, ids, mask, ref)
         for k, v in {"loss": loss, **metrics}.items():
             totals[k] = totals.get(k, 0.0) + float(v) * len(chunk)
-    return {k: v / len(pairs) for k, v in totals.items()} | {"num_pairs": len(pairs)}
+    return {k: v / len(pairs) for k, v in totals.items()}
 
 
 class DPOMethod(StreamPosition):
     name = "dpo"
 
-    def __init__(self, cfg, loaded, dataset, log=print):
+    def __init__(self, cfg, loaded, dataset):
         self.model, self.training = loaded.model, cfg.training
+        self.tokenizer = loaded.tokenizer
         self.settings = cfg.dpo_settings()  # its options were checked when the config loaded
-        self.pairs = encode_pairs(dataset, loaded.tokenizer, self.settings.max_length, log)
+        logger.info(f"tokenizing {len(dataset)} preference pairs")
+        self.pairs = encode_pairs(dataset, loaded.tokenizer, self.settings.max_length)
         self.accum = self.training.gradient_accumulation_steps
         self.stream = IndexStream(len(self.pairs), self.training.seed)
         # Starting from a trained adapter (e.g. DPO after SFT), the reference is that starting
         # policy, as TRL's frozen "ref" adapter copy: its log-probs are computed once, up front.
         self.reference_is_start = loaded.adapter_path is not None
         if self.reference_is_start:
-            log(f"note: the DPO reference is the starting adapter ({loaded.adapter_path}), precomputed")
+            logger.warning(f"note: the DPO reference is the starting adapter ({loaded.adapter_path}), precomputed")
         precompute = self.settings.precompute_ref_log_probs or self.reference_is_start or self._visits_all()
-        self.ref_cache = self._precompute_reference() if precompute else None
+        self.ref_cache = self._precompute_reference(self.pairs) if precompute else None
+
+    def evaluation(self, dataset):
+        """TRL's DPO metrics on `dataset` (its evaluation loop: loss and rewards/* weighted by
+        batch); the reference as in training (a starting adapter's log-probs computed now)."""
+        pairs = encode_pairs(dataset, self.tokenizer, self.settings.max_length)
+        reference = self._precompute_reference(pairs) if self.reference_is_start else None
+        size = self.training.per_device_eval_batch_size
+
+        def run() -> dict:
+            self.model.eval()
+            try:
+                metrics = pairs_metrics(self.model, self.settings, pairs, size, reference)
+            finally:
+                self.model.train()
+            return metrics | {"num_samples": len(pairs), "num_batches": -(-len(pairs) // size)}
+
+        return run
 
     examples_per_step = property(lambda self: self.training.per_device_train_batch_size * self.accum)
     dataset_size = property(lambda self: len(self.pairs))
@@ -124,12 +157,13 @@ class DPOMethod(StreamPosition):
     def _arrays(self, indices: list[int]):
         return pair_arrays([self.pairs[i] for i in indices])
 
-    def _precompute_reference(self) -> list[tuple[float, float]]:
+    def _precompute_reference(self, pairs: list[tuple]) -> list[tuple[float, float]]:
+        logger.info(f"computing the reference's log-probs for {len(pairs)} pairs")
         batch = self.training.per_device_train_batch_size
         cache = []
-        for start in range(0, len(self.pairs), batch):
-            indices = list(range(start, min(start + batch, len(self.pairs))))
-            ids, mask, _ = self._arrays(indices)
+        for start in range(0, len(pairs), batch):
+            indices = list(range(start, min(start + batch, len(pairs))))
+            ids, mask, _ = pair_arrays([pairs[i] for i in indices])
             logps = reference_logps(self.model, ids, mask, not self.reference_is_start,
                                     self.settings.ld_alpha).tolist()
             n = len(indices)

@@ -7,6 +7,8 @@ default aggregation is `dapo` (token mean over the window) rather than the paper
 mean (`grpo`); `scale_rewards="none"` drops the std division (Dr. GRPO).
 """
 
+import logging
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -31,6 +33,8 @@ from mlxrl.mlx.model import adapters_disabled
 from mlxrl.mlx.trainer import IndexStream, StepBatch, StreamPosition, bucket, pad_rows
 from mlxrl.reward_metrics import reward_metrics
 from mlxrl.rewards import load_rewards
+
+logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # Training. Each optimizer step samples `batch x grad_accum / G` prompts, G completions each, with
@@ -60,23 +64,25 @@ def completion_metrics(lengths: np.ndarray, finished: np.ndarray) -> dict:
 class GRPOMethod(StreamPosition):
     name = "grpo"
 
-    def __init__(self, cfg, loaded, dataset, log=print):
+    def __init__(self, cfg, loaded, dataset):
         self.model, self.training = loaded.model, cfg.training
         self.settings = s = cfg.grpo_settings()
         if not self.training.reward_functions:
             raise ConfigError("GRPO needs training.reward_functions (e.g. [count_letters])")
         for note in grpo_notes(s):
-            log(note)
+            logger.warning(note)
         self.rewards = load_rewards(self.training.reward_functions, self.training.reward_function_kwargs,
                                     weights=s.reward_weights)
         self.tokenizer = unwrap(loaded.tokenizer)
         self.eos_ids = sorted(loaded.tokenizer.eos_token_ids)
         self.rows = [dict(row) for row in dataset]
-        template_kwargs = dict(cfg.model.chat_template_kwargs or {})
-        if note := grpo_template_note(self.rows, template_kwargs):
-            log(note)
-        self.prompt_ids = [encode_prompt(row, loaded.tokenizer, i, template_kwargs)
+        self.template_kwargs = dict(cfg.model.chat_template_kwargs or {})
+        if note := grpo_template_note(self.rows, self.template_kwargs):
+            logger.warning(note)
+        logger.info(f"tokenizing {len(self.rows)} prompts")
+        self.prompt_ids = [encode_prompt(row, loaded.tokenizer, i, self.template_kwargs)
                            for i, row in enumerate(self.rows)]
+        self.loaded_tokenizer = loaded.tokenizer
         self.accum = self.training.gradient_accumulation_steps
         completions = self.training.per_device_train_batch_size * self.accum
         self.prompts_per_step = completions // s.num_generations
@@ -84,6 +90,7 @@ class GRPOMethod(StreamPosition):
         self.step_count = 0
         self.completions_log = Path(self.training.output_dir) / "completions.jsonl" if s.log_completions else None
         self.reuse = RolloutReuse(self, s.num_iterations) if s.num_iterations > 1 else None
+        self.last_sample: dict | None = None  # the first completion of the last rollout (log_completions)
 
     # with num_iterations (TRL's mu) a rollout batch serves mu optimizer steps (grpo_reuse.py)
     examples_per_step = property(lambda self: self.prompts_per_step / self.settings.num_iterations)
@@ -111,32 +118,35 @@ class GRPOMethod(StreamPosition):
                          sapo_temperature_neg=s.sapo_temperature_neg, sapo_temperature_pos=s.sapo_temperature_pos,
                          vespo=(s.vespo_k_pos, s.vespo_lambda_pos, s.vespo_k_neg, s.vespo_lambda_neg))
 
-    def _rollout(self, indices: list[int]):
+    def _rollout(self, indices: list[int], prompt_ids=None, seed: int | None = None):
         from mlxrl.mlx.sampling import sample
 
         s = self.settings
+        prompt_ids = self.prompt_ids if prompt_ids is None else prompt_ids
+        seed = self.training.seed * 100_003 + self.step_count if seed is None else seed
         self.model.eval()
         try:
-            rollout = sample(self.model, [self.prompt_ids[i] for i in indices], num_generations=s.num_generations,
+            rollout = sample(self.model, [prompt_ids[i] for i in indices], num_generations=s.num_generations,
                              max_tokens=s.max_completion_length, temperature=s.temperature, top_p=s.top_p,
                              top_k=s.top_k, min_p=s.min_p or 0.0, eos_token_ids=self.eos_ids,
-                             seed=self.training.seed * 100_003 + self.step_count,
-                             repetition_penalty=self.training.grpo.repetition_penalty or 1.0)
+                             seed=seed, repetition_penalty=self.training.grpo.repetition_penalty or 1.0)
         finally:
             self.model.train()
         return rollout
 
-    def _score(self, indices: list[int], completion_ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    def _score(self, indices: list[int], completion_ids: list[list[int]], source=None
+               ) -> tuple[np.ndarray, np.ndarray]:
         G = self.settings.num_generations
-        rows = [self.rows[i] for i in indices for _ in range(G)]
+        rows = [(self.rows if source is None else source)[i] for i in indices for _ in range(G)]
         texts = [_completion_text(self.tokenizer, ids) for ids in completion_ids]
         conversational = isinstance(rows[0]["prompt"], list)
         completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
         columns = {k: [r[k] for r in rows] for k in rows[0] if k not in ("prompt", "completion")}
         scores = self.rewards.score([r["prompt"] for r in rows], completions, completion_ids, columns)
-        if self.completions_log is not None:
-            log_completions(self.completions_log, self.step_count, [r["prompt"] for r in rows], texts,
-                            self.rewards.names, scores)
+        if self.completions_log is not None and source is None:
+            self.last_sample = log_completions(self.completions_log, self.step_count,
+                                               [r["prompt"] for r in rows], texts, self.rewards.names,
+                                               scores)
         return scores, self.rewards.total(scores)
 
     def next_step(self) -> StepBatch:
@@ -146,11 +156,13 @@ class GRPOMethod(StreamPosition):
         """Sample, score and batch one rollout: the micro-batches of one optimizer step."""
         s = self.settings
         indices = self.stream.take(self.prompts_per_step)
+        started = time.perf_counter()
         rollout = self._rollout(indices)
         self.step_count += 1
         lengths, finished = np.asarray(rollout.lengths), np.asarray(rollout.finished)
         completion_ids = [rollout.tokens[i, :lengths[i]].tolist() for i in range(len(lengths))]
         scores, total = self._score(indices, completion_ids)
+        rollout_time = time.perf_counter() - started
         advantages = group_advantages(total, s.num_generations, s.scale_rewards)
         prompts = [self.prompt_ids[indices[int(p)]] for p in rollout.prompt_index]
         rows = [p + c for p, c in zip(prompts, completion_ids)]
@@ -161,7 +173,36 @@ class GRPOMethod(StreamPosition):
         metrics = reward_metrics(self.rewards.names, scores, total, s.num_generations, s.scale_rewards)
         metrics.update(completion_metrics(lengths, finished))
         metrics["rollout_tokens_per_second"] = float(rollout.tokens_per_second)
+        metrics["rollout_time"] = rollout_time
         return StepBatch(micro, metrics, num_tokens=sum(map(len, rows)))
+
+    def evaluation(self, dataset):
+        """TRL's GRPO evaluation on `dataset`'s prompts: `num_generations` completions each,
+        sampled as in training, scored by the reward functions (reward, reward_std,
+        rewards/<name>/mean|std, completions/*)."""
+        rows = [dict(row) for row in dataset]
+        prompt_ids = [encode_prompt(row, self.loaded_tokenizer, i, self.template_kwargs)
+                      for i, row in enumerate(rows)]
+        s = self.settings
+        per_batch = max(1, self.training.per_device_eval_batch_size // s.num_generations)
+
+        def run() -> dict:
+            scores, lengths, finished = [], [], []
+            for start in range(0, len(rows), per_batch):
+                indices = list(range(start, min(start + per_batch, len(rows))))
+                rollout = self._rollout(indices, prompt_ids, seed=self.training.seed * 7_919 + start)
+                n = np.asarray(rollout.lengths)
+                ids = [rollout.tokens[i, :n[i]].tolist() for i in range(len(n))]
+                scores.append(self._score(indices, ids, source=rows)[0])
+                lengths.append(n)
+                finished.append(np.asarray(rollout.finished))
+            scored = np.concatenate(scores)
+            out = reward_metrics(self.rewards.names, scored, self.rewards.total(scored),
+                                 s.num_generations, s.scale_rewards)
+            out.update(completion_metrics(np.concatenate(lengths), np.concatenate(finished)))
+            return out | {"num_samples": len(scored), "num_batches": -(-len(rows) // per_batch)}
+
+        return run
 
     def _micro_batches(self, rows, masks, advantages, num_items) -> list[tuple]:
         bs = self.training.per_device_train_batch_size

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from mlxrl.lora_targets import select_lora_targets
 from mlxrl.mlx.cpu_ops import use_cpu_ops
 from mlxrl.mlx.model_config import load_model
 from mlxrl.model_names import ADAPTER_CONFIG, ModelRef, local_model_path, resolve
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_FILE = "adapters.safetensors"
 DTYPES = {"float32": mx.float32, "fp32": mx.float32, "float16": mx.float16, "fp16": mx.float16,
@@ -83,6 +86,8 @@ def load(model_params, peft_params=None, *, for_training: bool = False, gradient
 
     ref = mlx_adapter(resolve(model_params.model_name, model_params.model_revision))
     base_name, base_path, adapter_path = ref.base_name, ref.base_path, ref.adapter_path
+    with_adapter = f" with the adapter in {adapter_path}" if adapter_path is not None else ""
+    logger.info(f"loading {base_name}{with_adapter}")
     saved = ref.adapter_config or {}
     try:
         if model_params.load_pretrained_weights:
@@ -106,6 +111,7 @@ def load(model_params, peft_params=None, *, for_training: bool = False, gradient
     if quant is None and for_training and peft_params is not None and peft_params.q_lora:
         quant = {"group_size": QUANT_GROUP_SIZE, "bits": peft_params.q_lora_bits}
     if quant:
+        logger.info(f"quantizing the base to {quant['bits']} bits (QLoRA)")
         quantize_base(model, **quant)
     lora = None
     if adapter_path is not None:
@@ -338,6 +344,20 @@ def save_adapter(model: nn.Module, folder: Path, adapter_config: dict) -> None:
 
 
 def trainable_count(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters, counted as the model's own numbers: a quantized layer's
+    packed words count as the weights they hold (32 / bits each), and its quantization scales
+    and biases are not parameters of the model (as `transformers`' `num_parameters` counts the
+    unquantized model)."""
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    packed = {name: module.bits for name, module in model.named_modules()
+              if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+    total = 0
+    for name, value in tree_flatten(model.parameters()):
+        owner, _, leaf = name.rpartition(".")
+        if owner not in packed:
+            total += value.size
+        elif leaf == "weight":
+            total += value.size * 32 // packed[owner]
+        elif leaf == "bias":
+            total += value.size
     return trainable, total

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxrl import capabilities
+from mlxrl import _jit, capabilities
 from mlxrl.data.loading import load_split, with_chat_template_kwargs
 from mlxrl.errors import ConfigError, DataError
 from mlxrl.mlx import model as mlx_model
@@ -15,6 +17,9 @@ from mlxrl.mlx.trainer import Trainer, total_steps_for
 from mlxrl.run_dir import read_state
 from mlxrl.run_lock import RunLock
 from mlxrl.run_plan import finished_message, plan_run, run_record
+from mlxrl.run_summary import summary_lines
+
+logger = logging.getLogger(__name__)
 
 
 def _method_class(name: str):
@@ -28,13 +33,13 @@ def _method_class(name: str):
     return GRPOMethod
 
 
-def _freeze(model, names: list[str], log) -> None:
+def _freeze(model, names: list[str]) -> None:
     """model.freeze_layers; a name the model does not have gets a note (as Oumi warns)."""
     if not names:
         return
     missing = mlx_model.freeze_layers(model, names)
     if missing:
-        log(f"note: model.freeze_layers: {missing} not found in the model (module paths such as "
+        logger.warning(f"note: model.freeze_layers: {missing} not found in the model (module paths such as "
             f"model.layers.0)")
     if mlx_model.trainable_count(model)[0] == 0:
         raise ConfigError(f"model.freeze_layers {names} freezes every trainable parameter")
@@ -52,7 +57,7 @@ def disable_dropout(model: nn.Module) -> int:
     return replaced
 
 
-def train(cfg, *, quiet: bool = False, log=print, overwrite: bool = False) -> dict:
+def train(cfg, *, quiet: bool = False, overwrite: bool = False) -> dict:
     """Train per `cfg` (a `TrainConfig`); returns the final trainer state.
 
     Holds training.output_dir for the run's life (`RunLock`). Resumes from
@@ -64,44 +69,78 @@ def train(cfg, *, quiet: bool = False, log=print, overwrite: bool = False) -> di
         raise ConfigError("model.model_name is required")
     if not cfg.data.train.datasets:
         raise ConfigError("data.train.datasets is empty: name at least one dataset")
-    capabilities.check(cfg, "mlx", log)
-    with RunLock(cfg.training.output_dir, log=log):
-        plan = plan_run(cfg, "mlx", overwrite=overwrite, log=log)
+    capabilities.check(cfg, "mlx")
+    with RunLock(cfg.training.output_dir):
+        plan = plan_run(cfg, "mlx", overwrite=overwrite)
         if plan.finished is not None:
-            log(plan.messages[0])
+            logger.info(plan.messages[0])
             return plan.finished
-        return _run(cfg, plan, quiet, log)
+        return _run(cfg, plan, quiet)
 
 
-def _run(cfg, plan, quiet: bool, log) -> dict:
-    dataset = load_split(cfg.data.train, where="data.train", log=log)  # data errors before the model loads
+def _validation(cfg):
+    """data.validation, when the run evaluates (training.eval_strategy), else None."""
+    if cfg.training.eval_strategy == "no" or not cfg.data.validation.datasets:
+        return None
+    dataset = load_split(cfg.data.validation, where="data.validation")
+    return with_chat_template_kwargs(dataset, cfg.model.chat_template_kwargs)
+
+
+def _method(cfg, loaded, dataset, validation):
+    """The method with its training data (and its evaluation of `validation`)."""
+    def named(split) -> str:
+        return ", ".join(d.dataset_path or d.dataset_name for d in split.datasets)
+
+    try:
+        method = _method_class(cfg.training.method)(cfg, loaded, dataset)
+    except DataError as e:
+        raise DataError(f"data.train ({named(cfg.data.train)}): {e}") from None
+    try:
+        evaluation = method.evaluation(validation) if validation is not None else None
+    except DataError as e:
+        raise DataError(f"data.validation ({named(cfg.data.validation)}): {e}") from None
+    return method, evaluation
+
+
+def _run(cfg, plan, quiet: bool) -> dict:
+    started = time.perf_counter()
+    dataset = load_split(cfg.data.train, where="data.train")  # data errors before the model loads
     dataset = with_chat_template_kwargs(dataset, cfg.model.chat_template_kwargs)
+    validation = _validation(cfg)
     mx.random.seed(cfg.training.seed)
     loaded = mlx_model.load(cfg.model, cfg.peft, for_training=True,
                             gradient_checkpointing=cfg.training.enable_gradient_checkpointing)
-    _freeze(loaded.model, cfg.model.freeze_layers, log)
-    try:
-        method = _method_class(cfg.training.method)(cfg, loaded, dataset, log=log)
-    except DataError as e:
-        names = ", ".join(d.dataset_path or d.dataset_name for d in cfg.data.train.datasets)
-        raise DataError(f"data.train ({names}): {e}") from None
+    _freeze(loaded.model, cfg.model.freeze_layers)
+    method, evaluation = _method(cfg, loaded, dataset, validation)
     if getattr(getattr(method, "settings", None), "disable_dropout", False):
         disable_dropout(loaded.model)  # DPO's default, as in TRL
     t = cfg.training
     total = total_steps_for(t, method.examples_per_step, method.dataset_size)
     if plan.resume is not None and read_state(plan.resume)["global_step"] >= total:
         state = read_state(plan.resume)
-        log(finished_message(plan.output_dir, {**state, "max_steps": total}, "mlx"))
+        logger.info(finished_message(plan.output_dir, {**state, "max_steps": total}, "mlx"))
         return state
     trainable, params = mlx_model.trainable_count(loaded.model)
-    log(f"mlxrl {t.method} on MLX: {loaded.base_name}, {trainable:,} trainable of {params:,} "
-        f"parameters, {method.dataset_size} examples, {total} steps -> {t.output_dir}")
+    logger.info(f"mlxrl {t.method} on MLX: {loaded.base_name}, {trainable:,} trainable of {params:,} "
+                f"parameters, {method.dataset_size} examples, {total} steps -> {t.output_dir}")
     extra = {"method": t.method, "config": dataclasses.asdict(cfg)}
     adapter_config = mlx_model.adapter_config_for(loaded, extra)
-    plan.start(log)
+    plan.start()
     trainer = Trainer(cfg, loaded, method, adapter_config, total, quiet=quiet,
-                      run_record=run_record(cfg, "mlx"))
+                      run_record=run_record(cfg, "mlx"), evaluation=evaluation)
     if plan.resume is not None:
         trainer.restore(plan.resume)
-        log(f"resumed from {plan.resume} at step {trainer.step}")
-    return trainer.run()
+        logger.info(f"resumed from {plan.resume} at step {trainer.step}")
+    if _jit.kernels_built() == 0:
+        logger.info(f"building MLX's CPU kernels for this model (first run only; kept in "
+                    f"{_jit.kernel_folder()}): the first steps take longer")
+    first, loop_started = trainer.step, time.perf_counter()
+    state = trainer.run()
+    for line in summary_lines(state["log_history"], steps=state["global_step"],
+                              seconds=time.perf_counter() - started, output_dir=t.output_dir,
+                              method=t.method, start_model=cfg.model.model_name, backend="mlx",
+                              saved=t.save_final_model, reward_functions=t.reward_functions,
+                              training_seconds=time.perf_counter() - loop_started,
+                              trained_steps=state["global_step"] - first):
+        logger.info(line)
+    return state

@@ -7,7 +7,10 @@ metrics such as rewards). The loop:
     for each optimizer step:
         grads = sum over micro-batches of grad(loss)      # methods scale their own loss
         clip to max_grad_norm; AdamW update; one mx.eval
-        log every logging_steps, checkpoint every save_steps
+        log every logging_steps, evaluate per eval_strategy, checkpoint every save_steps
+
+A method may also supply `evaluation(dataset) -> (() -> metrics)`: its metrics on
+`data.validation` (TRL's names; the loop adds the `eval_` prefix and transformers' timing fields).
 
 The gradient function is `nn.value_and_grad` inside `mx.compile`; methods pad their arrays to
 bucketed widths (multiples of 8) so the compiled function is traced for a bounded set of shapes.
@@ -27,7 +30,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
-from mlxrl import schedules
+from mlxrl import reporters, schedules
 from mlxrl.errors import MlxrlError
 from mlxrl.metrics_log import MetricsLog
 from mlxrl.mlx import checkpoint
@@ -94,7 +97,7 @@ def bucket(length: int, multiple: int = 8) -> int:
     return max(multiple, multiple * math.ceil(length / multiple))
 
 
-def make_optimizer(training, log=print):
+def make_optimizer(training):
     """The optimizer; the loop sets the rate of each update (`mlxrl.schedules`)."""
     lr = 0.0
     name = training.optimizer.lower()
@@ -120,15 +123,18 @@ def total_steps_for(training, examples_per_step: int, dataset_size: int) -> int:
 
 class Trainer:
     def __init__(self, cfg, loaded, method, adapter_config: dict, total_steps: int, quiet=False,
-                 run_record: dict | None = None):
+                 run_record: dict | None = None, evaluation=None):
         self.cfg, self.training = cfg, cfg.training
         self.model, self.method = loaded.model, method
         self.adapter_config, self.run_record = adapter_config, run_record or {}
         self.total_steps = total_steps
         self.output_dir = Path(self.training.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.log = MetricsLog(self.output_dir, total_steps, desc=f"{method.name} ", quiet=quiet)
-        self.optimizer = make_optimizer(self.training, log=self.log.write)
+        self.log = MetricsLog(self.output_dir, total_steps, desc=f"{method.name} ", quiet=quiet,
+                              reporters=reporters.for_run(cfg))
+        self.optimizer = make_optimizer(self.training)
+        self.evaluation = evaluation
+        self._losses: list[float] = []  # every step's loss, for the run's train_loss
         self.rate = schedules.rate_fn(self.training, total_steps)
         self.step = 0
         self.skipped_steps = 0
@@ -162,6 +168,7 @@ class Trainer:
         # The RNG (dropout) is a function of (seed, step), so a resumed run draws the same numbers.
         mx.random.seed(self.training.seed * 1_000_003 + self.step)
         batch = self.method.next_step()
+        prepared = time.perf_counter()
         grads, loss, metric_sums = self._gradients(batch)
         max_norm = self.training.max_grad_norm or float("inf")
         grads, grad_norm = optim.clip_grad_norm(grads, max_norm)
@@ -180,6 +187,7 @@ class Trainer:
         out.update(batch.metrics)
         out["learning_rate"] = float(self.optimizer.learning_rate)  # the rate this update applied
         out["step_time"] = elapsed
+        out["update_time"] = elapsed - (prepared - started)  # GRPO: without the rollout
         out["tokens_per_second"] = batch.num_tokens / elapsed if elapsed > 0 else 0.0
         return out
 
@@ -213,8 +221,33 @@ class Trainer:
             averaged[k] = sum(valid) / len(valid) if valid else None
         averaged["epoch"] = self.method.epoch
         averaged["peak_memory_gb"] = mx.get_peak_memory() / 1e9
-        self.log.log(self.step, averaged)
+        sample = getattr(self.method, "last_sample", None)
+        if sample is not None:  # GRPO with log_completions: shown once, at its logging step
+            self.method.last_sample = None
+        self.log.log(self.step, averaged, sample=sample)
         self._values, self._count = {}, 0
+
+    def _evaluate_now(self) -> bool:
+        t = self.training
+        if self.evaluation is None or t.eval_strategy == "no":
+            return False
+        if t.eval_strategy == "epoch":
+            per_epoch = math.ceil(self.method.dataset_size / self.method.examples_per_step)
+            return self.step % max(1, per_epoch) == 0
+        return t.eval_steps > 0 and self.step % t.eval_steps == 0
+
+    def evaluate(self) -> dict:
+        """The method's metrics on data.validation, logged as TRL logs them (`eval_*`)."""
+        started = time.perf_counter()
+        metrics = self.evaluation()
+        seconds = time.perf_counter() - started
+        rows, batches = metrics.pop("num_samples", 0), metrics.pop("num_batches", 1)
+        out = {f"eval_{k}": v for k, v in metrics.items()}
+        out.update(eval_runtime=seconds, eval_samples_per_second=rows / seconds if seconds else 0.0,
+                   eval_steps_per_second=batches / seconds if seconds else 0.0,
+                   epoch=self.method.epoch)
+        self.log.log(self.step, out)
+        return out
 
     def state(self) -> dict:
         return {"global_step": self.step, "max_steps": self.total_steps, "epoch": self.method.epoch,
@@ -243,6 +276,7 @@ class Trainer:
 
     def run(self) -> dict:
         training = self.training
+        started, first = time.perf_counter(), self.step
         with StopOnSignal() as stop:
             try:
                 while self.step < self.total_steps:
@@ -250,21 +284,40 @@ class Trainer:
                     self.step += 1
                     if metrics is not None:
                         self._accumulate(metrics)
+                        self._losses.append(metrics["loss"])
                     self.log.advance()
-                    if self.step % training.logging_steps == 0 or self.step == self.total_steps \
-                            or (self.step == 1 and training.logging_first_step):
-                        self._flush()
-                    saved = training.save_steps > 0 and self.step % training.save_steps == 0
-                    if saved:
-                        self.save_checkpoint()
-                    if stop.signum is not None:
-                        self._stop(stop.signum, saved)
+                    self._after_step(stop)
                 if training.save_final_model:
                     checkpoint.write_final(self.output_dir, self.model, self.adapter_config, self.state(),
                                            self.run_record)
             finally:
-                self.log.close()
+                self.log.close(self._run_summary(time.perf_counter() - started, self.step - first))
         return self.state()
+
+    def _after_step(self, stop) -> None:
+        """Log, evaluate, save (transformers' order), then stop on a signal."""
+        training = self.training
+        if self.step % training.logging_steps == 0 or self.step == self.total_steps \
+                or (self.step == 1 and training.logging_first_step):
+            self._flush()
+        if self._evaluate_now():
+            self.evaluate()
+        saved = training.save_steps > 0 and self.step % training.save_steps == 0
+        if saved:
+            self.log.checkpoint(self.step, self.save_checkpoint())
+        if stop.signum is not None:
+            self._stop(stop.signum, saved)
+
+    def _run_summary(self, seconds: float, steps: int) -> dict:
+        """transformers' end-of-training record (its reporters put it in the run summary)."""
+        if not steps:
+            return {}
+        examples = steps * self.method.examples_per_step
+        out = {"train_runtime": seconds, "train_samples_per_second": examples / seconds,
+               "train_steps_per_second": steps / seconds}
+        if self._losses:
+            out["train_loss"] = sum(self._losses) / len(self._losses)
+        return out
 
     def _stop(self, signum: int, saved: bool):
         self._flush()

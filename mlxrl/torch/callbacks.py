@@ -1,11 +1,14 @@
 """What a torch run shows and writes, as an MLX run does: `metrics.jsonl` with the MLX loop's metric
 names and timing fields, a checkpoint only every `save_steps` (TRL's Trainer also saves at the
-last step), a log line at the last step, and mlxrl's progress bar.
+last step), a log line at the last step, and mlxrl's progress bar and terminal lines
+(`mlxrl.metrics_log`): one per logging step and evaluation, one per checkpoint, a GRPO sample.
 
 TRL already logs `loss`, `grad_norm`, `learning_rate`, `epoch` and each method's metrics under
-the names the MLX backend uses (`rewards/chosen`, `reward`, `completions/mean_length`, ...);
-this callback adds `step_time`, `tokens_per_second` and `peak_memory_gb`, averaged over the steps
-since the previous log line as on MLX, and keeps TRL's extra metrics (`entropy`, `num_tokens`, ...).
+the names the MLX backend uses (`rewards/chosen`, `reward`, `completions/mean_length`, ...), and
+its evaluations as `eval_*`; this callback adds `step_time`, `tokens_per_second` and
+`peak_memory_gb`, averaged over the steps since the previous log line as on MLX, and keeps TRL's
+extra metrics (`entropy`, `num_tokens`, ...). It runs first among the callbacks (`train.build`)
+and adds its fields to the record itself, so TensorBoard and W&B get them as on MLX.
 
 With a `StopOnSignal` attached (`stop`), a SIGINT / SIGTERM makes the step that is running the last:
 it is logged and saved, and `interrupted_at` says which step that was (on every process, when
@@ -37,10 +40,34 @@ def peak_memory_gb() -> float:
     return rss * (1 if sys.platform == "darwin" else 1024) / 1e9
 
 
+class RolloutClock:
+    """A torch GRPO run's time making rollouts (sampling and scoring: TRL's
+    `_generate_and_score_completions`) and its sampled tokens, counted by the trainer
+    (`methods.build_trainer`) so that the log line gives the rollout apart from the update, as the
+    MLX loop's does."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds, self.sampling_seconds, self.tokens = 0.0, 0.0, 0
+
+    def metrics(self, steps: int, step_time: float) -> dict:
+        """The MLX loop's fields, averaged over the `steps` since the last log line."""
+        rollout = self.seconds / steps
+        speed = self.tokens / self.sampling_seconds if self.sampling_seconds > 0 else 0.0
+        return {"rollout_time": rollout, "rollout_tokens_per_second": speed,
+                "update_time": max(step_time - rollout, 0.0)}
+
+
 class MlxrlCallback(TrainerCallback):
-    def __init__(self, output_dir: str, save_steps: int, quiet: bool = False, desc: str = "train"):
+    def __init__(self, output_dir: str, save_steps: int, quiet: bool = False, desc: str = "train",
+                 reporters=None):
         self.output_dir, self.save_steps = Path(output_dir), save_steps
-        self.quiet, self.desc = quiet, desc
+        self.quiet, self.desc, self.reporters = quiet, desc, reporters
+        self.sample: dict | None = None  # GRPO's latest completion (log_completions)
+        self.rollouts = RolloutClock()  # GRPO: filled by the trainer
+        self._summary: dict = {}
         self.log: MetricsLog | None = None
         self._started = 0.0
         self._seconds: list[float] = []
@@ -53,7 +80,7 @@ class MlxrlCallback(TrainerCallback):
         if state.is_world_process_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self.log = MetricsLog(self.output_dir, state.max_steps, initial_step=state.global_step,
-                                  desc=self.desc, quiet=self.quiet)
+                                  desc=self.desc, quiet=self.quiet, reporters=self.reporters)
             if state.global_step:  # resumed: drop the lines logged after the checkpoint
                 self.log.restore(read_metrics(self.output_dir), state.global_step)
         if state.log_history:  # resumed: count tokens from where the last log line left off
@@ -84,9 +111,24 @@ class MlxrlCallback(TrainerCallback):
             self.signum = int(flag.item()) or None
         return self.signum is not None
 
+    def set_sample(self, sample: dict) -> None:
+        self.sample = sample
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.log is not None:
+            self.log.checkpoint(state.global_step, self.output_dir / f"checkpoint-{state.global_step}")
+
     def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = dict(logs or {})
-        if self.log is None or any(k in logs for k in _SUMMARY_KEYS) or "loss" not in logs:
+        """Adds the timing fields to `logs` itself (the callbacks after this one report it)."""
+        if logs is None or self.log is None:
+            return
+        if any(k in logs for k in _SUMMARY_KEYS):
+            self._summary = dict(logs)
+            return
+        if any(k.startswith("eval_") for k in logs):
+            self.log.log(state.global_step, dict(logs))
+            return
+        if "loss" not in logs:
             return
         seconds = sum(self._seconds)
         steps = max(len(self._seconds), 1)
@@ -95,9 +137,13 @@ class MlxrlCallback(TrainerCallback):
         logs["step_time"] = seconds / steps
         logs["tokens_per_second"] = new / seconds if seconds > 0 else 0.0
         logs["peak_memory_gb"] = peak_memory_gb()
+        if self.rollouts.seconds > 0:
+            logs.update(self.rollouts.metrics(steps, logs["step_time"]))
+            self.rollouts.reset()
         self._tokens_seen, self._seconds = tokens, []
-        self.log.log(state.global_step, logs)
+        sample, self.sample = self.sample, None
+        self.log.log(state.global_step, dict(logs), sample=sample)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.log is not None:
-            self.log.close()
+            self.log.close(self._summary)

@@ -19,6 +19,7 @@ pickle-free).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import shutil
@@ -38,6 +39,8 @@ from mlxrl.run_dir import (
     write_json,
 )
 from mlxrl.stopping import is_write_error, non_finite, save_failed, write_error_text
+
+logger = logging.getLogger(__name__)
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 SCHEDULER_FILE = "scheduler.json"
@@ -118,7 +121,6 @@ class SafeCheckpoints:
     _staging_dir: Path | None = None
     run_record: dict = {}  # RUN_FILE's content (set by safe_trainer_class)
     skip_non_finite_steps = False  # training.skip_non_finite_steps (set by safe_trainer_class)
-    log_line = staticmethod(print)  # where the skip warning goes
 
     def _plain_files(self) -> bool:
         return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
@@ -245,7 +247,7 @@ class SafeCheckpoints:
         if not self.skip_non_finite_steps:
             raise non_finite(what, Path(self.args.output_dir))
         model.zero_grad(set_to_none=True)
-        self.log_line(f"warning: {what}; step skipped (no update)")
+        logger.warning(f"warning: {what}; step skipped (no update)")
         return grad_norm
 
 
@@ -272,9 +274,8 @@ def keep_new_settings(optimizer, scheduler):
     return restore
 
 
-def safe_trainer_class(trainer_class: type, skip_non_finite_steps: bool, log_line,
+def safe_trainer_class(trainer_class: type, skip_non_finite_steps: bool,
                        run_record: dict | None = None) -> type:
     """`trainer_class` with `SafeCheckpoints` in front of it."""
     return type(f"Mlxrl{trainer_class.__name__}", (SafeCheckpoints, trainer_class),
-                {"skip_non_finite_steps": skip_non_finite_steps, "log_line": staticmethod(log_line),
-                 "run_record": run_record or {}})
+                {"skip_non_finite_steps": skip_non_finite_steps, "run_record": run_record or {}})

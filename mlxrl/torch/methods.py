@@ -14,6 +14,8 @@ by its `Truncation` (TRL's keep_start):
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 import datasets
@@ -26,29 +28,30 @@ from mlxrl.rewards import load_rewards
 from mlxrl.torch.checkpoints import safe_trainer_class
 
 TRL_REWARD_EXTRAS = ("trainer_state", "log_extra", "log_metric", "environments")
+logger = logging.getLogger(__name__)
 
 
-def _encoded(rows: list[dict], what: str, truncation: Truncation, log) -> datasets.Dataset:
+def _encoded(rows: list[dict], what: str, truncation: Truncation) -> datasets.Dataset:
     if truncation.message():
-        log(truncation.message())
+        logger.warning(truncation.message())
     if not rows:
         raise DataError(f"no {what} left after truncation to model.model_max_length")
     return datasets.Dataset.from_list(rows)
 
 
-def sft_dataset(dataset, tokenizer, max_length: int, log=print, target: str = "completion"
+def sft_dataset(dataset, tokenizer, max_length: int, target: str = "completion"
                 ) -> datasets.Dataset:
     truncation = Truncation(max_length)
     rows = [truncation.sft(apply_target(encode_sft(truncation.cut(row, tokenizer), tokenizer, i), target))
             for i, row in enumerate(dataset)]
-    return _encoded([r for r in rows if r is not None], "SFT rows", truncation, log)
+    return _encoded([r for r in rows if r is not None], "SFT rows", truncation)
 
 
-def dpo_dataset(dataset, tokenizer, max_length: int, log=print) -> datasets.Dataset:
+def dpo_dataset(dataset, tokenizer, max_length: int) -> datasets.Dataset:
     truncation = Truncation(max_length)
     rows = [truncation.preference(encode_preference(truncation.cut(row, tokenizer), tokenizer, i), i)
             for i, row in enumerate(dataset)]
-    return _encoded([r for r in rows if r is not None], "preference pairs", truncation, log)
+    return _encoded([r for r in rows if r is not None], "preference pairs", truncation)
 
 
 def grpo_dataset(dataset) -> datasets.Dataset:
@@ -65,12 +68,12 @@ class RewardBridge:
     and errors are mlxrl's) and the others read their column.
     """
 
-    def __init__(self, training, weights, log_path: Path | None = None):
+    def __init__(self, training, weights, log_path: Path | None = None, on_sample=None):
         if not training.reward_functions:
             raise ConfigError("GRPO needs training.reward_functions (e.g. [count_letters])")
         self.rewards = load_rewards(training.reward_functions, training.reward_function_kwargs,
                                     weights=weights)
-        self.log_path = log_path
+        self.log_path, self.on_sample = log_path, on_sample  # on_sample(record): a step's sample
         self._scores = None
 
     def functions(self) -> list:
@@ -94,24 +97,56 @@ class RewardBridge:
         scores = self.rewards.score(prompts, completions, completion_ids, columns)
         state = kwargs.get("trainer_state")
         if self.log_path is not None and (state is None or state.is_world_process_zero):
-            log_completions(self.log_path, state.global_step + 1 if state is not None else 0, prompts,
-                            completions, self.rewards.names, scores)
+            sample = log_completions(self.log_path, state.global_step + 1 if state is not None else 0,
+                                     prompts, completions, self.rewards.names, scores)
+            if self.on_sample is not None and sample is not None:
+                self.on_sample(sample)
         return scores
 
-def build_trainer(cfg, loaded, dataset, args, peft_config, callbacks, log=print, run_record=None):
-    """TRL's trainer for `cfg.training.method`, on mlxrl-encoded data."""
+def timed_grpo(base, clock):
+    """`base` (TRL's GRPOTrainer) counting its training rollouts' time and tokens into `clock`
+    (a `callbacks.RolloutClock`); evaluation's rollouts are not counted."""
+
+    class TimedGRPOTrainer(base):
+        def _generate_and_score_completions(self, inputs):
+            started = time.perf_counter()
+            out = super()._generate_and_score_completions(inputs)
+            if self.model.training:
+                clock.seconds += time.perf_counter() - started
+            return out
+
+        def _generate(self, prompts):
+            started = time.perf_counter()
+            out = super()._generate(prompts)
+            if self.model.training:
+                clock.sampling_seconds += time.perf_counter() - started
+                clock.tokens += sum(len(ids) for ids in out[1])  # the completions' token ids
+            return out
+
+    return TimedGRPOTrainer
+
+
+def build_trainer(cfg, loaded, dataset, args, peft_config, callbacks, run_record=None,
+                  eval_dataset=None, on_sample=None, rollout_clock=None):
+    """TRL's trainer for `cfg.training.method`, on mlxrl-encoded data (`eval_dataset`: the
+    validation rows, encoded the same way); GRPO counts its rollouts into `rollout_clock`."""
     from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
     method, tok = cfg.training.method, loaded.tokenizer
     DPOTrainer, GRPOTrainer, SFTTrainer = (
-        safe_trainer_class(c, cfg.training.skip_non_finite_steps, log, run_record) for c in (DPOTrainer, GRPOTrainer, SFTTrainer))
+        safe_trainer_class(c, cfg.training.skip_non_finite_steps, run_record) for c in (DPOTrainer, GRPOTrainer, SFTTrainer))
     common = dict(model=loaded.model, args=args, processing_class=tok, callbacks=callbacks,
                   peft_config=peft_config)
     if method == "sft":
-        data = sft_dataset(dataset, tok, args.max_length, log, sft_target(cfg.data.train))
+        target = sft_target(cfg.data.train)
+        data = sft_dataset(dataset, tok, args.max_length, target)
+        if eval_dataset is not None:
+            common["eval_dataset"] = sft_dataset(eval_dataset, tok, args.max_length, target)
         return SFTTrainer(train_dataset=data, **common)
     if method == "dpo":
-        data = dpo_dataset(dataset, tok, args.max_length, log)
+        data = dpo_dataset(dataset, tok, args.max_length)
+        if eval_dataset is not None:
+            common["eval_dataset"] = dpo_dataset(eval_dataset, tok, args.max_length)
 
         class TokenizedDPOTrainer(DPOTrainer):
             def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -119,8 +154,12 @@ def build_trainer(cfg, loaded, dataset, args, peft_config, callbacks, log=print,
 
         return TokenizedDPOTrainer(train_dataset=data, **common)
     data = grpo_dataset(dataset)
+    if eval_dataset is not None:
+        common["eval_dataset"] = grpo_dataset(eval_dataset)
     if note := grpo_template_note(data, cfg.model.chat_template_kwargs):
-        log(note)
+        logger.warning(note)
     log_path = Path(args.output_dir) / "completions.jsonl" if cfg.training.grpo.log_completions else None
-    bridge = RewardBridge(cfg.training, args.reward_weights, log_path)
+    bridge = RewardBridge(cfg.training, args.reward_weights, log_path, on_sample)
+    if rollout_clock is not None:
+        GRPOTrainer = timed_grpo(GRPOTrainer, rollout_clock)
     return GRPOTrainer(reward_funcs=bridge.functions(), train_dataset=data, **common)

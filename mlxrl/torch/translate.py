@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 
 from mlxrl.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 LORA_INIT = {"DEFAULT": True, "RANDOM": False}
 _MIXED = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16"}
@@ -45,25 +48,30 @@ def _warmup(t) -> float:
     return ratio
 
 
-def _report_to(t, log) -> list[str]:
-    wanted = {"tensorboard": t.enable_tensorboard, "wandb": t.enable_wandb, "mlflow": t.enable_mlflow}
-    out = []
-    for name, on in wanted.items():
+def tensorboard_by_transformers() -> bool:
+    """transformers' TensorBoardCallback needs tensorboard (or tensorboardX); without them the
+    run's TensorBoard logs come from mlxrl's own writer (`mlxrl.reporters`), with the same tags."""
+    return _installed("tensorboard") or _installed("tensorboardX")
+
+
+def _report_to(t) -> list[str]:
+    out = ["tensorboard"] if t.enable_tensorboard and tensorboard_by_transformers() else []
+    for name, on in {"wandb": t.enable_wandb, "mlflow": t.enable_mlflow}.items():
         if on and _installed(name):
             out.append(name)
         elif on:
-            log(f"note: training.enable_{name} is on but {name} is not installed; metrics go to "
-                f"metrics.jsonl only")
+            logger.warning(f"note: training.enable_{name} is on but {name} is not installed "
+                           f"(pip install {name}); metrics go to metrics.jsonl")
     return out or ["none"]
 
 
-def precision(cfg, model_dtype: str, device: str, log) -> tuple[bool, bool]:
+def precision(cfg, model_dtype: str, device: str) -> tuple[bool, bool]:
     """(bf16, fp16) autocast flags from the model's dtype and training.mixed_precision_dtype."""
     mixed = _MIXED.get(str(cfg.training.mixed_precision_dtype).lower())
     bf16 = model_dtype == "bfloat16" or mixed == "bf16"
     fp16 = model_dtype == "float16" or mixed == "fp16"
     if fp16 and device != "cuda":
-        log(f"note: float16 mixed precision needs CUDA; training without autocast on {device}")
+        logger.warning(f"note: float16 mixed precision needs CUDA; training without autocast on {device}")
         fp16 = False
     return bf16 and not fp16, fp16
 
@@ -76,21 +84,22 @@ def _optimizer(t) -> dict:
     return out
 
 
-def _workers(t, log) -> int:
+def _workers(t) -> int:
     """An int as it is; Oumi's "auto" (or any other word) loads in-process: mlxrl hands TRL rows
     that are tokenized already, so worker processes have little to do."""
     if isinstance(t.dataloader_num_workers, int):
         return t.dataloader_num_workers
-    log(f"note: training.dataloader_num_workers={t.dataloader_num_workers!r}: the rows are tokenized "
+    logger.warning(f"note: training.dataloader_num_workers={t.dataloader_num_workers!r}: the rows are tokenized "
         f"already; loading them in-process (0 workers, no prefetch)")
     return 0
 
 
-def common_fields(cfg, bf16: bool, fp16: bool, device: str, log) -> dict:
+def common_fields(cfg, bf16: bool, fp16: bool, device: str) -> dict:
     """The TrainingArguments fields every method shares."""
     t = cfg.training
     steps = t.save_steps > 0
-    workers = _workers(t, log)
+    workers = _workers(t)
+    evaluates = t.eval_strategy != "no" and bool(cfg.data.validation.datasets)
     return dict(
         output_dir=t.output_dir, run_name=t.run_name, seed=t.seed, data_seed=t.data_seed,
         full_determinism=t.full_determinism or t.use_deterministic,
@@ -105,11 +114,12 @@ def common_fields(cfg, bf16: bool, fp16: bool, device: str, log) -> dict:
         logging_first_step=t.logging_first_step, logging_nan_inf_filter=False,
         save_strategy="steps" if steps else ("epoch" if t.save_epoch else "no"),
         save_steps=t.save_steps if steps else 500, save_total_limit=None, save_only_model=False,
-        eval_strategy="no", bf16=bf16, fp16=fp16, tf32=None,
+        eval_strategy=t.eval_strategy if evaluates else "no", eval_steps=t.eval_steps,
+        bf16=bf16, fp16=fp16, tf32=None,
         gradient_checkpointing=t.enable_gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False, **(t.gradient_checkpointing_kwargs or {})},
         torch_compile=bool(t.compile or cfg.model.compile), use_liger_kernel=False,
-        report_to=_report_to(t, log), disable_tqdm=True,  # mlxrl draws its own bar
+        report_to=_report_to(t), disable_tqdm=True,  # mlxrl draws its own bar
         dataloader_num_workers=workers,
         dataloader_persistent_workers=t.dataloader_persistent_workers and workers > 0,
         dataloader_prefetch_factor=t.dataloader_prefetch_factor if workers > 0 else None,
@@ -224,13 +234,13 @@ def lora_config(peft_params, targets: list[str]):
     )
 
 
-def quantization_config(peft_params, device: str, log):
+def quantization_config(peft_params, device: str):
     """bitsandbytes 4/8-bit for `peft.q_lora` on CUDA; otherwise None and one line saying so."""
     if not peft_params.q_lora:
         return None
     if device != "cuda" or not _installed("bitsandbytes"):
         why = "bitsandbytes is not installed" if device == "cuda" else f"no CUDA ({device})"
-        log(f"note: peft.q_lora needs CUDA and bitsandbytes ({why}); training plain LoRA on an "
+        logger.warning(f"note: peft.q_lora needs CUDA and bitsandbytes ({why}); training plain LoRA on an "
             f"unquantized base")
         return None
     import torch
@@ -238,7 +248,7 @@ def quantization_config(peft_params, device: str, log):
 
     bits = peft_params.q_lora_bits
     if bits not in (4, 8):
-        log(f"note: peft.q_lora_bits={bits}: bitsandbytes quantizes to 4 or 8 bits; using 4")
+        logger.warning(f"note: peft.q_lora_bits={bits}: bitsandbytes quantizes to 4 or 8 bits; using 4")
         bits = 4
     compute = getattr(torch, peft_params.bnb_4bit_compute_dtype)
     return BitsAndBytesConfig(
@@ -251,12 +261,12 @@ def quantization_config(peft_params, device: str, log):
     )
 
 
-def vllm_choice(cfg, device: str, log) -> bool:
+def vllm_choice(cfg, device: str) -> bool:
     """vLLM (colocated) when asked for and importable on CUDA; else one line, transformers."""
     if cfg.training.method != "grpo" or not cfg.training.grpo.use_vllm:
         return False
     if device == "cuda" and _installed("vllm"):
         return True
     why = "vllm is not installed" if device == "cuda" else f"no CUDA ({device})"
-    log(f"note: training.grpo.use_vllm: {why}; generating with transformers instead")
+    logger.warning(f"note: training.grpo.use_vllm: {why}; generating with transformers instead")
     return False
