@@ -69,12 +69,13 @@ def pick_backend(requested: str, explain: bool = False):
 @click.pass_context
 @friendly_errors
 def train(ctx, config_path, backend, resume, overwrite, quiet, debug):
-    """Train a LoRA adapter (SFT, DPO or GRPO, from training.trainer_type).
+    """Train a LoRA adapter, or every weight with training.use_peft: false (SFT, DPO or GRPO,
+    from training.trainer_type).
 
     Any config field can be overridden after the options, e.g.
     `--training.max_steps 10 --model.model_name path/to/model`.
-    Checkpoints go to training.output_dir/checkpoint-<step>, the final adapter to
-    training.output_dir, metrics to training.output_dir/metrics.jsonl.
+    Checkpoints go to training.output_dir/checkpoint-<step>, the final adapter (or Hugging Face
+    model folder) to training.output_dir, metrics to training.output_dir/metrics.jsonl.
     """
     import datasets
 
@@ -92,7 +93,8 @@ def train(ctx, config_path, backend, resume, overwrite, quiet, debug):
             from mlxrl.torch.train import train as run
         state = run(cfg, quiet=quiet, log=lambda m: click.echo(m, err=True), overwrite=overwrite)
     if os.environ.get("RANK", "0") == "0":  # once under `accelerate launch`
-        click.echo(f"done: {state['global_step']} steps; adapter in {cfg.training.output_dir}", err=True)
+        what = "adapter" if cfg.training.use_peft else "model"  # use_peft: false trains every weight
+        click.echo(f"done: {state['global_step']} steps; {what} in {cfg.training.output_dir}", err=True)
 
 
 def _mlx_runtime():

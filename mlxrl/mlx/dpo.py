@@ -19,12 +19,22 @@ from mlxrl.mlx.dpo_loss import (  # noqa: F401  (re-exported: the loss's public 
 )
 from mlxrl.mlx.logprobs import per_token_logps, per_token_logps_and_log_sum_sq
 from mlxrl.mlx.model import adapters_disabled
-from mlxrl.mlx.trainer import IndexStream, StepBatch, StreamPosition, bucket, pad_rows
+from mlxrl.mlx.trainer import (
+    IndexStream,
+    StepBatch,
+    StreamPosition,
+    bucket,
+    pad_rows,
+    total_steps_for,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Training: chosen and rejected in one concatenated forward; the reference is the same model
 # with its adapters switched off (a forward outside the differentiated function), or log-probs
-# precomputed once for the whole dataset (`precompute_ref_log_probs`).
+# precomputed once for the whole dataset (`precompute_ref_log_probs`). A full fine-tune
+# (`training.use_peft: false`) has no adapter to switch off: the starting model's log-probs are
+# precomputed for the pairs the run will visit (the order is a function of the seed), one forward
+# per pair, as many as a per-step reference forward would make, and no second copy in memory.
 
 
 def _pair_rows(pair: dict) -> tuple:
@@ -79,14 +89,17 @@ def reference_logps(model, input_ids, mask, adapters_off: bool = True,
     return logps
 
 
-def preference_eval(model, tokenizer, dataset, settings, batch_size: int = 8) -> dict[str, float]:
-    """TRL's DPO metrics (and loss) over a whole held-out dataset, policy vs adapter-off ref."""
+def preference_eval(model, tokenizer, dataset, settings, batch_size: int = 8,
+                    reference=None) -> dict[str, float]:
+    """TRL's DPO metrics (and loss) over a whole held-out dataset, policy vs adapter-off ref
+    (or vs `reference`, another model: a full fine-tune's starting model)."""
     pairs = encode_pairs(dataset, tokenizer, settings.max_length)
     totals: dict[str, float] = {}
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         ids, mask, _ = pair_arrays(chunk)
-        ref = reference_logps(model, ids, mask, ld_alpha=settings.ld_alpha)
+        ref = reference_logps(model if reference is None else reference, ids, mask,
+                              adapters_off=reference is None, ld_alpha=settings.ld_alpha)
         loss, metrics = policy_loss(model, settings, ids, mask, ref)
         for k, v in {"loss": loss, **metrics}.items():
             totals[k] = totals.get(k, 0.0) + float(v) * len(chunk)
@@ -107,8 +120,12 @@ class DPOMethod(StreamPosition):
         self.reference_is_start = loaded.adapter_path is not None
         if self.reference_is_start:
             log(f"note: the DPO reference is the starting adapter ({loaded.adapter_path}), precomputed")
-        precompute = self.settings.precompute_ref_log_probs or self.reference_is_start or self._visits_all()
-        self.ref_cache = self._precompute_reference() if precompute else None
+        self.full = not cfg.training.use_peft
+        self.ref_cache = None
+        if self.settings.precompute_ref_log_probs or self.reference_is_start or self._visits_all():
+            self.ref_cache = self._precompute_reference(range(len(self.pairs)))
+        elif self.full:
+            self.ref_cache = self._precompute_reference(self._visited())
 
     examples_per_step = property(lambda self: self.training.per_device_train_batch_size * self.accum)
     dataset_size = property(lambda self: len(self.pairs))
@@ -121,19 +138,31 @@ class DPOMethod(StreamPosition):
             return True
         return self.training.max_steps * self.examples_per_step >= len(self.pairs)
 
+    def _visited(self) -> list[int]:
+        """The pairs this run's steps will draw, in order of index."""
+        steps = total_steps_for(self.training, self.examples_per_step, len(self.pairs))
+        stream = IndexStream(len(self.pairs), self.training.seed)
+        return sorted(set(stream.take(steps * self.examples_per_step)))
+
     def _arrays(self, indices: list[int]):
         return pair_arrays([self.pairs[i] for i in indices])
 
-    def _precompute_reference(self) -> list[tuple[float, float]]:
-        batch = self.training.per_device_train_batch_size
-        cache = []
-        for start in range(0, len(self.pairs), batch):
-            indices = list(range(start, min(start + batch, len(self.pairs))))
-            ids, mask, _ = self._arrays(indices)
-            logps = reference_logps(self.model, ids, mask, not self.reference_is_start,
-                                    self.settings.ld_alpha).tolist()
-            n = len(indices)
-            cache += list(zip(logps[:n], logps[n:]))
+    def _precompute_reference(self, indices) -> list[tuple[float, float] | None]:
+        """(chosen, rejected) reference log-probs of the pairs `indices` (None for the others),
+        computed now, before any update (and before a resume loads the checkpoint's weights)."""
+        indices, batch = list(indices), self.training.per_device_train_batch_size
+        cache: list[tuple[float, float] | None] = [None] * len(self.pairs)
+        adapters_off = not (self.reference_is_start or self.full)
+        self.model.eval()  # the reference is the model as it is, without dropout
+        try:
+            for start in range(0, len(indices), batch):
+                chunk = indices[start:start + batch]
+                ids, mask, _ = self._arrays(chunk)
+                logps = reference_logps(self.model, ids, mask, adapters_off, self.settings.ld_alpha).tolist()
+                for j, i in enumerate(chunk):
+                    cache[i] = (logps[j], logps[len(chunk) + j])
+        finally:
+            self.model.train()
         return cache
 
     def loss(self, input_ids, mask, ref_logps):
