@@ -9,8 +9,9 @@ A note's text may be a function of the value (and the config), giving None for v
 honoured: `trainer_type: HF` trains SFT, so it says so; `TRL_SFT` needs no word.
 
 `Row.methods` names the methods that read a field; set in a run of another method it gets a
-note on both backends. `Row.always` fields are checked even at their default (`use_peft: false`,
-Oumi's default, still trains LoRA). `training.trainer_kwargs` keys that TRL knows but one backend
+note on both backends. `Row.always` fields are checked even at their default. The `peft` fields
+are read only with `training.use_peft: true`; with `false` (a full fine-tune) they get a note, and
+`peft.q_lora` is refused. `training.trainer_kwargs` keys that TRL knows but one backend
 does not read are rows too (`training.trainer_kwargs.<key>`); the other keys are settings both
 backends read (`cfg.dpo_settings()`, `cfg.grpo_settings()`), and unknown keys are refused there.
 `INFERENCE` says the same of the `generation` fields for `mlxrl infer` / `eval` (MLX).
@@ -80,11 +81,20 @@ VISION_COLLATORS = ("vision_language_with_padding", "vision_language_sft")
 PLAIN_ADAMW = ("adamw_torch", "adamw_hf", "adamw", "adam", "adafactor", "sgd")
 
 
-def _use_peft(value, cfg) -> str | None:
-    if value:
+FULL_FINETUNE = "not read: training.use_peft is false, so every weight trains (no adapter)"
+
+
+def _q_lora(value, cfg) -> str | None:
+    if cfg.training.use_peft or not value:
         return None
-    p = cfg.peft
-    return f"false: mlxrl trains LoRA adapters (r={p.lora_r}, alpha={p.lora_alpha}) on a frozen base"
+    return ("a quantized base trains only through an adapter; set training.use_peft: true for QLoRA, "
+            "or peft.q_lora: false to train every weight")
+
+
+def _ref_model_init_kwargs(value, cfg) -> str:
+    if cfg.training.use_peft:
+        return "the reference is the base model without the adapter"
+    return "the reference is the starting model as loaded (model.* settings)"
 
 
 def _trainer_type(value, cfg) -> str | None:
@@ -203,7 +213,7 @@ _TRAINING = {f"training.{k}": both(H) for k in (
     "skip_non_finite_steps")}
 _TRAINING.update({
     "training.nccl_default_timeout_minutes": Row(note(SINGLE_DEVICE), H),
-    "training.use_peft": both(note(_use_peft), always=True),
+    "training.use_peft": both(H),
     "training.trainer_type": both(Support("honoured", _trainer_type)),
     "training.optimizer": Row(Support("honoured", _optimizer), H),
     "training.gradient_checkpointing_kwargs": mlx_only("MLX checkpoints whole blocks; these are torch's"),
@@ -247,8 +257,7 @@ _TRAINER_KWARGS = {
     "training.trainer_kwargs.padding_free": both(note("rows are padded (the loss is the same)")),
     "training.trainer_kwargs.disable_dropout": both(H, methods=("dpo", "grpo")),  # TRL's default: DPO on
     "training.trainer_kwargs.dataset_num_proc": mlx_only("rows are encoded in-process"),
-    "training.trainer_kwargs.ref_model_init_kwargs": both(note("the reference is the base model "
-                                                               "without the adapter")),
+    "training.trainer_kwargs.ref_model_init_kwargs": both(note(_ref_model_init_kwargs)),
     "training.trainer_kwargs.vllm_mode": mlx_only(NO_VLLM),
     "training.trainer_kwargs.shuffle_dataset": Row(note(_shuffle), H),
     "training.trainer_kwargs.generation_kwargs": mlx_only("not read by MLX's sampler"),
@@ -256,7 +265,7 @@ _TRAINER_KWARGS = {
 
 _PEFT = {f"peft.{k}": both(H) for k in (
     "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_exclude_modules", "use_dora",
-    "q_lora", "q_lora_bits")}
+    "q_lora_bits")}
 _PEFT.update({f"peft.{k}": Row(note(_bnb), H) for k in (
     "bnb_4bit_quant_type", "llm_int8_skip_modules", "use_bnb_nested_quant", "bnb_4bit_quant_storage",
     "bnb_4bit_compute_dtype")})
@@ -268,6 +277,17 @@ _PEFT.update({
     "peft.lora_task_type": mlx_only("mlxrl trains causal language models"),
     "peft.peft_save_mode": both(note("the adapter alone is saved; `mlxrl fuse` merges it")),
 })
+
+
+def _lora_only(support: Support) -> Support:
+    """A `peft` field's support when training.use_peft is true; a note when it is false."""
+    def text(value, cfg):
+        return support.message(value, cfg) if cfg.training.use_peft else FULL_FINETUNE
+    return Support("note" if support.kind == "refused" else support.kind, text)
+
+
+_PEFT = {path: Row(_lora_only(row.mlx), _lora_only(row.torch)) for path, row in _PEFT.items()}
+_PEFT["peft.q_lora"] = both(refused(_q_lora))
 
 _OTHER = {
     "generation.*": both(note("read by `mlxrl infer` and `eval`, not by training "

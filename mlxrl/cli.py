@@ -73,15 +73,16 @@ def pick_backend(requested: str, explain: bool = False):
 @click.pass_context
 @friendly_errors
 def train(ctx, config_path, backend, resume, overwrite, quiet, verbose, debug):
-    """Train a LoRA adapter (SFT, DPO or GRPO, from training.trainer_type).
+    """Train a LoRA adapter, or every weight with training.use_peft: false (SFT, DPO or GRPO,
+    from training.trainer_type).
 
     Any config field can be overridden after the options, e.g.
     `--training.max_steps 10 --model.model_name path/to/model`.
-    Checkpoints go to training.output_dir/checkpoint-<step>, the final adapter to
-    training.output_dir, metrics to training.output_dir/metrics.jsonl (and TensorBoard logs to
-    training.output_dir/runs/, W&B with training.enable_wandb). On a terminal a live bar sits
-    under one line per logging step; piped, the lines alone. The run ends with a summary and
-    the commands to try the adapter.
+    Checkpoints go to training.output_dir/checkpoint-<step>, the final adapter (or Hugging Face
+    model folder) to training.output_dir, metrics to training.output_dir/metrics.jsonl (and
+    TensorBoard logs to training.output_dir/runs/, W&B with training.enable_wandb). On a terminal
+    a live bar sits under one line per logging step; piped, the lines alone. The run ends with a
+    summary and the commands to try the result.
     """
     import datasets
 
@@ -103,7 +104,8 @@ def train(ctx, config_path, backend, resume, overwrite, quiet, verbose, debug):
             from mlxrl.torch.train import train as run
         state = run(cfg, quiet=quiet, overwrite=overwrite)
     if main_process:
-        click.echo(f"done: {state['global_step']} steps; adapter in {cfg.training.output_dir}", err=True)
+        what = "adapter" if cfg.training.use_peft else "model"  # use_peft: false trains every weight
+        click.echo(f"done: {state['global_step']} steps; {what} in {cfg.training.output_dir}", err=True)
 
 
 def _mlx_runtime():

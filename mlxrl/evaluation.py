@@ -10,7 +10,8 @@ Tasks (`--task`, or `tasks:` in a config, Oumi's `EvaluationConfig` shape):
   `\\boxed{int}`. Metrics, as Oumi's: `accuracy` = correct / all, `properly_extracted_accuracy`
   = correct / parsed (0 if none), `num_samples`, `num_correct_answers`, `num_incorrect_answers`,
   `num_invalid_answers`. Any task registered with `mlxrl.tasks.register_evaluation` runs the same way.
-- `preference`: on held-out pairs, the policy against its adapter-off reference (TRL's DPO
+- `preference`: on held-out pairs, the policy against its adapter-off reference (a full
+  fine-tune's folder: the model its run started from, named in its `mlxrl_run.json`) (TRL's DPO
   metrics): `preference_accuracy` (pairs whose chosen reward beats the rejected one),
   `mean_reward_margin`, `mean_reward_chosen`, `mean_reward_rejected`, `loss`, `num_pairs`.
 - `reward`: the mean (and std) of each reward function over the model's answers to the prompts.
@@ -155,19 +156,45 @@ def reward_metrics(task: EvalTaskParams, rows: list[dict], responses: list[str],
 
 
 def preference_metrics(engine, task: EvalTaskParams, rows: list[dict]) -> dict:
-    """Held-out pairs: the model against the same model with its adapter off."""
+    """Held-out pairs: the model against the same model with its adapter off, or a full
+    fine-tune against the model its run started from."""
     import datasets
 
     from mlxrl.config import DpoSettings
     from mlxrl.mlx.dpo import preference_eval
 
+    reference = None
     if engine.loaded.adapter_path is None:
-        logger.warning(f"note: {engine.name} has no adapter: policy == reference, so margins are 0")
+        reference = _full_finetune_start(engine.loaded.base_path)
+        if reference is None:
+            logger.warning(f"note: {engine.name} has no adapter: policy == reference, so margins are 0")
     settings = DpoSettings(beta=task.beta, max_length=engine.model_params.model_max_length or 1024)
-    m = preference_eval(engine.loaded.model, engine.tokenizer, datasets.Dataset.from_list(rows), settings)
+    m = preference_eval(engine.loaded.model, engine.tokenizer, datasets.Dataset.from_list(rows), settings,
+                        reference=reference)
     return {"preference_accuracy": m["rewards/accuracies"], "mean_reward_margin": m["rewards/margins"],
             "mean_reward_chosen": m["rewards/chosen"], "mean_reward_rejected": m["rewards/rejected"],
             "loss": m["loss"], "num_pairs": m["num_pairs"]}
+
+
+def _full_finetune_start(folder: Path):
+    """The model a full fine-tune (`training.use_peft: false`) in `folder` started from, loaded
+    as its run loaded it; None when `folder` is not one or that model cannot be loaded (noted)."""
+    from mlxrl.errors import MlxrlError
+    from mlxrl.mlx import model as mlx_model
+    from mlxrl.run_plan import read_record
+
+    config = (read_record(folder) or {}).get("config") or {}
+    section = config.get("model") or {}
+    if (config.get("training") or {}).get("use_peft", True) or not section.get("model_name"):
+        return None
+    names = {f.name for f in dataclasses.fields(ModelParams)}
+    try:
+        start = ModelParams(**{k: v for k, v in section.items() if k in names})
+        return mlx_model.load(start).model
+    except MlxrlError as e:
+        logger.warning(f"note: the reference of a full fine-tune is the model it started from, "
+                       f"{section['model_name']}, which cannot be loaded here ({e})")
+        return None
 
 
 # ----------------------------------------------------------------------------- running

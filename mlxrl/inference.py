@@ -10,9 +10,10 @@ The config is Oumi's `InferenceConfig`: sections `model` and `generation`, and `
 `generation.*` (an explicit `generation` value or override wins), `data` and `evaluation` are
 ignored with one note (`mlxrl eval` computes metrics).
 
-A model name is a hub id, a local Hugging Face folder, a checkpoint folder (base + adapter), or an
-embedded tiny model: `tiny://qwen2`, or `tiny://qwen2?hidden_size=128&num_layers=4` for a bigger
-one (any `build_tiny_model` size argument; built once into the cache).
+A model name is a hub id, a local Hugging Face folder (a full fine-tune's output or checkpoint
+too), a checkpoint folder (base + adapter), or an embedded tiny model: `tiny://qwen2`, or
+`tiny://qwen2?hidden_size=128&num_layers=4` for a bigger one (any `build_tiny_model` size
+argument; built once into the cache).
 
 Generation: `temperature: 0` (Oumi's default) is greedy, any other value samples (with top_p,
 top_k, min_p); `use_sampling` is not needed. Chat streams one reply at a time through mlx-lm's
@@ -105,8 +106,8 @@ def load_model(model_params: ModelParams, cache: bool = True):
     name = model_params.adapter_model or model_params.model_name
     params = dataclasses.replace(model_params, model_name=name)
     folder = Path(name).expanduser()  # a retrained checkpoint is loaded afresh
-    stamp = [p.stat().st_mtime_ns for p in (folder / "adapters.safetensors",
-                                            folder / "adapter_model.safetensors") if p.is_file()]
+    stamp = [p.stat().st_mtime_ns for p in (folder / "adapters.safetensors", folder / "adapter_model.safetensors",
+                                            folder / "model.safetensors") if p.is_file()]
     key = json.dumps([dataclasses.asdict(params), stamp], sort_keys=True, default=str)
     if cache and key in _LOADED:
         return _LOADED[key]

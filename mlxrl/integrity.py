@@ -5,8 +5,9 @@ backend or pickled weights give one line instead of a loader's traceback (or an 
 - `safetensors_problem(path)`: a cheap structural check (the 8-byte header length, the JSON
   header, every tensor's byte range inside the file and the file no shorter than the data).
 - `json_problem(path)`: the file parses as JSON.
-- `adapter_problem(folder)` / `checkpoint_problem(folder)`: an adapter folder (MLX or PEFT) is
-  usable for inference / for an exact resume.
+- `adapter_problem(folder)` / `model_problem(folder)` / `checkpoint_problem(folder)`: an adapter
+  folder (MLX or PEFT) or a model folder (a full fine-tune's) is usable for inference / for an
+  exact resume.
 - `refuse_pickled_weights(folder)`: a model or PEFT folder whose weights exist only as pickles.
 
 Backend-neutral (no mlx or torch import).
@@ -19,11 +20,14 @@ import struct
 from pathlib import Path
 
 from mlxrl.errors import ModelError
+from mlxrl.run_dir import RUN_FILE
 
 MLX_ADAPTER = "adapters.safetensors"
 PEFT_ADAPTER = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 STATE_FILE = "trainer_state.json"
+MODEL_FILE = "model.safetensors"
+MODEL_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 
@@ -97,10 +101,27 @@ def adapter_problem(folder: Path) -> str | None:
     return safetensors_problem(folder / weights)
 
 
-def checkpoint_problem(folder: Path) -> str | None:
-    """Why `folder` cannot be resumed from exactly (adapter, optimizer, state), or None."""
+def model_problem(folder: Path) -> str | None:
+    """Why the model folder `folder` (config.json and safetensors weights, one file or shards)
+    cannot be loaded, or None."""
     folder = Path(folder)
-    problem = json_problem(folder / STATE_FILE) or adapter_problem(folder)
+    problem = json_problem(folder / "config.json")
+    if problem is not None:
+        return problem
+    index = folder / MODEL_INDEX
+    if not index.exists():
+        return safetensors_problem(folder / MODEL_FILE)
+    if (problem := json_problem(index)) is not None:
+        return problem
+    shards = sorted(set((json.loads(index.read_text()).get("weight_map") or {}).values()))
+    return next((p for p in (safetensors_problem(folder / s) for s in shards) if p), None)
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` cannot be resumed from exactly (adapter or model, optimizer, state), or None."""
+    folder = Path(folder)
+    kind = adapter_kind(folder)
+    problem = json_problem(folder / STATE_FILE) or (adapter_problem(folder) if kind else model_problem(folder))
     if problem is not None:
         return problem
     state = json.loads((folder / STATE_FILE).read_text())
@@ -109,9 +130,18 @@ def checkpoint_problem(folder: Path) -> str | None:
     for name in ("optimizer.safetensors", *(p.name for p in folder.glob("rng_state*.safetensors"))):
         if (problem := safetensors_problem(folder / name)) is not None:
             return problem
-    if adapter_kind(folder) == "torch":
+    if kind == "torch" or (kind is None and _written_by(folder) == "torch"):
         return json_problem(folder / "scheduler.json")
     return None
+
+
+def _written_by(folder: Path) -> str | None:
+    """The backend named in the folder's mlxrl_run.json, if it has a readable one."""
+    record = folder / RUN_FILE
+    if json_problem(record) is not None:
+        return None
+    data = json.loads(record.read_text())
+    return data.get("backend") if isinstance(data, dict) else None
 
 
 def check_adapter(folder: Path) -> None:

@@ -67,6 +67,16 @@ def resolve(name: str, revision: str | None = None) -> ModelRef:
     return ModelRef(name, base, local_model_path(base, revision), folder, fmt, config)
 
 
+def refuse_adapter_for_full_finetune(ref: ModelRef) -> None:
+    """`training.use_peft: false` trains every weight of a model; an adapter folder is refused
+    with the command that merges it (both backends)."""
+    if ref.adapter_path is not None:
+        raise ModelError(f"training.use_peft: false trains every weight of a model, and "
+                         f"{ref.adapter_path} is an adapter: merge it into its base first (`mlxrl "
+                         f"fuse {ref.adapter_path} --output DIR`) and name DIR, or train the adapter "
+                         f"with training.use_peft: true")
+
+
 def _adapter_folder(name: str) -> tuple[Path, dict] | None:
     """(folder, its adapter_config) when `name` is an adapter folder: one with an adapter config
     or adapter weights. Its weights are checked where they are loaded (`integrity.check_adapter`)."""

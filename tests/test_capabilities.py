@@ -26,10 +26,21 @@ def test_defaults_give_no_note_on_either_backend():
     assert notes([]) == [] and notes([], "torch") == []
 
 
-def test_use_peft_false_is_noted_even_as_oumis_default():
-    cfg = load_config(None, ["--model.model_name", "m"])
-    lines = capabilities.notes(cfg, "mlx")
-    assert lines == ["note: training.use_peft: false: mlxrl trains LoRA adapters (r=8, alpha=8) on a frozen base"]
+def test_use_peft_false_is_a_full_finetune_whose_lora_fields_are_noted():
+    """Oumi's default (use_peft: false) trains every weight on both backends: no note at the
+    defaults; LoRA fields set anyway are named as not read, and QLoRA is refused."""
+    for backend in ("mlx", "torch"):
+        cfg = load_config(None, ["--model.model_name", "m"])
+        assert capabilities.notes(cfg, backend) == []
+        cfg = load_config(None, ["--model.model_name", "m", "--peft.lora_r", "16", "--peft.use_dora", "true",
+                                 "--peft.lora_bias", "all"])
+        lines = capabilities.notes(cfg, backend)
+        assert lines == ["note: peft.lora_r, peft.lora_bias, peft.use_dora: not read: training.use_peft is "
+                         "false, so every weight trains (no adapter)"]
+        cfg = load_config(None, ["--model.model_name", "m", "--peft.q_lora", "true"])
+        with pytest.raises(ConfigError, match="peft.q_lora: a quantized base trains only through an adapter"):
+            capabilities.notes(cfg, backend)
+    assert notes(["--peft.lora_bias", "all"]) == ["note: peft.lora_bias: mlx-lm's LoRA layers train no bias"]
 
 
 def test_single_device_and_accelerate_notes():

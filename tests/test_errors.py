@@ -78,6 +78,20 @@ def _pickled_model(tmp: Path) -> str:
     return str(folder)
 
 
+def _peft_folder(tmp: Path) -> str:
+    """A (zero) PEFT LoRA adapter on the tiny model."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder = tmp / "peft"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "base_model_name_or_path": "tiny://qwen2", "r": 8, "lora_alpha": 8}))
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((8, 64), np.float32)},
+              str(folder / "adapter_model.safetensors"))
+    return str(folder)
+
+
 INF = "float('inf')"
 
 
@@ -133,6 +147,10 @@ CASES = {
     "grpo-eval-batch": (GRPO, lambda t: ["--training.eval_strategy", "steps", "--training.per_device_eval_batch_size", "6",
                                          "--data.validation.datasets", f"[{{dataset_path: {LETTERS}}}]"],
                         "per_device_eval_batch_size (6) to be a multiple of grpo.num_generations (4)"),
+    "full-finetune-adapter": (DPO, lambda t: ["--training.use_peft", "false", "--model.model_name", _peft_folder(t)],
+                              "is an adapter: merge it into its base first (`mlxrl fuse"),
+    "full-finetune-qlora": (DPO, lambda t: ["--training.use_peft", "false", "--peft.q_lora", "true"],
+                            "peft.q_lora: a quantized base trains only through an adapter"),
 }
 
 

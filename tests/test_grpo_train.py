@@ -140,7 +140,7 @@ def test_walkthrough_grpo_config_runs_to_the_end(tmp_path):
     assert any(x.startswith("note: training.grpo.use_vllm") and "MLX has no vLLM" in x
                for x in proc.stderr.splitlines())
     for folder in (tmp_path / "checkpoint-15", tmp_path / "checkpoint-30", tmp_path):
-        assert (folder / "adapters.safetensors").is_file(), folder
+        assert (folder / "model.safetensors").is_file(), folder  # no use_peft: a full fine-tune
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == list(range(3, 31, 3))
     assert "rewards/count_letters/mean" in logged[-1]

@@ -221,13 +221,15 @@ RUNS = {
         *TINY, *SHORT, "--training.grpo.max_completion_length", "8",
         "--data.train.datasets[0].dataset_path", str(DATA / "letter_count.jsonl")]),
 }
-# mlxrl's files, by backend: the adapter format differs (mlx-lm vs PEFT), the layout does not
+# mlxrl's files, by backend: the adapter format differs (mlx-lm vs PEFT), the layout does not;
+# a full fine-tune (learn_grpo sets no use_peft: Oumi's false) writes the same model files on both
 ADAPTER = {"mlx": "adapters.safetensors", "torch": "adapter_model.safetensors"}
-CONTRACT = ("adapter_config.json", "trainer_state.json", "metrics.jsonl", "completions.jsonl")
+CONTRACT = ("adapter_config.json", "trainer_state.json", "metrics.jsonl", "completions.jsonl",
+            "config.json", "generation_config.json")
 
 
 def _layout(out: Path, backend: str) -> set[str]:
-    names = {ADAPTER[backend]: "ADAPTER", **{n: n for n in CONTRACT}}
+    names = {ADAPTER[backend]: "ADAPTER", "model.safetensors": "ADAPTER", **{n: n for n in CONTRACT}}
     return {str(p.relative_to(out).with_name(names[p.name])) for p in out.rglob("*") if p.name in names}
 
 
@@ -287,7 +289,7 @@ def test_torch_notes_what_it_cannot_honour_in_one_line(runs):
     _, grpo_lines, _ = runs["learn_grpo", "torch"]
     assert len([x for x in dpo_lines if "peft.q_lora" in x]) == 1, dpo_lines
     assert len([x for x in grpo_lines if "training.grpo.use_vllm" in x]) == 1, grpo_lines
-    assert any("trains LoRA adapters" in x for x in grpo_lines)  # use_peft is not set there
+    assert not any("use_peft" in x for x in grpo_lines)  # not set there: Oumi's false, a full fine-tune
     assert not any("note:" in x and "q_lora" in x for x in grpo_lines)
 
 

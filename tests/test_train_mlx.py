@@ -138,7 +138,8 @@ def test_sft_lowers_loss_and_reloads(tmp_path):
         "--training.trainer_type", "TRL_SFT", "--training.max_steps", "30",
         "--training.per_device_train_batch_size", "4", "--training.learning_rate", "5e-3",
         "--training.logging_steps", "5", "--training.save_steps", "0",
-        "--training.output_dir", str(tmp_path), "--peft.lora_r", "8", "--peft.lora_alpha", "16"])
+        "--training.output_dir", str(tmp_path), "--training.use_peft", "true", "--peft.lora_r", "8",
+        "--peft.lora_alpha", "16"])
     train(cfg, quiet=True)
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["loss"] < 0.7 * logged[0]["loss"], (logged[0]["loss"], logged[-1]["loss"])

@@ -7,6 +7,10 @@
       mlxrl_run.json       (the final adapter; mlxrl_run.json: backend, config, files written)
       metrics.jsonl
 
+A full fine-tune (`training.use_peft: false`) writes a Hugging Face model folder where a LoRA run
+writes its adapter (`mlxrl.mlx.full_model.FullModelFiles`); the rest is the same. The model's
+files come from a `files` object: `write(folder)`, and `read(folder)` for a resume.
+
 A checkpoint is written into a hidden temporary folder and renamed into place when complete
 (`mlxrl.run_dir`), so a killed run never leaves a half-written `checkpoint-<step>` that looks
 complete. Only safetensors and JSON are ever read back.
@@ -21,7 +25,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxrl.mlx.model import save_adapter
+from mlxrl.mlx.model import ADAPTER_FILE, save_adapter
 from mlxrl.run_dir import (
     RUN_FILE,
     STATE_FILE,
@@ -36,12 +40,25 @@ from mlxrl.stopping import is_write_error, save_failed, write_error_text
 OPTIMIZER_FILE = "optimizer.safetensors"
 
 
-def write_checkpoint(output_dir: Path, step: int, model, adapter_config: dict, optimizer,
-                     trainer_state: dict, run_record: dict) -> Path:
+class AdapterFiles:
+    """A LoRA run's files: the adapter in mlx-lm's format."""
+
+    def __init__(self, model, adapter_config: dict):
+        self.model, self.adapter_config = model, adapter_config
+
+    def write(self, folder: Path) -> None:
+        save_adapter(self.model, folder, self.adapter_config)
+
+    def read(self, folder: Path) -> None:
+        self.model.load_weights(str(folder / ADAPTER_FILE), strict=False)
+
+
+def write_checkpoint(output_dir: Path, step: int, files, optimizer, trainer_state: dict,
+                     run_record: dict) -> Path:
     final = output_dir / f"checkpoint-{step}"
     with _one_line_write_errors(output_dir, final.name):
         tmp = staging_folder(output_dir, final.name)
-        save_adapter(model, tmp, adapter_config)
+        files.write(tmp)
         if optimizer is not None:
             flat = dict(tree_flatten(optimizer.state))
             mx.save_safetensors(str(tmp / OPTIMIZER_FILE), {k: v for k, v in flat.items() if isinstance(v, mx.array)})
@@ -51,13 +68,13 @@ def write_checkpoint(output_dir: Path, step: int, model, adapter_config: dict, o
     return final
 
 
-def write_final(output_dir: Path, model, adapter_config: dict, trainer_state: dict,
-                run_record: dict) -> None:
-    """The final adapter in output_dir itself; each file replaced atomically. Its RUN_FILE lists
-    the files, so that `--overwrite` removes exactly these."""
-    with _one_line_write_errors(output_dir, "the final adapter"):
+def write_final(output_dir: Path, files, trainer_state: dict, run_record: dict) -> None:
+    """The final adapter (or model) in output_dir itself; each file replaced atomically. Its
+    RUN_FILE lists the files, so that `--overwrite` removes exactly these."""
+    what = "the final adapter" if isinstance(files, AdapterFiles) else "the final model"
+    with _one_line_write_errors(output_dir, what):
         tmp = staging_folder(output_dir, "final")
-        save_adapter(model, tmp, adapter_config)
+        files.write(tmp)
         write_json(tmp / STATE_FILE, trainer_state)
         names = sorted(p.name for p in tmp.iterdir())
         write_json(tmp / RUN_FILE, {**run_record, "files": [*names, RUN_FILE]})

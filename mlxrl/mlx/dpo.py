@@ -20,14 +20,24 @@ from mlxrl.mlx.dpo_loss import (  # noqa: F401  (re-exported: the loss's public 
 )
 from mlxrl.mlx.logprobs import per_token_logps, per_token_logps_and_log_sum_sq
 from mlxrl.mlx.model import adapters_disabled
-from mlxrl.mlx.trainer import IndexStream, StepBatch, StreamPosition, bucket, pad_rows
+from mlxrl.mlx.trainer import (
+    IndexStream,
+    StepBatch,
+    StreamPosition,
+    bucket,
+    pad_rows,
+    total_steps_for,
+)
 
 logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # Training: chosen and rejected in one concatenated forward; the reference is the same model
 # with its adapters switched off (a forward outside the differentiated function), or log-probs
-# precomputed once for the whole dataset (`precompute_ref_log_probs`).
+# precomputed once for the whole dataset (`precompute_ref_log_probs`). A full fine-tune
+# (`training.use_peft: false`) has no adapter to switch off: the starting model's log-probs are
+# precomputed for the pairs the run will visit (the order is a function of the seed), one forward
+# per pair, as many as a per-step reference forward would make, and no second copy in memory.
 
 
 def _pair_rows(pair: dict) -> tuple:
@@ -82,10 +92,33 @@ def reference_logps(model, input_ids, mask, adapters_off: bool = True,
     return logps
 
 
-def preference_eval(model, tokenizer, dataset, settings, batch_size: int = 8) -> dict[str, float]:
-    """TRL's DPO metrics (and loss) over a whole held-out dataset, policy vs adapter-off ref."""
+def preference_eval(model, tokenizer, dataset, settings, batch_size: int = 8,
+                    reference=None) -> dict[str, float]:
+    """TRL's DPO metrics (and loss) over a whole held-out dataset, policy vs adapter-off ref
+    (or vs `reference`, another model: a full fine-tune's starting model)."""
     pairs = encode_pairs(dataset, tokenizer, settings.max_length)
-    return pairs_metrics(model, settings, pairs, batch_size) | {"num_pairs": len(pairs)}
+    cached = None if reference is None else model_logps(reference, pairs, batch_size, settings.ld_alpha)
+    return pairs_metrics(model, settings, pairs, batch_size, cached) | {"num_pairs": len(pairs)}
+
+
+def model_logps(model, pairs: list[tuple], batch_size: int, ld_alpha: float | None = None,
+                indices=None, adapters_off: bool = False) -> list[tuple[float, float] | None]:
+    """(chosen, rejected) log-probs of `model` as it is (no dropout) for `pairs` at `indices`
+    (all by default; None for the others)."""
+    indices = list(range(len(pairs)) if indices is None else indices)
+    cache: list[tuple[float, float] | None] = [None] * len(pairs)
+    training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            ids, mask, _ = pair_arrays([pairs[i] for i in chunk])
+            logps = reference_logps(model, ids, mask, adapters_off, ld_alpha).tolist()
+            for j, i in enumerate(chunk):
+                cache[i] = (logps[j], logps[len(chunk) + j])
+    finally:
+        model.train(training)
+    return cache
 
 
 def pairs_metrics(model, settings, pairs: list[tuple], batch_size: int,
@@ -123,14 +156,20 @@ class DPOMethod(StreamPosition):
         self.reference_is_start = loaded.adapter_path is not None
         if self.reference_is_start:
             logger.warning(f"note: the DPO reference is the starting adapter ({loaded.adapter_path}), precomputed")
-        precompute = self.settings.precompute_ref_log_probs or self.reference_is_start or self._visits_all()
-        self.ref_cache = self._precompute_reference(self.pairs) if precompute else None
+        self.full = not cfg.training.use_peft  # a full fine-tune: the reference is its start
+        self.ref_cache = None
+        if self.settings.precompute_ref_log_probs or self.reference_is_start or self._visits_all():
+            self.ref_cache = self._precompute_reference(self.pairs)
+        elif self.full:
+            self.ref_cache = self._precompute_reference(self.pairs, self._visited())
 
     def evaluation(self, dataset):
         """TRL's DPO metrics on `dataset` (its evaluation loop: loss and rewards/* weighted by
-        batch); the reference as in training (a starting adapter's log-probs computed now)."""
+        batch); the reference as in training (a starting adapter's or a full fine-tune's starting
+        log-probs computed now, before any update)."""
         pairs = encode_pairs(dataset, self.tokenizer, self.settings.max_length)
-        reference = self._precompute_reference(pairs) if self.reference_is_start else None
+        starts = self.reference_is_start or self.full
+        reference = self._precompute_reference(pairs) if starts else None
         size = self.training.per_device_eval_batch_size
 
         def run() -> dict:
@@ -154,21 +193,24 @@ class DPOMethod(StreamPosition):
             return True
         return self.training.max_steps * self.examples_per_step >= len(self.pairs)
 
+    def _visited(self) -> list[int]:
+        """The pairs this run's steps will draw, in order of index."""
+        steps = total_steps_for(self.training, self.examples_per_step, len(self.pairs))
+        stream = IndexStream(len(self.pairs), self.training.seed)
+        return sorted(set(stream.take(steps * self.examples_per_step)))
+
     def _arrays(self, indices: list[int]):
         return pair_arrays([self.pairs[i] for i in indices])
 
-    def _precompute_reference(self, pairs: list[tuple]) -> list[tuple[float, float]]:
-        logger.info(f"computing the reference's log-probs for {len(pairs)} pairs")
-        batch = self.training.per_device_train_batch_size
-        cache = []
-        for start in range(0, len(pairs), batch):
-            indices = list(range(start, min(start + batch, len(pairs))))
-            ids, mask, _ = pair_arrays([pairs[i] for i in indices])
-            logps = reference_logps(self.model, ids, mask, not self.reference_is_start,
-                                    self.settings.ld_alpha).tolist()
-            n = len(indices)
-            cache += list(zip(logps[:n], logps[n:]))
-        return cache
+    def _precompute_reference(self, pairs: list[tuple], indices=None) -> list[tuple[float, float] | None]:
+        """(chosen, rejected) reference log-probs of `pairs` at `indices` (all by default; None for
+        the others), computed now, before any update (and before a resume loads the checkpoint's
+        weights)."""
+        count = len(pairs) if indices is None else len(indices)
+        logger.info(f"computing the reference's log-probs for {count} pairs")
+        adapters_off = not (self.reference_is_start or self.full)
+        return model_logps(self.model, pairs, self.training.per_device_train_batch_size,
+                           self.settings.ld_alpha, indices, adapters_off)
 
     def loss(self, input_ids, mask, ref_logps):
         loss, metrics = policy_loss(self.model, self.settings, input_ids, mask, ref_logps)

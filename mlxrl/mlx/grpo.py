@@ -18,6 +18,7 @@ from mlxrl.data.formats import encode_prompt, grpo_template_note, unwrap
 from mlxrl.errors import ConfigError
 from mlxrl.loss_types import grpo_notes
 from mlxrl.metrics_log import log_completions
+from mlxrl.mlx.full_model import frozen_copy
 from mlxrl.mlx.grpo_loss import (  # noqa: F401  (re-exported: the loss's public names)
     GRPO_AGGREGATIONS,
     GRPO_LOSS_TYPES,
@@ -91,6 +92,9 @@ class GRPOMethod(StreamPosition):
         self.completions_log = Path(self.training.output_dir) / "completions.jsonl" if s.log_completions else None
         self.reuse = RolloutReuse(self, s.num_iterations) if s.num_iterations > 1 else None
         self.last_sample: dict | None = None  # the first completion of the last rollout (log_completions)
+        # The KL's reference: the adapter-off model, or for a full fine-tune a frozen copy of the
+        # starting weights (one more copy of the weights in memory, from the first update on).
+        self.reference = frozen_copy(self.model) if s.beta != 0.0 and not cfg.training.use_peft else None
 
     # with num_iterations (TRL's mu) a rollout batch serves mu optimizer steps (grpo_reuse.py)
     examples_per_step = property(lambda self: self.prompts_per_step / self.settings.num_iterations)
@@ -212,10 +216,17 @@ class GRPOMethod(StreamPosition):
             ids = pad_rows(rows[start:start + bs], width)
             mask = pad_rows(masks[start:start + bs], width)
             if self.settings.beta != 0.0:
-                with adapters_disabled(self.model):
-                    ref = per_token_logps(self.model, ids, self.settings.temperature)
-                mx.eval(ref)
+                ref = self._reference_logps(ids)
             else:
                 ref = mx.zeros((ids.shape[0], width - 1))
             micro.append((ids, mask, mx.array(advantages[start:start + bs]), ref, num_items))
         return micro
+
+    def _reference_logps(self, ids: mx.array) -> mx.array:
+        if self.reference is not None:
+            ref = per_token_logps(self.reference, ids, self.settings.temperature)
+        else:
+            with adapters_disabled(self.model):
+                ref = per_token_logps(self.model, ids, self.settings.temperature)
+        mx.eval(ref)
+        return ref

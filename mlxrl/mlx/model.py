@@ -8,6 +8,8 @@
 - The DPO/GRPO reference policy is the same model with its adapter layers switched off, i.e. the
   base layers alone, as PEFT's `disable_adapter()` gives it (`adapters_disabled`), never a
   second copy.
+- Full fine-tuning (`training.use_peft: false`, `load(..., full=True)`): no adapter, every weight
+  trainable; its files and references are in `mlxrl/mlx/full_model.py`.
 - Adapters are saved in mlx-lm's format, so `mlx_lm.load(base, adapter_path=...)` and
   `mlx_lm.fuse` work on them; mlxrl's own fields sit under the `mlxrl` key.
 """
@@ -33,7 +35,13 @@ from mlxrl.integrity import check_adapter, check_tokenizer
 from mlxrl.lora_targets import select_lora_targets
 from mlxrl.mlx.cpu_ops import use_cpu_ops
 from mlxrl.mlx.model_config import load_model
-from mlxrl.model_names import ADAPTER_CONFIG, ModelRef, local_model_path, resolve
+from mlxrl.model_names import (
+    ADAPTER_CONFIG,
+    ModelRef,
+    local_model_path,
+    refuse_adapter_for_full_finetune,
+    resolve,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,16 +83,21 @@ def mlx_adapter(ref: ModelRef) -> ModelRef:
                                adapter_config=json.loads((out / ADAPTER_CONFIG).read_text()))
 
 
-def load(model_params, peft_params=None, *, for_training: bool = False, gradient_checkpointing=False):
+def load(model_params, peft_params=None, *, for_training: bool = False, gradient_checkpointing=False,
+         full: bool = False):
     """Load the model named in `model_params` (hub id, folder or checkpoint) with mlx-lm.
 
     With `for_training` and a `peft_params`, the base is frozen (and quantized for q_lora) and
     fresh LoRA layers are added, unless the name is a checkpoint, whose adapter is loaded and
-    left trainable (continue training from it).
+    left trainable (continue training from it). With `full` (training.use_peft: false) every
+    weight is left trainable and no adapter is added.
     """
     from mlx_lm.utils import load_tokenizer
 
-    ref = mlx_adapter(resolve(model_params.model_name, model_params.model_revision))
+    ref = resolve(model_params.model_name, model_params.model_revision)
+    if full:
+        refuse_adapter_for_full_finetune(ref)
+    ref = mlx_adapter(ref)
     base_name, base_path, adapter_path = ref.base_name, ref.base_path, ref.adapter_path
     with_adapter = f" with the adapter in {adapter_path}" if adapter_path is not None else ""
     logger.info(f"loading {base_name}{with_adapter}")
@@ -107,6 +120,8 @@ def load(model_params, peft_params=None, *, for_training: bool = False, gradient
     configure_tokenizer(tokenizer._tokenizer, model_params, base_name)
     cast(model, model_params.torch_dtype_str)
     model.freeze()
+    if full:
+        _unfreeze_all(model, base_name)
     quant = saved.get("mlxrl", {}).get("quantization")
     if quant is None and for_training and peft_params is not None and peft_params.q_lora:
         quant = {"group_size": QUANT_GROUP_SIZE, "bits": peft_params.q_lora_bits}
@@ -128,6 +143,15 @@ def load(model_params, peft_params=None, *, for_training: bool = False, gradient
     return LoadedModel(model, tokenizer, base_path, base_name, adapter_path, bool(quant), lora)
 
 
+
+
+def _unfreeze_all(model: nn.Module, name: str) -> None:
+    """Full fine-tuning: every weight trains. A model stored quantized (an mlx-community 4-bit
+    folder) keeps its quantized weights frozen in MLX, so it is refused rather than trained in part."""
+    if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
+        raise ModelError(f"{name} is stored quantized, and training.use_peft: false trains every "
+                         f"weight in float: use the float model, or LoRA (training.use_peft: true)")
+    model.unfreeze()
 
 
 def _load_untrained(base_path: Path, trust_remote_code: bool):

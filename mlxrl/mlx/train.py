@@ -1,4 +1,5 @@
-"""`train(cfg)` on MLX: load the model with fresh LoRA layers, the data, the method, and run."""
+"""`train(cfg)` on MLX: load the model with fresh LoRA layers (or every weight trainable with
+`training.use_peft: false`), the data, the method, and run."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from mlxrl import _jit, capabilities
 from mlxrl.data.loading import load_split, with_chat_template_kwargs
 from mlxrl.errors import ConfigError, DataError
 from mlxrl.mlx import model as mlx_model
+from mlxrl.mlx.full_model import FullModelFiles
 from mlxrl.mlx.trainer import Trainer, total_steps_for
 from mlxrl.run_dir import read_state
 from mlxrl.run_lock import RunLock
@@ -108,7 +110,8 @@ def _run(cfg, plan, quiet: bool) -> dict:
     dataset = with_chat_template_kwargs(dataset, cfg.model.chat_template_kwargs)
     validation = _validation(cfg)
     mx.random.seed(cfg.training.seed)
-    loaded = mlx_model.load(cfg.model, cfg.peft, for_training=True,
+    full = not cfg.training.use_peft
+    loaded = mlx_model.load(cfg.model, None if full else cfg.peft, for_training=True, full=full,
                             gradient_checkpointing=cfg.training.enable_gradient_checkpointing)
     _freeze(loaded.model, cfg.model.freeze_layers)
     method, evaluation = _method(cfg, loaded, dataset, validation)
@@ -123,11 +126,17 @@ def _run(cfg, plan, quiet: bool) -> dict:
     trainable, params = mlx_model.trainable_count(loaded.model)
     logger.info(f"mlxrl {t.method} on MLX: {loaded.base_name}, {trainable:,} trainable of {params:,} "
                 f"parameters, {method.dataset_size} examples, {total} steps -> {t.output_dir}")
-    extra = {"method": t.method, "config": dataclasses.asdict(cfg)}
-    adapter_config = mlx_model.adapter_config_for(loaded, extra)
+    adapter_config, files = None, None
+    if full:
+        files = FullModelFiles(loaded)
+        for line in files.notes():
+            logger.warning(line)
+    else:
+        extra = {"method": t.method, "config": dataclasses.asdict(cfg)}
+        adapter_config = mlx_model.adapter_config_for(loaded, extra)
     plan.start()
     trainer = Trainer(cfg, loaded, method, adapter_config, total, quiet=quiet,
-                      run_record=run_record(cfg, "mlx"), evaluation=evaluation)
+                      run_record=run_record(cfg, "mlx"), evaluation=evaluation, files=files)
     if plan.resume is not None:
         trainer.restore(plan.resume)
         logger.info(f"resumed from {plan.resume} at step {trainer.step}")

@@ -34,7 +34,6 @@ from mlxrl import reporters, schedules
 from mlxrl.errors import MlxrlError
 from mlxrl.metrics_log import MetricsLog
 from mlxrl.mlx import checkpoint
-from mlxrl.mlx.model import ADAPTER_FILE
 from mlxrl.run_dir import read_state
 from mlxrl.stopping import StopOnSignal, interrupted, non_finite
 
@@ -122,11 +121,14 @@ def total_steps_for(training, examples_per_step: int, dataset_size: int) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg, loaded, method, adapter_config: dict, total_steps: int, quiet=False,
-                 run_record: dict | None = None, evaluation=None):
+    def __init__(self, cfg, loaded, method, adapter_config: dict | None, total_steps: int, quiet=False,
+                 run_record: dict | None = None, evaluation=None, files=None):
+        """`files` writes and reads the model's files (`checkpoint.AdapterFiles` of
+        `adapter_config` by default; a full fine-tune's `full_model.FullModelFiles`)."""
         self.cfg, self.training = cfg, cfg.training
         self.model, self.method = loaded.model, method
-        self.adapter_config, self.run_record = adapter_config, run_record or {}
+        self.files = files or checkpoint.AdapterFiles(self.model, adapter_config)
+        self.run_record = run_record or {}
         self.total_steps = total_steps
         self.output_dir = Path(self.training.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -256,10 +258,10 @@ class Trainer:
                 "log_history": self.log.history}
 
     def restore(self, folder: Path) -> None:
-        """Continue exactly from a checkpoint: adapter, optimizer, schedule, data order, logs
-        (the RNG follows from the step)."""
+        """Continue exactly from a checkpoint: adapter (or model), optimizer, schedule, data order,
+        logs (the RNG follows from the step)."""
         state = read_state(folder)
-        self.model.load_weights(str(folder / ADAPTER_FILE), strict=False)
+        self.files.read(folder)
         saved = checkpoint.load_optimizer_state(folder)
         if saved is not None:
             self.optimizer.state = saved
@@ -271,8 +273,8 @@ class Trainer:
         mx.eval(self.model.parameters(), self.optimizer.state)
 
     def save_checkpoint(self) -> Path:
-        return checkpoint.write_checkpoint(self.output_dir, self.step, self.model, self.adapter_config,
-                                           self.optimizer, self.state(), self.run_record)
+        return checkpoint.write_checkpoint(self.output_dir, self.step, self.files, self.optimizer,
+                                           self.state(), self.run_record)
 
     def run(self) -> dict:
         training = self.training
@@ -288,8 +290,7 @@ class Trainer:
                     self.log.advance()
                     self._after_step(stop)
                 if training.save_final_model:
-                    checkpoint.write_final(self.output_dir, self.model, self.adapter_config, self.state(),
-                                           self.run_record)
+                    checkpoint.write_final(self.output_dir, self.files, self.state(), self.run_record)
             finally:
                 self.log.close(self._run_summary(time.perf_counter() - started, self.step - first))
         return self.state()

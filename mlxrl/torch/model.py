@@ -72,6 +72,8 @@ def load(cfg, quantization=None) -> Loaded:
 
     mp = cfg.model
     ref = resolve(mp.model_name, mp.model_revision)
+    if not cfg.training.use_peft:
+        model_names.refuse_adapter_for_full_finetune(ref)
     base, peft_dir = str(ref.base_path), ref.adapter_path
     tokenizer = load_tokenizer(mp, base)
     kwargs = {**(cfg.training.grpo.model_init_kwargs or {}), **(mp.model_kwargs or {})}

@@ -5,6 +5,9 @@
                            plus optimizer / scheduler / RNG state for an exact resume, as
                            safetensors and JSON, written atomically (checkpoints.py)
       adapter_model.safetensors, adapter_config.json, trainer_state.json   (the final adapter)
+
+With training.use_peft: false TRL trains every weight (no peft_config) and saves model folders
+(config.json, model.safetensors, tokenizer, generation_config.json) where the adapter files are.
       metrics.jsonl        (completions.jsonl for GRPO with training.grpo.log_completions)
 
 Under `accelerate launch -m mlxrl.cli train ...` this runs TRL's own distributed path: each
@@ -94,7 +97,7 @@ def build(cfg, *, quiet: bool = False, run_record: dict | None = None):
     loaded = torch_model.load(cfg, quantization)
     args = trl_args(cfg, loaded, device, use_vllm)
     peft_config = None
-    if loaded.peft_dir is None:  # a PEFT folder brings its own adapter
+    if cfg.training.use_peft and loaded.peft_dir is None:  # a PEFT folder brings its own adapter
         targets = torch_model.lora_targets(loaded.model, cfg.peft)
         peft_config = translate.lora_config(cfg.peft, targets)
     t = cfg.training
@@ -111,6 +114,8 @@ def build(cfg, *, quiet: bool = False, run_record: dict | None = None):
                                     eval_dataset=validation, on_sample=callback.set_sample,
                                     rollout_clock=callback.rollouts)
     _freeze(trainer.model, cfg.model.freeze_layers)
+    if not t.use_peft:
+        _reference_is_the_start(trainer)
     _use_mlxrl_bar(trainer, callback)
     _tensorboard_folder(trainer, cfg)
     return trainer, loaded, device
@@ -150,6 +155,18 @@ def _freeze(model, names: list[str]) -> None:
             f"model.layers.0)")
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"model.freeze_layers {names} freezes every trainable parameter")
+
+
+def _reference_is_the_start(trainer) -> None:
+    """A full fine-tune's reference (DPO, GRPO with beta > 0) is a second model that TRL loads
+    from the policy's path with its own arguments; it gets the policy's starting weights, so the
+    reference is the model the run starts from as on MLX (also with load_pretrained_weights:
+    false or model_kwargs). DeepSpeed/FSDP shard both models: TRL's own reference stays."""
+    ref = getattr(trainer, "ref_model", None)
+    if ref is None or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        return
+    unwrap = trainer.accelerator.unwrap_model
+    unwrap(ref).load_state_dict(unwrap(trainer.model).state_dict())
 
 
 def _use_mlxrl_bar(trainer, callback: MlxrlCallback) -> None:
