@@ -37,7 +37,7 @@ def digit_fraction(prompts, completions, **kwargs):
 
 def train(config, out, *extra, backend="mlx", check=True):
     cmd = [sys.executable, "-m", "mlxrl.cli", "train", "--backend", backend, "-c", config,
-           "--training.output_dir", str(out), "--quiet", *extra]
+           "--training.output_dir", str(out), *extra]  # not --quiet: the header is checked
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     if check:
         assert proc.returncode == 0, proc.stderr
@@ -212,7 +212,7 @@ def _dpo_cmd(out, backend="mlx", *extra):
     return [sys.executable, "-m", "mlxrl.cli", "train", "--backend", backend, "-c", DPO, *FULL,
             "--data.train.datasets[0].dataset_name", str(DATA / "preferences.jsonl"),
             "--training.output_dir", str(out), "--training.max_steps", "8", "--training.save_steps", "4",
-            "--training.learning_rate", "1e-3", "--quiet", *extra]
+            "--training.learning_rate", "1e-3", *extra]  # not --quiet: "resumed from" is checked
 
 
 @pytest.mark.parametrize("backend", ["mlx", pytest.param("torch", marks=pytest.mark.slow)])
