@@ -66,7 +66,7 @@ def gguf_model_path(name: str) -> Path:
 
 def converted_gguf(gguf: Path) -> Path:
     """The Hugging Face folder of GGUF file `gguf`, converted once into the cache."""
-    from mlxrl.testing import cache_dir
+    from mlxrl.cache import cache_dir
 
     gguf = Path(gguf).expanduser().resolve()
     if not gguf.is_file():
