@@ -29,12 +29,23 @@ _OVERWRITE = click.option("--overwrite", is_flag=True,
 
 
 _GGUF_TYPES = ["f32", "f16", "q8_0", "q4_0"]
+_SYSTEM = click.option("--system-prompt", "system_prompt", default=None,
+                       help="gguf only: the Modelfile's SYSTEM prompt (text, or a registered name: "
+                            "`letter_count` is the \\boxed{} prompt GRPO trains with).")
 
 
-def _export_gguf(checkpoint, output, quantize, overwrite, repo, private) -> None:
+def _system_text(system_prompt, fmt):
+    if system_prompt and fmt != "gguf":
+        raise click.BadParameter("applies to --format gguf only", param_hint="--system-prompt")
+    from mlxrl.inference import system_prompt_text
+
+    return system_prompt_text(system_prompt)
+
+
+def _export_gguf(checkpoint, output, quantize, system, overwrite, repo, private) -> None:
     from mlxrl.gguf_export import export_lora_gguf
 
-    out, base = export_lora_gguf(checkpoint, output, quantize, overwrite=overwrite)
+    out, base = export_lora_gguf(checkpoint, output, quantize, overwrite=overwrite, system=system)
     click.echo(f"wrote a llama.cpp LoRA adapter to {out / 'adapter.gguf'}; it applies on top of "
                f"the base GGUF {base}")
     click.echo(f"Ollama: ollama create my-model -f {out / 'Modelfile'}   "
@@ -60,12 +71,13 @@ def _push(folder, repo, private) -> None:
 @click.option("--quantize", type=click.Choice(_GGUF_TYPES), default=None,
               help="gguf only: the type of the base GGUF written beside the adapter when the "
                    "base is not a GGUF file already (default f16).")
+@_SYSTEM
 @_OVERWRITE
 @_PUSH
 @_PRIVATE
 @_DEBUG
 @friendly_errors(mlx=True)
-def export(checkpoint, fmt, output, quantize, overwrite, repo, private, debug):
+def export(checkpoint, fmt, output, quantize, system_prompt, overwrite, repo, private, debug):
     """Export an mlxrl adapter (a training output or checkpoint-N folder) for Hugging Face PEFT
     or llama.cpp / Ollama.
 
@@ -80,8 +92,9 @@ def export(checkpoint, fmt, output, quantize, overwrite, repo, private, debug):
 
     from mlxrl.adapters import DEQUANTIZED_BASE, export_peft
 
+    system = _system_text(system_prompt, fmt)
     if fmt == "gguf":
-        _export_gguf(checkpoint, output, quantize or "f16", overwrite, repo, private)
+        _export_gguf(checkpoint, output, quantize or "f16", system, overwrite, repo, private)
         return
     if quantize:
         raise click.BadParameter("applies to --format gguf only", param_hint="--quantize")
@@ -132,12 +145,13 @@ def import_adapter(peft_dir, output, base, overwrite, debug):
               help="hf: the bare flag keeps a quantized base quantized (MLX format, for mlx-lm "
                    "only; re-quantizing may erase small adapter deltas); default dequantized. "
                    "gguf: the weight type, default f16.")
+@_SYSTEM
 @_OVERWRITE
 @_PUSH
 @_PRIVATE
 @_DEBUG
 @friendly_errors(mlx=True)
-def fuse(checkpoint, output, fmt, quantize, overwrite, repo, private, debug):
+def fuse(checkpoint, output, fmt, quantize, system_prompt, overwrite, repo, private, debug):
     """Merge an mlxrl adapter into its base model.
 
     The default output is a dequantized model in Hugging Face layout (transformers' tensor names,
@@ -147,8 +161,9 @@ def fuse(checkpoint, output, fmt, quantize, overwrite, repo, private, debug):
     """
     from mlxrl.adapters import fuse as fuse_model
 
+    system = _system_text(system_prompt, fmt)
     if fmt == "gguf":
-        _fuse_gguf(checkpoint, output, quantize, overwrite, repo, private)
+        _fuse_gguf(checkpoint, output, quantize, system, overwrite, repo, private)
         return
     if quantize not in (None, "mlx"):
         raise click.BadParameter(f"{quantize!r} is a GGUF type: add --format gguf, or pass "
@@ -165,14 +180,14 @@ def fuse(checkpoint, output, fmt, quantize, overwrite, repo, private, debug):
     _push(out, repo, private)
 
 
-def _fuse_gguf(checkpoint, output, quantize, overwrite, repo, private) -> None:
+def _fuse_gguf(checkpoint, output, quantize, system, overwrite, repo, private) -> None:
     from mlxrl.gguf_export import fuse_gguf
 
     quantize = quantize or "f16"
     if quantize not in _GGUF_TYPES:
         raise click.BadParameter(f"use one of {', '.join(_GGUF_TYPES)} with --format gguf",
                                  param_hint="--quantize")
-    out = fuse_gguf(checkpoint, output, quantize, overwrite=overwrite)
+    out = fuse_gguf(checkpoint, output, quantize, overwrite=overwrite, system=system)
     click.echo(f"wrote the merged model to {out / f'model-{quantize}.gguf'} "
                f"(llama.cpp, LM Studio) and {out / 'Modelfile'} "
                f"(Ollama: ollama create my-model -f {out / 'Modelfile'})")

@@ -32,8 +32,10 @@ LORA_SUFFIXES = {"lora_A.weight": "lora_a", "lora_B.weight": "lora_b"}
 PEFT_PREFIX = "base_model.model."
 
 
-def fuse_gguf(checkpoint_dir, output_dir, quantize: str = "f16", overwrite: bool = False) -> Path:
-    """The merged model as `output_dir/model-<quantize>.gguf` plus an Ollama Modelfile."""
+def fuse_gguf(checkpoint_dir, output_dir, quantize: str = "f16", overwrite: bool = False,
+              system: str | None = None) -> Path:
+    """The merged model as `output_dir/model-<quantize>.gguf` plus an Ollama Modelfile (with
+    `system` as its SYSTEM prompt when given)."""
     from mlxrl.adapters import fuse
     from mlxrl.gguf_model import write_model
     from mlxrl.output_folder import staged
@@ -45,12 +47,12 @@ def fuse_gguf(checkpoint_dir, output_dir, quantize: str = "f16", overwrite: bool
         with staged(out, overwrite, GGUF_FILES, GgufError) as tmp:
             name = f"model-{quantize}.gguf"
             write_model(hf, tmp / name, quantize, name=Path(checkpoint_dir).resolve().name)
-            write_modelfile(tmp / MODELFILE, hf, f"./{name}")
+            write_modelfile(tmp / MODELFILE, hf, f"./{name}", system=system)
     return out
 
 
-def export_lora_gguf(checkpoint_dir, output_dir, quantize: str = "f16",
-                     overwrite: bool = False) -> tuple[Path, Path]:
+def export_lora_gguf(checkpoint_dir, output_dir, quantize: str = "f16", overwrite: bool = False,
+                     system: str | None = None) -> tuple[Path, Path]:
     """`output_dir/adapter.gguf` + Modelfile (+ `base-<quantize>.gguf` when the base is not a GGUF
     file already); returns (output folder, the base GGUF the adapter applies to)."""
     from mlxrl.adapters import DEQUANTIZED_BASE, PEFT_CONFIG, export_peft
@@ -76,7 +78,8 @@ def export_lora_gguf(checkpoint_dir, output_dir, quantize: str = "f16",
                 source, from_line = out / base, f"./{base}"
             else:
                 from_line = str(source)
-            write_modelfile(tmp / MODELFILE, base_folder, from_line, adapter=f"./{ADAPTER_GGUF}")
+            write_modelfile(tmp / MODELFILE, base_folder, from_line, adapter=f"./{ADAPTER_GGUF}",
+                            system=system)
     return out, source
 
 
@@ -168,11 +171,16 @@ def chatml_system(template: str) -> tuple[bool, str | None]:
     return True, None
 
 
-def write_modelfile(path: Path, hf_folder: Path, from_line: str, adapter: str | None = None) -> None:
-    """An Ollama Modelfile for the model in `hf_folder` (its tokenizer and chat template)."""
+def write_modelfile(path: Path, hf_folder: Path, from_line: str, adapter: str | None = None,
+                    system: str | None = None) -> None:
+    """An Ollama Modelfile for the model in `hf_folder` (its tokenizer and chat template);
+    `system` replaces the template's default system prompt."""
     settings = json.loads((Path(hf_folder) / "tokenizer_config.json").read_text())
     template = chat_template(hf_folder)
-    is_chatml, system = chatml_system(template) if template else (False, None)
+    is_chatml, default_system = chatml_system(template) if template else (False, None)
+    system = system or default_system
+    if system and '"""' in system:
+        raise GgufError('a system prompt with """ cannot be written to a Modelfile')
     lines = ["# Ollama: ollama create my-model -f Modelfile && ollama run my-model",
              f"FROM {from_line}"]
     if adapter:
@@ -180,11 +188,11 @@ def write_modelfile(path: Path, hf_folder: Path, from_line: str, adapter: str | 
     stops = []
     if is_chatml:
         lines.append(f'TEMPLATE """{CHATML_GO}"""')
-        if system:
-            lines.append(f'SYSTEM """{system}"""')
         stops = ["<|im_end|>", "<|im_start|>"]
     else:
         lines.append("# TEMPLATE: not ChatML; Ollama reads the chat template in the GGUF metadata")
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
     eos = settings.get("eos_token")
     eos = eos.get("content") if isinstance(eos, dict) else eos
     if eos and eos not in stops:

@@ -154,12 +154,17 @@ def test_cli_fuse_and_export_gguf(built, tmp_path):
     assert result.exit_code == 0, result.output
     assert "model-q4_0.gguf" in result.output and "ollama create" in result.output
     assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["Modelfile", "model-q4_0.gguf"]
-    result = cli("export", ckpt, "--format", "gguf", "--output", tmp_path / "e")
+    result = cli("export", ckpt, "--format", "gguf", "--output", tmp_path / "e",
+                 "--system-prompt", "letter_count")
     assert result.exit_code == 0 and "--lora" in result.output, result.output
+    assert 'SYSTEM """' in (tmp_path / "e" / "Modelfile").read_text()
+    assert "\\boxed{" in (tmp_path / "e" / "Modelfile").read_text()
     assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["Modelfile", "adapter.gguf",
                                                                    "base-f16.gguf"]
     result = cli("fuse", ckpt, "--quantize", "q8_0", "--output", tmp_path / "x")
     assert result.exit_code == 2 and "--format gguf" in result.output
+    result = cli("fuse", ckpt, "--system-prompt", "hi", "--output", tmp_path / "x")
+    assert result.exit_code == 2 and "--format gguf only" in result.output
     assert "gguf" in cli("fuse", "--help").output and "gguf" in cli("export", "--help").output
 
 
