@@ -94,14 +94,11 @@ def _check_base(checkpoint_dir) -> str:
 
 
 def base_gguf_file(base_name: str) -> Path | None:
-    """The GGUF file a base model name stands for (`x.gguf`, gguf://smollm2), else None."""
-    from mlxrl.model_names import GGUF_SCHEME
+    """The GGUF file a base model name stands for (`x.gguf`, gguf://smollm2, a folder holding
+    one), else None."""
+    from mlxrl.real_model import gguf_file
 
-    if base_name.startswith(GGUF_SCHEME):
-        from mlxrl.real_model import smollm2_gguf
-
-        return smollm2_gguf()
-    return Path(base_name).expanduser().resolve() if base_name.endswith(".gguf") else None
+    return gguf_file(base_name)
 
 
 def _lora_alpha(pcfg: dict, where: str) -> float:
@@ -118,17 +115,16 @@ def _lora_alpha(pcfg: dict, where: str) -> float:
 def _write_lora(path: Path, peft: Path, pcfg: dict, arch: str, config: dict, where: str) -> None:
     import gguf
     import numpy as np
-    from safetensors.numpy import load_file
 
     from mlxrl.adapters import PEFT_WEIGHTS
-    from mlxrl.gguf_model import _write
+    from mlxrl.gguf_model import _write, read_safetensors
 
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, _lora_alpha(pcfg, where))
     writer.add_name(Path(where).resolve().name)
-    for key, value in sorted(load_file(str(peft / PEFT_WEIGHTS)).items()):
+    for key, value in sorted(read_safetensors(peft / PEFT_WEIGHTS).items()):
         module, _, part = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
         suffix = LORA_SUFFIXES[f"lora_{part}"]
         hf_name = f"{module}.weight"

@@ -91,16 +91,37 @@ def tensor_name(arch: str, config: dict, hf_name: str) -> str:
     return name
 
 
-def _hf_tensors(folder: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 
+
+def read_safetensors(file: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as float32 (bfloat16 too, which numpy cannot name:
+    its 16 bits are the top half of a float32)."""
+    data = np.memmap(file, dtype=np.uint8, mode="r")
+    size = int(np.frombuffer(data[:8].tobytes(), dtype="<u8")[0])
+    header = json.loads(data[8:8 + size].tobytes())
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _DTYPES:
+            raise GgufError(f"{file}: tensor {name} is {info['dtype']}; expected float weights")
+        start, end = (8 + size + offset for offset in info["data_offsets"])
+        raw = np.frombuffer(data[start:end].tobytes(), dtype=_DTYPES[info["dtype"]])
+        if info["dtype"] == "BF16":
+            raw = (raw.astype(np.uint32) << 16).view(np.float32)
+        tensors[name] = raw.astype(np.float32).reshape(info["shape"])
+    return tensors
+
+
+def _hf_tensors(folder: Path) -> dict[str, np.ndarray]:
     files = sorted(folder.glob("model*.safetensors"))
     if not files:
         raise GgufError(f"{folder}: no model*.safetensors to convert")
     tensors = {}
     for file in files:
-        tensors.update(load_file(str(file)))
-    return {k: v.astype(np.float32) for k, v in tensors.items()}
+        tensors.update(read_safetensors(file))
+    return tensors
 
 
 def _encode(weight: np.ndarray, quantize: str):

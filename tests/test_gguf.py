@@ -16,6 +16,7 @@ from test_adapters import IDS, make_adapter, tiny_qwen3
 
 from mlxrl import adapters
 from mlxrl.gguf_export import export_lora_gguf, fuse_gguf
+from mlxrl.gguf_model import write_model
 from mlxrl.testing import tiny_model
 
 torch = pytest.importorskip("torch")
@@ -183,3 +184,52 @@ def test_what_gguf_cannot_hold_is_refused_in_one_line(tmp_path):
         assert not (tmp_path / "out").exists()
     config = json.loads((falcon / "adapter_config.json").read_text())
     assert config  # the adapter folder is untouched
+
+
+def test_a_gguf_base_in_a_folder_is_recorded_and_checked(tmp_path):
+    """GGUF in: a folder holding one .gguf is a model name (converted through transformers); an
+    adapter trained on it records the file's path and sha256 (hashlib's), the LoRA export applies
+    on top of that very file, and another file under the same name is refused in one line."""
+    import hashlib
+
+    from click.testing import CliRunner
+
+    from mlxrl.cli import main
+    from mlxrl.errors import ModelError
+    from mlxrl.model_names import local_model_path, resolve
+
+    folder = tmp_path / "base"
+    folder.mkdir()
+    gguf_path = folder / "tiny-llama.gguf"
+    write_model(tiny_model("llama"), gguf_path, "f32")
+    converted = local_model_path(str(folder))
+    assert np.abs(hf_logits(converted) - hf_logits(tiny_model("llama"))).max() < 1e-5
+    ckpt, _ = make_adapter(tmp_path / "ckpt", "llama", base=folder, num_layers=1)
+    recorded = json.loads((ckpt / "adapter_config.json").read_text())["mlxrl"]["base_gguf"]
+    assert recorded == {"path": str(gguf_path.resolve()),
+                        "sha256": hashlib.sha256(gguf_path.read_bytes()).hexdigest()}
+    out, base = export_lora_gguf(ckpt, tmp_path / "lora")
+    assert base == gguf_path.resolve() and not list(out.glob("base-*.gguf"))
+    assert f"FROM {gguf_path.resolve()}" in (out / "Modelfile").read_text()
+
+    write_model(tiny_model("qwen2"), folder / "second.gguf", "f32")
+    with pytest.raises(ModelError, match="holds 2 GGUF files"):
+        resolve(str(ckpt))
+    (folder / "second.gguf").replace(gguf_path)  # another model under the recorded name
+    result = CliRunner().invoke(main, ["fuse", str(ckpt), "-o", str(tmp_path / "fused")])
+    assert result.exit_code == 1 and result.output.startswith("error: "), result.output
+    assert "is now another file" in result.output and result.output.count("\n") == 1
+
+
+def test_bfloat16_weights_are_read_exactly(tmp_path):
+    """A model trained in bfloat16 fuses to bfloat16 safetensors, which numpy cannot name: the
+    writer reads them as MLX (another safetensors writer) stores them."""
+    import mlx.core as mx
+
+    from mlxrl.gguf_model import read_safetensors
+
+    w = mx.random.normal((4, 64)).astype(mx.bfloat16)
+    mx.save_safetensors(str(tmp_path / "w.safetensors"), {"w": w, "h": w.astype(mx.float16)})
+    read = read_safetensors(tmp_path / "w.safetensors")
+    assert np.array_equal(read["w"], np.array(w.astype(mx.float32)))
+    assert np.array_equal(read["h"], np.array(w.astype(mx.float16).astype(mx.float32)))
