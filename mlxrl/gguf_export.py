@@ -23,7 +23,14 @@ import math
 import tempfile
 from pathlib import Path
 
-from mlxrl.gguf_model import GgufError, chat_template, check_arch, tensor_name, to_gguf_layout
+from mlxrl.gguf_model import (
+    GgufError,
+    chat_template,
+    check_arch,
+    check_tokenizer,
+    tensor_name,
+    to_gguf_layout,
+)
 
 MODELFILE = "Modelfile"
 ADAPTER_GGUF = "adapter.gguf"
@@ -90,6 +97,7 @@ def _check_base(checkpoint_dir) -> str:
     ref = resolve(str(checkpoint_dir))
     config = json.loads((ref.base_path / "config.json").read_text())
     check_arch(config, f"{checkpoint_dir} (base {ref.base_name})")
+    check_tokenizer(ref.base_path)
     return ref.base_name
 
 

@@ -207,15 +207,22 @@ def _pre_tokenizer(tokenizer: dict, where: str) -> str:
                     f"way (GPT-2, Qwen2 or Llama-3 byte-level BPE); cannot write its tokenizer")
 
 
+def check_tokenizer(folder: Path) -> tuple[dict, str]:
+    """(tokenizer.json, llama.cpp's pre-tokenizer name), or a one-line refusal."""
+    where = str(Path(folder) / "tokenizer.json")
+    tokenizer = _read_json(Path(folder) / "tokenizer.json")
+    model = tokenizer.get("model", {})
+    if model.get("type") != "BPE" or (tokenizer.get("decoder") or {}).get("type") != "ByteLevel":
+        raise GgufError(f"{where}: only byte-level BPE tokenizers are written to GGUF by mlxrl")
+    return tokenizer, _pre_tokenizer(tokenizer, where)
+
+
 def add_tokenizer(writer, folder: Path, config: dict) -> None:
     """Byte-level BPE vocabulary, merges, token types, special ids and the chat template."""
     import gguf
 
-    where = str(folder / "tokenizer.json")
-    tokenizer = _read_json(folder / "tokenizer.json")
-    model = tokenizer.get("model", {})
-    if model.get("type") != "BPE" or not tokenizer.get("decoder", {}).get("type") == "ByteLevel":
-        raise GgufError(f"{where}: only byte-level BPE tokenizers are written to GGUF by mlxrl")
+    tokenizer, pre = check_tokenizer(folder)
+    model = tokenizer["model"]
     vocab = dict(model["vocab"])
     added = {t["content"]: t for t in tokenizer.get("added_tokens", [])}
     for token in added.values():
@@ -230,7 +237,7 @@ def add_tokenizer(writer, folder: Path, config: dict) -> None:
                         gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer(tokenizer, where))
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)

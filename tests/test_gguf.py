@@ -186,6 +186,21 @@ def test_what_gguf_cannot_hold_is_refused_in_one_line(tmp_path):
     assert config  # the adapter folder is untouched
 
 
+def test_a_tokenizer_llama_cpp_would_split_otherwise_is_refused(tmp_path):
+    import shutil
+
+    from mlxrl.gguf_model import GgufError, check_tokenizer
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model("qwen2"), folder)
+    assert check_tokenizer(folder)[1] == "qwen2"
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\s+|\S+"
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(GgufError, match="pre-tokenizer is not one llama.cpp"):
+        check_tokenizer(folder)
+
+
 def test_a_gguf_base_in_a_folder_is_recorded_and_checked(tmp_path):
     """GGUF in: a folder holding one .gguf is a model name (converted through transformers); an
     adapter trained on it records the file's path and sha256 (hashlib's), the LoRA export applies
