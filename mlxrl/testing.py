@@ -13,6 +13,7 @@ from mlxrl.tiny_models import (  # noqa: F401
     IM_START_ID,
     PAD_ID,
     build_tiny_model,
+    build_tokenizer,
     make_config,
     make_weights,
     tiny_model,

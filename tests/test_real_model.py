@@ -243,10 +243,11 @@ def test_peft_export_and_fuse_match_transformers(quickstart, smollm2, hf, tmp_pa
 
 def test_gguf_fuse_and_lora_for_llama_cpp(quickstart, hf, tmp_path):
     """`mlxrl fuse --format gguf` read back by transformers' GGUF loader gives the trained model's
-    logits within f16 rounding (measured: max MEASURED) and the same greedy tokens, with the
-    original file's chat template and special ids. `mlxrl export --format gguf` applies on top of
-    the user's own Q4_1 file (the weights the adapter was trained on): that file plus
-    alpha / r * B @ A (llama.cpp's rule) gives the fused GGUF's tensors, to f16 rounding."""
+    logits within f16 rounding (measured: max 0.056 on logits up to 39) and the same greedy tokens
+    at every position, with the original file's chat template and special ids. `mlxrl export
+    --format gguf` applies on top of the user's own Q4_1 file (the weights the adapter was trained
+    on): that file plus alpha / r * B @ A (llama.cpp's rule) gives the fused GGUF's tensors, to f16
+    rounding."""
     import gguf
 
     from mlxrl.config import ModelParams
@@ -262,8 +263,7 @@ def test_gguf_fuse_and_lora_for_llama_cpp(quickstart, hf, tmp_path):
     for chat in CHATS:
         ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=False)
         a, b = _hf_logits(ours, ids), _mlx_logits(trained, ids)
-        print("MEASURE", np.abs(a - b).max(), np.abs(b).max())
-        assert np.abs(a - b).max() < 0.3 and (a.argmax(-1) == b.argmax(-1)).all()
+        assert np.abs(a - b).max() < 0.2 and (a.argmax(-1) == b.argmax(-1)).all()
     original = gguf.GGUFReader(str(real_model.smollm2_gguf()))
     written = gguf.GGUFReader(str(written_file))
     for key in ("tokenizer.chat_template", "tokenizer.ggml.bos_token_id",
