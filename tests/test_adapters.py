@@ -223,13 +223,14 @@ def test_adapter_made_with_peft_imports(arch, targets, layers, rslora, tmp_path)
     np.testing.assert_allclose(mlx_logits(stock), mlx_logits(loaded.model), atol=1e-5)
 
 
-def tiny_qwen3(folder):
-    """mlxrl.testing has no qwen3: the tiny qwen2 without q/k/v biases, with q/k RMSNorms."""
+def tiny_qwen3(folder, **sizes):
+    """mlxrl.testing has no qwen3: the tiny qwen2 (with `sizes`) without q/k/v biases, with q/k
+    RMSNorms."""
     import shutil
 
     from safetensors.numpy import load_file, save_file
 
-    shutil.copytree(tiny_model("qwen2"), folder)
+    shutil.copytree(tiny_model("qwen2", **sizes), folder)
     config = json.loads((folder / "config.json").read_text())
     config.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"], attention_bias=False)
     (folder / "config.json").write_text(json.dumps(config))

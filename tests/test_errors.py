@@ -182,5 +182,6 @@ def test_docs_table_lists_every_case():
         "output-not-empty", "output-write-failed", "import-other-base", "max-new-tokens", "nan-reward",
         "hub-misspelled", "shared-output-file", "infer-out-of-range",
         "refused-setting", "untrained-arch", "task-import", "ambiguous-format", "wandb-no-login",
-        "rope-unsupported", "real-model-missing"}  # test_model_config.py, test_real_model.py
+        "rope-unsupported", "real-model-missing",  # test_model_config.py, test_real_model.py
+        "gguf-unsupported", "gguf-dora"}  # test_gguf.py
     assert ids == set(CASES) | tested_elsewhere

@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlxrl.cli import main
+from mlxrl.testing import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "configs/quickstart/data"
@@ -78,7 +79,7 @@ def plan(command: str) -> tuple[list[str] | str, str | None]:
         extra += ["--dataset-path", PREFS] if "Human-Like" in command else []
     elif argv[1] == "quickstart":
         extra = ["--scale", "0.05"]
-    elif argv[1] not in ("env", "plot") and head != "data make":
+    elif argv[1] not in ("env", "plot", "fuse", "export") and head != "data make":
         raise KeyError(command)
     return argv[1:] + extra, stdin
 
@@ -146,8 +147,35 @@ def check(command: str, out: str, cwd: Path) -> None:
         check_quickstart_report(o / "quickstart")
     elif "sft_vs_grpo" in command:
         assert (o / "quickstart/sft_vs_grpo.png").stat().st_size > 1000
+    elif "--format gguf" in command:
+        check_gguf(command, cwd)
     elif "data make" in command:
         assert len((cwd / "my_letters.jsonl").read_text().splitlines()) == 500
+
+
+def check_gguf(command: str, cwd: Path) -> None:
+    """The GGUF files and Modelfile the page names; transformers' own GGUF loader reads the
+    fused file (weights and tokenizer) and its chat template is the base's."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    if command.startswith("mlxrl fuse"):
+        folder = cwd / "output/grpo_gguf"
+        modelfile = (folder / "Modelfile").read_text()
+        assert "FROM ./model-q8_0.gguf" in modelfile and "\\boxed{" in modelfile
+        reader = gguf.GGUFReader(str(folder / "model-q8_0.gguf"))
+        assert reader.fields["general.architecture"].contents() == "qwen2"
+        ours = AutoTokenizer.from_pretrained(folder, gguf_file="model-q8_0.gguf")
+        chat = [{"role": "user", "content": "How many 'l's are in 'hello'?"}]
+        base = AutoTokenizer.from_pretrained(str(tiny_model("qwen2")))
+        assert ours.apply_chat_template(chat, add_generation_prompt=True, return_dict=False) == \
+            base.apply_chat_template(chat, add_generation_prompt=True, return_dict=False)
+    else:
+        folder = cwd / "output/grpo_lora_gguf"
+        modelfile = (folder / "Modelfile").read_text()
+        assert "FROM ./base-f16.gguf" in modelfile and "ADAPTER ./adapter.gguf" in modelfile
+        reader = gguf.GGUFReader(str(folder / "adapter.gguf"))
+        assert reader.fields["adapter.type"].contents() == "lora"
 
 
 def check_quickstart_report(folder: Path) -> None:

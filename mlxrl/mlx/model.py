@@ -347,6 +347,11 @@ def adapter_config_for(loaded: LoadedModel, extra: dict | None = None) -> dict:
     config = dict(loaded.lora)
     config["model"] = loaded.base_name
     mlxrl_block = {"base_model": loaded.base_name}
+    from mlxrl.real_model import gguf_file, gguf_identity
+
+    source = gguf_file(loaded.base_name)
+    if source is not None:  # the exact file: infer, export and fuse refuse another one
+        mlxrl_block["base_gguf"] = gguf_identity(source)
     if loaded.quantized:
         mlxrl_block["quantization"] = _quantization_of(loaded.model)
     mlxrl_block.update(extra or {})
