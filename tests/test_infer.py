@@ -107,7 +107,7 @@ def test_chat_commands_reset_system_and_end_of_input():
     assert "system" not in prompts[0]
     assert "Be brief." in prompts[1] and "hi" in prompts[1]  # system prompt set, history kept
     assert "Be brief." in prompts[2] and "again" not in prompts[2]  # /reset: history gone
-    assert "[history cleared]" in err.getvalue() and "/quit exits" in err.getvalue()
+    assert "[history cleared]" in err.getvalue() and "/quit (/bye) exits" in err.getvalue()
 
 
 def test_without_interactive_or_input_path_it_chats_as_oumi_does():
