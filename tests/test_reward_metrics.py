@@ -95,7 +95,7 @@ def test_training_log_leaves_nan_out_and_writes_null(tmp_path):
     from mlxrl.mlx.trainer import StepBatch, Trainer
 
     class Method:
-        name, epoch = "grpo", 0.0
+        name, epoch, examples_per_step = "grpo", 0.0, 1
         values = iter([{"r": 1.0, "s": nan}, {"r": nan, "s": nan}, {"r": 3.0, "s": nan}])
 
         def __init__(self, model):

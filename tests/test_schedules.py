@@ -83,6 +83,7 @@ class UnitGradient:
 
     name = "sft"
     epoch = 0.0
+    examples_per_step = 1  # what the MLX trainer reads for the summary
 
     def __init__(self, model):
         self.model, self.weights = model, []

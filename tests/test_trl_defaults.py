@@ -75,7 +75,7 @@ def test_torch_backend_config_is_trl_defaults(method):
     from mlxrl.torch import translate
 
     cfg = load_config(None, [f"training.trainer_type={method}", *SILENT])
-    common = translate.common_fields(cfg, False, False, "cpu", lambda m: None)
+    common = translate.common_fields(cfg, False, False, "cpu")
     if method == "TRL_DPO":
         built, cls = translate.dpo_config(cfg, common), trl.DPOConfig
     else:
