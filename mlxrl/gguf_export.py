@@ -50,7 +50,9 @@ def fuse_gguf(checkpoint_dir, output_dir, quantize: str = "f16", overwrite: bool
     out = Path(output_dir)
     _check_base(checkpoint_dir)
     with tempfile.TemporaryDirectory(prefix="mlxrl-fuse-") as work:
-        hf = fuse(checkpoint_dir, Path(work) / "hf")
+        # A full fine-tune's folder (training.use_peft: false) is already the merged model.
+        full = _is_full_model(checkpoint_dir)
+        hf = Path(checkpoint_dir) if full else fuse(checkpoint_dir, Path(work) / "hf")
         with staged(out, overwrite, GGUF_FILES, GgufError) as tmp:
             name = f"model-{quantize}.gguf"
             write_model(hf, tmp / name, quantize, name=Path(checkpoint_dir).resolve().name)
@@ -69,6 +71,10 @@ def export_lora_gguf(checkpoint_dir, output_dir, quantize: str = "f16", overwrit
 
     out = Path(output_dir)
     base_name = _check_base(checkpoint_dir)
+    if _is_full_model(checkpoint_dir):
+        raise GgufError(f"{checkpoint_dir} is a full fine-tune (training.use_peft: false), which has "
+                        f"no adapter to export; write the whole model with `mlxrl fuse "
+                        f"{checkpoint_dir} --format gguf`")
     with tempfile.TemporaryDirectory(prefix="mlxrl-export-") as work:
         peft = export_peft(checkpoint_dir, Path(work) / "peft")
         pcfg = json.loads((peft / PEFT_CONFIG).read_text())
@@ -99,6 +105,13 @@ def _check_base(checkpoint_dir) -> str:
     check_arch(config, f"{checkpoint_dir} (base {ref.base_name})")
     check_tokenizer(ref.base_path)
     return ref.base_name
+
+
+def _is_full_model(checkpoint_dir) -> bool:
+    """Is `checkpoint_dir` a model folder itself (a full fine-tune's output), not an adapter?"""
+    from mlxrl.model_names import resolve
+
+    return resolve(str(checkpoint_dir)).adapter_path is None
 
 
 def base_gguf_file(base_name: str) -> Path | None:

@@ -248,3 +248,30 @@ def test_bfloat16_weights_are_read_exactly(tmp_path):
     read = read_safetensors(tmp_path / "w.safetensors")
     assert np.array_equal(read["w"], np.array(w.astype(mx.float32)))
     assert np.array_equal(read["h"], np.array(w.astype(mx.float16).astype(mx.float32)))
+
+
+def test_a_full_finetune_is_written_whole_and_has_no_adapter_to_export(tmp_path):
+    """A full fine-tune's folder (training.use_peft: false) is the model: `fuse --format gguf`
+    writes it as it is (transformers reads back its logits), `export --format gguf` says why not."""
+    from click.testing import CliRunner
+
+    from mlxrl.cli import main
+    from mlxrl.quickstart import CONFIGS
+
+    out = tmp_path / "full"
+    result = CliRunner().invoke(main, [
+        "train", "--backend", "mlx", "-c", str(CONFIGS / "sft.yaml"), "--quiet",
+        "--data.train.datasets[0].dataset_path", str(CONFIGS / "data" / "sft.jsonl"),
+        "--training.use_peft", "false", "--training.max_steps", "2", "--training.save_steps", "0",
+        "--training.learning_rate", "1e-2", "--training.output_dir", str(out)])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["fuse", str(out), "--format", "gguf", "--quantize", "f32",
+                                       "--output", str(tmp_path / "g")])
+    assert result.exit_code == 0, result.output
+    theirs = hf_logits(tmp_path / "g", gguf_file="model-f32.gguf")
+    assert np.abs(theirs - hf_logits(out)).max() < 1e-4
+    assert np.abs(hf_logits(out) - hf_logits(tiny_model("qwen2"))).max() > 1e-3  # it trained
+    result = CliRunner().invoke(main, ["export", str(out), "--format", "gguf", "--output",
+                                       str(tmp_path / "e")])
+    assert result.exit_code == 1 and not (tmp_path / "e").exists()
+    assert "is a full fine-tune" in result.stderr and "mlxrl fuse" in result.stderr

@@ -159,23 +159,17 @@ def check_gguf(command: str, cwd: Path) -> None:
     import gguf
     from transformers import AutoTokenizer
 
-    if command.startswith("mlxrl fuse"):
-        folder = cwd / "output/grpo_gguf"
-        modelfile = (folder / "Modelfile").read_text()
-        assert "FROM ./model-q8_0.gguf" in modelfile and "\\boxed{" in modelfile
-        reader = gguf.GGUFReader(str(folder / "model-q8_0.gguf"))
-        assert reader.fields["general.architecture"].contents() == "qwen2"
-        ours = AutoTokenizer.from_pretrained(folder, gguf_file="model-q8_0.gguf")
-        chat = [{"role": "user", "content": "How many 'l's are in 'hello'?"}]
-        base = AutoTokenizer.from_pretrained(str(tiny_model("qwen2")))
-        assert ours.apply_chat_template(chat, add_generation_prompt=True, return_dict=False) == \
-            base.apply_chat_template(chat, add_generation_prompt=True, return_dict=False)
-    else:
-        folder = cwd / "output/grpo_lora_gguf"
-        modelfile = (folder / "Modelfile").read_text()
-        assert "FROM ./base-f16.gguf" in modelfile and "ADAPTER ./adapter.gguf" in modelfile
-        reader = gguf.GGUFReader(str(folder / "adapter.gguf"))
-        assert reader.fields["adapter.type"].contents() == "lora"
+    assert command.startswith("mlxrl fuse"), command  # the page's LoRA export is a text block
+    folder = cwd / "output/grpo_gguf"
+    modelfile = (folder / "Modelfile").read_text()
+    assert "FROM ./model-q8_0.gguf" in modelfile and "\\boxed{" in modelfile
+    reader = gguf.GGUFReader(str(folder / "model-q8_0.gguf"))
+    assert reader.fields["general.architecture"].contents() == "qwen2"
+    ours = AutoTokenizer.from_pretrained(folder, gguf_file="model-q8_0.gguf")
+    chat = [{"role": "user", "content": "How many 'l's are in 'hello'?"}]
+    base = AutoTokenizer.from_pretrained(str(tiny_model("qwen2")))
+    assert ours.apply_chat_template(chat, add_generation_prompt=True, return_dict=False) == \
+        base.apply_chat_template(chat, add_generation_prompt=True, return_dict=False)
 
 
 def check_quickstart_report(folder: Path) -> None:
