@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from mlxrl.errors import ModelError
@@ -114,7 +111,7 @@ def check_gguf_base(recorded: dict, name: str, where: str) -> None:
 
 def converted_gguf(gguf: Path) -> Path:
     """The Hugging Face folder of GGUF file `gguf`, converted once into the cache."""
-    from mlxrl.cache import cache_dir
+    from mlxrl.cache import cache_dir, cached_folder
 
     gguf = Path(gguf).expanduser().resolve()
     if not gguf.is_file():
@@ -122,20 +119,7 @@ def converted_gguf(gguf: Path) -> Path:
     key = f"{CONVERTER_VERSION}:{gguf}:{gguf.stat().st_size}:{gguf.stat().st_mtime_ns}"
     name = gguf.name.removesuffix(".gguf").lower().replace(".", "-")
     final = cache_dir() / "real-models" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    if (final / "config.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        convert_gguf(gguf, tmp)
-        tmp.chmod(0o755)  # mkdtemp makes 0700
-        os.replace(tmp, final)  # atomic: a concurrent converter's copy is dropped, not mixed
-    except OSError:
-        if not (final / "config.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return cached_folder(final, lambda folder: convert_gguf(gguf, folder))
 
 
 def convert_gguf(gguf: Path, out: Path) -> Path:

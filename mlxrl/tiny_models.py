@@ -25,14 +25,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from mlxrl.cache import cache_dir
+from mlxrl.cache import cache_dir, cached_folder
 
 BUILDER_VERSION = 1
 ARCHS = ("qwen2", "llama", "falcon_h1")
@@ -377,19 +374,5 @@ def tiny_model(arch: str = "qwen2", **kwargs) -> Path:
         {"arch": arch, "kwargs": kwargs, "version": BUILDER_VERSION}, sort_keys=True, default=str
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    root = cache_dir() / "tiny-models"
-    final = root / f"{arch}-{digest}"
-    if (final / "config.json").exists():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{arch}-{digest}-", dir=root))
-    try:
-        build_tiny_model(tmp, arch, **kwargs)
-        tmp.chmod(0o755)  # mkdtemp makes 0700
-        os.replace(tmp, final)
-    except OSError:
-        if not (final / "config.json").exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    final = cache_dir() / "tiny-models" / f"{arch}-{digest}"
+    return cached_folder(final, lambda folder: build_tiny_model(folder, arch, **kwargs))

@@ -8,16 +8,15 @@ the one-line refusals are rows of docs/errors.md, tests/test_errors.py.)"""
 import json
 import math
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from test_resume import run_until
 
 from mlxrl.config import ModelParams
 from mlxrl.mlx import model as mlx_model
@@ -199,15 +198,6 @@ def test_grpo_with_kl_learns_against_a_frozen_copy_of_the_start(tmp_path):
     assert all(not np.array_equal(base[k], trained[k]) for k in base)
 
 
-def _run_until(cmd, out, ready, timeout=120):
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None and not ready(out):
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
 def _dpo_cmd(out, backend="mlx", *extra):
     return [sys.executable, "-m", "mlxrl.cli", "train", "--backend", backend, "-c", DPO, *FULL,
             "--data.train.datasets[0].dataset_name", str(DATA / "preferences.jsonl"),
@@ -220,10 +210,10 @@ def test_sigkill_then_resume_gives_the_same_weights(backend, tmp_path):
     straight, out = tmp_path / "straight", tmp_path / "run"
     subprocess.run(_dpo_cmd(straight, backend), cwd=ROOT, check=True, capture_output=True, timeout=600)
     # killed as soon as checkpoint-4's staging folder appears (mid-save, or just after it)
-    _run_until(_dpo_cmd(out, backend), out,
+    run_until(_dpo_cmd(out, backend), out,
                lambda o: (o / ".tmp-checkpoint-4").exists() or (o / "checkpoint-4").exists())
     if not (out / "checkpoint-4" / "trainer_state.json").is_file():  # killed mid-save: start over
-        _run_until(_dpo_cmd(out, backend, "--resume"), out, lambda o: (o / "checkpoint-4").is_dir())
+        run_until(_dpo_cmd(out, backend, "--resume"), out, lambda o: (o / "checkpoint-4").is_dir())
     proc = subprocess.run(_dpo_cmd(out, backend, "--resume"), cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr

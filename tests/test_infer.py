@@ -1,6 +1,5 @@
 """`mlxrl infer`: the chat through a real pseudo-terminal, batch files, configs, the Python API."""
 
-import io
 import json
 import os
 import pty
@@ -90,24 +89,17 @@ def _engine():
 
 
 def test_chat_commands_reset_system_and_end_of_input():
-    from mlxrl.cli_infer import chat
+    from test_terminal import run_chat
 
-    lines = iter(["hi", "/system Be brief.", "again", "/reset", "fresh", "/help"])
-
-    def read(prompt):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-
-    out, err = io.StringIO(), io.StringIO()
-    assert chat(_engine(), None, verbose=True, read=read, out=out, err=err) == 0
-    prompts = [p for _, p in _prompts(err.getvalue())]
+    lines = ["hi", "/system Be brief.", "again", "/reset", "fresh", "/help"]
+    code, _, err = run_chat(_engine(), lines, verbose=True)
+    assert code == 0
+    prompts = [p for _, p in _prompts(err)]
     assert len(prompts) == 3
     assert "system" not in prompts[0]
     assert "Be brief." in prompts[1] and "hi" in prompts[1]  # system prompt set, history kept
     assert "Be brief." in prompts[2] and "again" not in prompts[2]  # /reset: history gone
-    assert "[history cleared]" in err.getvalue() and "/quit (/bye) exits" in err.getvalue()
+    assert "[history cleared]" in err and "/quit (/bye) exits" in err
 
 
 def test_without_interactive_or_input_path_it_chats_as_oumi_does():

@@ -192,7 +192,8 @@ def _engine(**generation):
                   GenerationParams(**{"max_new_tokens": 5, **generation}))
 
 
-def _chat(engine, lines, verbose=False):
+def run_chat(engine, lines, verbose=False):
+    """(exit code, stdout, stderr) of a chat fed `lines`, then end of input."""
     from mlxrl.cli_infer import chat
 
     lines = iter(lines)
@@ -209,7 +210,7 @@ def _chat(engine, lines, verbose=False):
 
 
 def test_chat_takes_ollamas_commands_and_shows_speed():
-    code, out, err = _chat(_engine(), ["hi", "/clear", "again", "/bye", "never sent"], verbose=True)
+    code, out, err = run_chat(_engine(), ["hi", "/clear", "again", "/bye", "never sent"], verbose=True)
     assert code == 0 and "[history cleared]" in err
     prompts = re.findall(r"\[prompt: \d+ tokens\] (.*)", err)
     assert len(prompts) == 2 and "hi" not in prompts[1]  # /clear emptied the history; /bye ended it
@@ -219,7 +220,7 @@ def test_chat_takes_ollamas_commands_and_shows_speed():
 
 def test_chat_warns_when_the_conversation_passes_the_context():
     engine = _engine(max_new_tokens=8, context=48)
-    code, _, err = _chat(engine, ["a first question, long enough", "a second one", "a third one"])
+    code, _, err = run_chat(engine, ["a first question, long enough", "a second one", "a third one"])
     assert code == 0
     assert "passes the model's context of 48 tokens; the oldest turn was dropped" in err
 
