@@ -129,6 +129,7 @@ def test_grpo_learns_a_reward_the_tiny_model_can_reach(tmp_path, reward_file):
     assert (tmp_path / "completions.jsonl").is_file()
 
 
+@pytest.mark.slow  # all 30 steps; tests/test_walkthrough.py runs this config through the CLI in CI
 def test_walkthrough_grpo_config_runs_to_the_end(tmp_path):
     """`mlxrl train -c configs/examples/learn_grpo_laptop.yaml` with a tiny model and local data."""
     cmd = [sys.executable, "-m", "mlxrl.cli", "train", "--backend", "mlx", "-c", "configs/examples/learn_grpo_laptop.yaml",

@@ -37,7 +37,7 @@ CHATS = [
     [{"role": "system", "content": "You answer in one short sentence."},
      {"role": "user", "content": "Why do leaves change colour in autumn?"}],
 ]
-GEN_TOKENS = 24
+GEN_TOKENS = 16
 
 
 def _rows(path: Path) -> list[dict]:
@@ -188,6 +188,7 @@ def _torch_dpo(out: Path, *overrides) -> dict:
     return _heldout(out, out.parent / "eval")
 
 
+@pytest.mark.slow  # ~80 s: TRL on a 135M model on CPU; CI keeps the tiny-model torch DPO runs
 def test_the_same_dpo_config_learns_on_the_torch_backend(smollm2, tmp_path):
     """The YAML with 4 steps, warmup 1 (TRL takes ~3x MLX's time a step on this CPU; the whole
     YAML runs in the slow test below). Measured here: held-out accuracy 0.0 -> 1.0, mean
@@ -241,6 +242,7 @@ def test_peft_export_and_fuse_match_transformers(quickstart, smollm2, hf, tmp_pa
             assert np.abs(ours - _mlx_logits(loaded.model, ids)).max() > 1.0  # the adapter acts
 
 
+@pytest.mark.slow  # ~40 s; tests/test_gguf.py proves the same files on tiny models in CI
 def test_gguf_fuse_and_lora_for_llama_cpp(quickstart, hf, tmp_path):
     """`mlxrl fuse --format gguf` read back by transformers' GGUF loader gives the trained model's
     logits within f16 rounding (measured: max 0.056 on logits up to 39) and the same greedy tokens
