@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from test_faults import error_line, run
 
-from mlxrl.cli import main
 from mlxrl.integrity import checkpoint_problem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,17 +23,6 @@ DPO = str(ROOT / "configs/quickstart/dpo.yaml")
 PAIRS = ROOT / "configs/quickstart/data/preferences.jsonl"
 BACKENDS = ["mlx", "torch"]
 WEIGHTS = {"mlx": "adapters.safetensors", "torch": "adapter_model.safetensors"}
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def error_line(result) -> str:
-    assert result.exit_code == 1, (result.output, result.exception)
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
 
 
 def train(backend, out, *extra, data=PAIRS):
