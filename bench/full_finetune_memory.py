@@ -70,8 +70,7 @@ def worker(args) -> None:
                  "--training.learning_rate", "1e-5", "--training.output_dir", str(out),
                  "--data.train.datasets[0].dataset_name", args.data]
     start = time.time()
-    mlxrl.train(str(ROOT / f"configs/quickstart/{args.method}.yaml"), overrides, quiet=True,
-                log=lambda m: print(m, file=sys.stderr))
+    mlxrl.train(str(ROOT / f"configs/quickstart/{args.method}.yaml"), overrides, quiet=True)
     import mlx.core as mx
 
     print(RESULT_TAG + json.dumps({

@@ -67,6 +67,7 @@ training:
   logging_steps: 1000000
   save_steps: 0
   save_final_model: false
+  use_peft: true
   output_dir: "{out}"
   reward_functions: ["{Path(__file__).resolve()}:vowel_fraction"]
   grpo: {{num_generations: {GENERATIONS}, max_completion_length: {TOKENS}, temperature: 1.0}}
@@ -109,7 +110,7 @@ def worker_mlxrl(steps: int, workdir: Path) -> None:
     # what mlxrl.mlx.train.train does, with the method above
     mx.random.seed(cfg.training.seed)
     loaded = mlx_model.load(cfg.model, cfg.peft, for_training=True)
-    method = TimedGRPO(cfg, loaded, load_split(cfg.data.train), log=lambda *_: None)
+    method = TimedGRPO(cfg, loaded, load_split(cfg.data.train))
     trainer = Trainer(cfg, loaded, method, mlx_model.adapter_config_for(loaded), steps, quiet=True)
     step = trainer.train_step
 

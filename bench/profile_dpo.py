@@ -106,14 +106,14 @@ model: {{model_name: "{common.model_path()}", model_max_length: 128, torch_dtype
 data: {{train: {{datasets: [{{dataset_name: "{data}"}}]}}}}
 training: {{trainer_type: TRL_DPO, max_steps: 4, per_device_train_batch_size: 4,
   learning_rate: 1e-4, lr_scheduler_type: constant, logging_steps: 1000000, save_steps: 0,
-  save_final_model: false, output_dir: "{workdir / 'out'}"}}
+  save_final_model: false, use_peft: true, output_dir: "{workdir / 'out'}"}}
 peft: {{lora_r: {common.LORA_R}, lora_alpha: {common.LORA_ALPHA}}}
 """)
     # max_steps 4 x 4 pairs < 64 pairs: the run does not visit every pair, so DPOMethod does not
     # precompute the reference and each step runs its reference forward (the bench's case)
     cfg = load_config(str(config), [])
     loaded = mlx_model.load(cfg.model, cfg.peft, for_training=True)
-    method = DPOMethod(cfg, loaded, load_split(cfg.data.train), log=lambda *_: None)
+    method = DPOMethod(cfg, loaded, load_split(cfg.data.train))
     # a fixed batch of 4 pairs whose longest row buckets to 128
     order = sorted(range(len(method.pairs)), key=lambda i: -len(method.pairs[i][0]))
     ids, mask, _ = pair_arrays([method.pairs[i] for i in order[:4]])

@@ -58,7 +58,7 @@ def build(workdir: Path):
     out.mkdir(exist_ok=True)
     cfg = mlxrl_config(prompts, out, 1000)
     loaded = mlx_model.load(cfg.model, cfg.peft, for_training=True)
-    method = NoEOSGRPO(cfg, loaded, load_split(cfg.data.train), log=lambda *_: None)
+    method = NoEOSGRPO(cfg, loaded, load_split(cfg.data.train))
     trainer = Trainer(cfg, loaded, method, mlx_model.adapter_config_for(loaded), 1000, quiet=True)
     return cfg, loaded, method, trainer
 
