@@ -65,29 +65,48 @@ def encode_pairs(dataset, tokenizer, max_length: int) -> list[tuple]:
 
 
 def pair_arrays(pairs: list[tuple]) -> tuple[mx.array, mx.array, int]:
-    """[chosen...; rejected...] token rows and completion masks, right-padded to a bucket."""
+    """[chosen...; rejected...] token rows right-padded to a bucket, and their completion masks
+    without the leading columns that no row's completion reaches (a multiple of 8 of them, so
+    the compiled step sees few shapes): `ids.shape[1] - mask.shape[1]` is the first position
+    whose next-token log-prob is computed (`scored_from`)."""
     rows = [p[0] for p in pairs] + [p[2] for p in pairs]
     masks = [p[1] for p in pairs] + [p[3] for p in pairs]
     width = bucket(max(len(r) for r in rows))
-    return pad_rows(rows, width), pad_rows(masks, width), sum(len(r) for r in rows)
+    first = min((m.index(1) for m in masks if 1 in m), default=0)  # the earliest completion token
+    start = 8 * (max(first - 1, 0) // 8)  # position first - 1 scores it
+    return pad_rows(rows, width), pad_rows(masks, width)[:, start:], sum(len(r) for r in rows)
+
+
+def scored_from(input_ids: mx.array, mask: mx.array) -> int:
+    return input_ids.shape[1] - mask.shape[1]
 
 
 def policy_loss(model, settings, input_ids, mask, ref_logps):
-    """The run's DPO loss and metrics for [chosen; rejected] rows under `model`."""
+    """The run's DPO loss and metrics for [chosen; rejected] rows under `model` (`mask` as
+    `pair_arrays` gives it)."""
+    start = scored_from(input_ids, mask)
     if settings.use_weighting:
-        token_logps, log_sum_sq = per_token_logps_and_log_sum_sq(model, input_ids)
+        token_logps, log_sum_sq = per_token_logps_and_log_sum_sq(model, input_ids, start)
     else:
-        token_logps, log_sum_sq = per_token_logps(model, input_ids), None
+        token_logps, log_sum_sq = per_token_logps(model, input_ids, start=start), None
     logps = completion_logps(token_logps, mask, settings.ld_alpha)
     return settings_loss(settings, logps, ref_logps, mask, token_logps, log_sum_sq)
 
 
+def reference_graph(model, input_ids, mask, adapters_off: bool = True,
+                    ld_alpha: float | None = None) -> mx.array:
+    """Summed (ld_alpha-weighted) completion log-probs of the reference policy (by default the
+    adapter-off model), not evaluated and cut from the gradient."""
+    start = scored_from(input_ids, mask)
+    with adapters_disabled(model) if adapters_off else contextlib.nullcontext():
+        logps = completion_logps(per_token_logps(model, input_ids, start=start), mask, ld_alpha)
+    return mx.stop_gradient(logps)
+
+
 def reference_logps(model, input_ids, mask, adapters_off: bool = True,
                     ld_alpha: float | None = None) -> mx.array:
-    """Summed (ld_alpha-weighted) completion log-probs of the reference policy: by default the
-    adapter-off model."""
-    with adapters_disabled(model) if adapters_off else contextlib.nullcontext():
-        logps = completion_logps(per_token_logps(model, input_ids), mask, ld_alpha)
+    """`reference_graph`, evaluated."""
+    logps = reference_graph(model, input_ids, mask, adapters_off, ld_alpha)
     mx.eval(logps)
     return logps
 
@@ -212,7 +231,11 @@ class DPOMethod(StreamPosition):
         return model_logps(self.model, pairs, self.training.per_device_train_batch_size,
                            self.settings.ld_alpha, indices, adapters_off)
 
-    def loss(self, input_ids, mask, ref_logps):
+    def loss(self, input_ids, mask, ref_logps=None):
+        """Without `ref_logps` the reference forward (adapters off) runs here, inside the
+        trainer's compiled step."""
+        if ref_logps is None:
+            ref_logps = reference_graph(self.model, input_ids, mask, ld_alpha=self.settings.ld_alpha)
         loss, metrics = policy_loss(self.model, self.settings, input_ids, mask, ref_logps)
         return loss / self.accum, metrics
 
@@ -223,9 +246,8 @@ class DPOMethod(StreamPosition):
             ids, mask, n = self._arrays(indices)
             if self.ref_cache is not None:
                 cached = [self.ref_cache[i] for i in indices]
-                ref = mx.array([c[0] for c in cached] + [c[1] for c in cached])
+                micro.append((ids, mask, mx.array([c[0] for c in cached] + [c[1] for c in cached])))
             else:
-                ref = reference_logps(self.model, ids, mask, ld_alpha=self.settings.ld_alpha)
-            micro.append((ids, mask, ref))
+                micro.append((ids, mask))
             tokens += n
         return StepBatch(micro, num_tokens=tokens)

@@ -29,18 +29,40 @@ def token_logps_from_logits(
     return picked.squeeze(-1) - mx.logsumexp(logits, axis=-1)
 
 
-def per_token_logps(model: nn.Module, input_ids: mx.array, temperature: float = 1.0) -> mx.array:
-    """`[B, L-1]` float32 log-probs of each next token of `input_ids` `[B, L]` under `model`."""
-    logits = model(input_ids)
-    return token_logps_from_logits(logits[:, :-1, :], input_ids[:, 1:], temperature)
+# Architectures whose mlx-lm Model is `head(self.model(ids))`: their body and head can run
+# apart, so the head (the [tokens, vocabulary] matmul and its log-softmax) runs only on the
+# positions that are scored. Others compute every position's logits and slice them.
+_BODY_THEN_HEAD = ("qwen2", "qwen3", "llama")
 
 
-def per_token_logps_and_log_sum_sq(model: nn.Module, input_ids: mx.array) -> tuple[mx.array, mx.array]:
+def next_token_logits(model: nn.Module, input_ids: mx.array, start: int = 0) -> mx.array:
+    """Logits `[B, L-1-start, V]` at positions `start..L-2` (those predicting tokens
+    `start+1..L-1`). DPO's prompts are most of a short row, and a real model's vocabulary makes
+    the head the largest matmul: `start` skips the head on prompt positions that are never scored
+    (TRL's `use_logits_to_keep`)."""
+    if type(model).__module__.rsplit(".", 1)[-1] in _BODY_THEN_HEAD:
+        hidden = model.model(input_ids)[:, start:-1]
+        if model.args.tie_word_embeddings:
+            return model.model.embed_tokens.as_linear(hidden)
+        return model.lm_head(hidden)
+    return model(input_ids)[:, start:-1, :]
+
+
+def per_token_logps(model: nn.Module, input_ids: mx.array, temperature: float = 1.0,
+                    start: int = 0) -> mx.array:
+    """`[B, L-1-start]` float32 log-probs of each next token of `input_ids` `[B, L]` under
+    `model`, from position `start` on (entry `[b, t]` scores token `start + t + 1`)."""
+    logits = next_token_logits(model, input_ids, start)
+    return token_logps_from_logits(logits, input_ids[:, start + 1:], temperature)
+
+
+def per_token_logps_and_log_sum_sq(model: nn.Module, input_ids: mx.array,
+                                   start: int = 0) -> tuple[mx.array, mx.array]:
     """`per_token_logps` and, at the same positions, `log sum_v p_v^2` of the next-token
     distribution without gradient (what TRL's fused LM head gives WPO's `use_weighting`)."""
-    logits = model(input_ids)[:, :-1, :].astype(mx.float32)
+    logits = next_token_logits(model, input_ids, start).astype(mx.float32)
     log_z = mx.logsumexp(logits, axis=-1)
-    picked = mx.take_along_axis(logits, input_ids[:, 1:, None].astype(mx.int32), axis=-1)
+    picked = mx.take_along_axis(logits, input_ids[:, start + 1:, None].astype(mx.int32), axis=-1)
     log_sum_sq = mx.logsumexp(2.0 * logits, axis=-1) - 2.0 * log_z
     return picked.squeeze(-1) - log_z, mx.stop_gradient(log_sum_sq)
 

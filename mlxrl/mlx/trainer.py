@@ -151,9 +151,14 @@ class Trainer:
             return loss, metrics, grads
 
         self._grad_step = grad_step
+        max_norm = self.training.max_grad_norm or float("inf")
+        self._clip = mx.compile(lambda grads: optim.clip_grad_norm(grads, max_norm))
+        self._update = None  # compiled on first use, over the optimizer state of that moment
 
     def _gradients(self, batch: StepBatch):
-        """Summed gradients, summed losses and summed metrics over the micro-batches."""
+        """Summed gradients, summed losses and summed metrics over the micro-batches, clipped to
+        max_grad_norm, and their norm. One micro-batch stays a lazy graph until the caller's one
+        evaluation; with several, each is evaluated in turn (memory stays one micro-batch's)."""
         grads, loss, metric_sums = None, mx.array(0.0), {}
         for arrays in batch.micro_batches:
             micro_loss, metrics, g = self._grad_step(*arrays)
@@ -161,8 +166,25 @@ class Trainer:
             loss = loss + micro_loss  # each micro-batch loss is already scaled by its method
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + v
-            mx.eval(grads, loss, metric_sums)
-        return grads, loss, metric_sums
+            if len(batch.micro_batches) > 1:
+                mx.eval(grads, loss, metric_sums)
+        grads, grad_norm = self._clip(grads)
+        return grads, grad_norm, loss, metric_sums
+
+    def _apply(self, grads) -> None:
+        """The optimizer update as one compiled function over the model's and optimizer's state
+        (AdamW on every adapter matrix is thousands of small ops uncompiled)."""
+        if self._update is None:
+            self.optimizer.init(self.model.trainable_parameters())
+            state = [self.model.state, self.optimizer.state]
+
+            @partial(mx.compile, inputs=state, outputs=state)
+            def update(grads):
+                self.optimizer.update(self.model, grads)
+
+            self._update = update
+        self._update(grads)
+        mx.eval(self.model.trainable_parameters(), self.optimizer.state)
 
     def train_step(self) -> dict | None:
         """One optimizer step; None when a non-finite step was skipped."""
@@ -171,17 +193,14 @@ class Trainer:
         mx.random.seed(self.training.seed * 1_000_003 + self.step)
         batch = self.method.next_step()
         prepared = time.perf_counter()
-        grads, loss, metric_sums = self._gradients(batch)
-        max_norm = self.training.max_grad_norm or float("inf")
-        grads, grad_norm = optim.clip_grad_norm(grads, max_norm)
-        mx.eval(grads, grad_norm)
+        grads, grad_norm, loss, metric_sums = self._gradients(batch)
+        mx.eval(grads, grad_norm, loss, metric_sums)
         loss_value, norm_value = float(loss), float(grad_norm)
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             return self._non_finite(loss_value, norm_value)
         # By global step, not the optimizer's count: a skipped step still moves the schedule.
         self.optimizer.learning_rate = self.rate(self.step)
-        self.optimizer.update(self.model, grads)
-        mx.eval(self.model.trainable_parameters(), self.optimizer.state)
+        self._apply(grads)
         elapsed = time.perf_counter() - started
         n = len(batch.micro_batches)
         out = {"loss": loss_value, "grad_norm": norm_value}
@@ -265,6 +284,7 @@ class Trainer:
         saved = checkpoint.load_optimizer_state(folder)
         if saved is not None:
             self.optimizer.state = saved
+            self._update = None  # the compiled update holds the state it was built over
         self.optimizer.init(self.model.trainable_parameters())
         self.method.restore(state["data"])
         self.step = state["global_step"]

@@ -1,0 +1,134 @@
+"""The speed paths of the MLX step against references mlxrl did not write.
+
+- Log-probs scored from a start position (the LM head skips prompt positions): transformers'
+  log-softmax of its own logits, on qwen2 (tied head), llama (separate head) and falcon_h1 (the
+  fallback that slices full logits).
+- DPO with the trimmed completion mask of `pair_arrays`: the same loss and gradients as the
+  whole-width computation.
+- The compiled update (clip, AdamW, schedule) against torch's clip_grad_norm_ + AdamW +
+  transformers' get_scheduler on the same gradients.
+"""
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlxrl.config import ModelParams, load_config
+from mlxrl.mlx import model as mlx_model
+from mlxrl.mlx.dpo import pair_arrays, policy_loss, reference_logps
+from mlxrl.mlx.logprobs import per_token_logps
+from mlxrl.mlx.trainer import StepBatch, Trainer
+from mlxrl.testing import tiny_model
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+IDS = np.random.default_rng(0).integers(3, 700, size=(3, 24))
+
+
+@pytest.mark.parametrize("arch, overrides", [("qwen2", {}), ("llama", {"tie_word_embeddings": False}),
+                                             ("falcon_h1", {})])
+def test_log_probs_from_a_start_position_equal_transformers(arch, overrides):
+    folder = tiny_model(arch, **overrides)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(torch.tensor(IDS)).logits.double()
+    expected = torch.log_softmax(logits[:, :-1], -1).gather(-1, torch.tensor(IDS)[:, 1:, None])[..., 0]
+    model = mlx_model.load(ModelParams(model_name=str(folder))).model
+    for start in (0, 8, 16):
+        got = np.array(per_token_logps(model, mx.array(IDS), start=start))
+        assert got.shape == (3, 23 - start)
+        assert np.abs(got - expected[:, start:].numpy()).max() < 5e-5, (arch, start)
+
+
+def _dpo_setup(tmp_path):
+    cfg = load_config("configs/quickstart/dpo.yaml", ["--training.output_dir", str(tmp_path)])
+    loaded = mlx_model.load(cfg.model, cfg.peft, for_training=True)
+    for _, layer in tree_flatten(loaded.model.trainable_parameters()):  # a policy off the reference
+        layer += 0.05 * mx.random.normal(layer.shape, key=mx.random.key(1))
+    from mlxrl.data.loading import load_split
+    from mlxrl.mlx.dpo import encode_pairs
+
+    settings = cfg.dpo_settings()
+    pairs = encode_pairs(load_split(cfg.data.train), loaded.tokenizer, settings.max_length)
+    return loaded.model, settings, pairs[:4]
+
+
+def test_trimmed_dpo_mask_gives_the_whole_width_loss_and_gradients(tmp_path):
+    model, settings, pairs = _dpo_setup(tmp_path)
+    ids, mask, _ = pair_arrays(pairs)
+    assert mask.shape[1] < ids.shape[1]  # prompt columns were dropped
+    whole = mx.concatenate([mx.zeros((mask.shape[0], ids.shape[1] - mask.shape[1]), mask.dtype), mask], 1)
+    ref = reference_logps(model, ids, mask)
+    assert np.allclose(np.array(ref), np.array(reference_logps(model, ids, whole)), atol=1e-5)
+
+    def loss_of(m):
+        return lambda: policy_loss(model, settings, ids, m, ref)
+
+    results = []
+    for m in (mask, whole):
+        (loss, metrics), grads = nn.value_and_grad(model, loss_of(m))()
+        results.append((float(loss), {k: float(v) for k, v in metrics.items()},
+                        dict(tree_flatten(grads))))
+    (loss_a, metrics_a, grads_a), (loss_b, metrics_b, grads_b) = results
+    assert abs(loss_a - loss_b) < 1e-6 and abs(metrics_a["rewards/margins"]) > 1e-3
+    for k in metrics_a:
+        assert abs(metrics_a[k] - metrics_b[k]) < 1e-4 * max(1.0, abs(metrics_b[k])), k
+    for k, g in grads_a.items():
+        assert np.abs(np.array(g) - np.array(grads_b[k])).max() < 1e-6, k
+
+
+class _Vector(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = mx.array([0.5, -1.0, 2.0, 0.25])
+
+
+class _GivenGradients:
+    """loss = w . g_step: the gradient of each step is g_step."""
+    name, epoch, examples_per_step, dataset_size = "test", 0.0, 1, 1
+
+    def __init__(self, model, grads):
+        self.model, self.grads, self.step = model, grads, 0
+
+    def loss(self, g):
+        return (self.model.w * g).sum(), {}
+
+    def next_step(self):
+        self.step += 1
+        return StepBatch([(mx.array(self.grads[self.step - 1]),)])
+
+    def state(self):
+        return {}
+
+
+def test_compiled_update_equals_torch_adamw_with_clipping_and_schedule(tmp_path):
+    steps = 5
+    grads = np.random.default_rng(3).normal(0, 2.0, size=(steps, 4)).astype(np.float32)
+    training = {"optimizer": "adamw_torch", "learning_rate": 0.1, "max_grad_norm": 1.0,
+                "weight_decay": 0.05, "lr_scheduler_type": "linear", "warmup_steps": 2,
+                "max_steps": steps, "logging_steps": 1, "save_steps": 0,
+                "save_final_model": False, "output_dir": str(tmp_path)}
+    cfg = load_config(None, [f"training.{k}={json.dumps(v)}" for k, v in training.items()])
+    model = _Vector()
+    start = np.array(model.w)
+    loaded = type("Loaded", (), {"model": model})()
+    Trainer(cfg, loaded, _GivenGradients(model, grads), {}, steps, quiet=True).run()
+
+    w = torch.nn.Parameter(torch.tensor(start))
+    t = cfg.training
+    opt = torch.optim.AdamW([w], lr=0.1, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
+                            weight_decay=0.05)
+    schedule = transformers.get_scheduler("linear", opt, num_warmup_steps=2, num_training_steps=steps)
+    for g in grads:
+        w.grad = torch.tensor(g)
+        torch.nn.utils.clip_grad_norm_([w], 1.0)
+        opt.step()
+        schedule.step()
+    # float32 rounding of two AdamW implementations: ~2e-6 on steps of ~0.1
+    assert np.abs(np.array(model.w) - w.detach().numpy()).max() < 1e-5
+    assert np.abs(np.array(model.w) - start).max() > 0.05  # it moved
