@@ -48,6 +48,12 @@ def method_for(cfg):
     return loaded, GRPOMethod(cfg, loaded, load_split(cfg.data.train))
 
 
+def whole_width(ids, mask) -> np.ndarray:
+    """A batch's completion mask with the prompt columns it drops (`first_scored_position`) back."""
+    mask = np.array(mask)
+    return np.pad(mask, ((0, 0), (ids.shape[1] - mask.shape[1], 0)))
+
+
 def test_logprobs_condition_on_the_prompt_and_ids_are_kept_as_sampled(tmp_path, reward_file):
     cfg = grpo_config(tmp_path, f"{reward_file}:digit_fraction")
     loaded, method = method_for(cfg)
@@ -55,7 +61,7 @@ def test_logprobs_condition_on_the_prompt_and_ids_are_kept_as_sampled(tmp_path, 
     sampled = method.rewards.fns[0].__globals__["SEEN"][-1]  # what the reward function was given
     G = method.settings.num_generations
     for ids, mask, *_ in batch.micro_batches:
-        ids, mask = np.array(ids), np.array(mask)
+        ids, mask = np.array(ids), whole_width(ids, mask)
         for row, row_mask in zip(ids, mask):
             prompt_len = int(np.argmax(row_mask)) if row_mask.any() else None
             completion = row[row_mask.astype(bool)].tolist()
@@ -63,7 +69,7 @@ def test_logprobs_condition_on_the_prompt_and_ids_are_kept_as_sampled(tmp_path, 
             assert prompt_len and prompt_len > 10  # the prompt precedes the completion in the forward
     # scoring with the prompt differs from scoring the completion alone (the peer's bug)
     ids, mask = batch.micro_batches[0][:2]
-    start = int(np.argmax(np.array(mask[0])))
+    start = int(np.argmax(whole_width(ids, mask)[0]))
     with_prompt = per_token_logps(loaded.model, ids[:1])[0, start:start + 4]
     alone = per_token_logps(loaded.model, ids[:1, start - 1:])[0, :4]
     assert mx.abs(with_prompt - alone).max().item() > 1e-3
@@ -105,7 +111,8 @@ def test_ratio_is_against_the_sampling_policy_and_kl_is_k3(tmp_path, reward_file
     assert float(metrics["clip_ratio/region_mean"]) == 0.0
     assert float(metrics["kl"]) > 0.0  # k3 against the adapter-off model, never negative
     m = np.array(mask[:, 1:], dtype=np.float64)
-    logps = np.array(per_token_logps(loaded.model, ids, method.settings.temperature))
+    assert mask.shape[1] < ids.shape[1]  # the batch drops prompt columns no row scores
+    logps = np.array(per_token_logps(loaded.model, ids, method.settings.temperature)[:, -m.shape[1]:])
     d = np.array(ref) - logps
     k3 = (np.exp(d) - d - 1) * m
     expected = (-(np.array(adv)[:, None]) * m + 0.1 * k3).sum() / float(num_items)

@@ -18,7 +18,12 @@ from mlxrl.mlx.dpo_loss import (  # noqa: F401  (re-exported: the loss's public 
     dpo_metrics,
     settings_loss,
 )
-from mlxrl.mlx.logprobs import per_token_logps, per_token_logps_and_log_sum_sq
+from mlxrl.mlx.logprobs import (
+    first_scored_position,
+    per_token_logps,
+    per_token_logps_and_log_sum_sq,
+    scored_from,
+)
 from mlxrl.mlx.model import adapters_disabled
 from mlxrl.mlx.trainer import (
     IndexStream,
@@ -72,13 +77,8 @@ def pair_arrays(pairs: list[tuple]) -> tuple[mx.array, mx.array, int]:
     rows = [p[0] for p in pairs] + [p[2] for p in pairs]
     masks = [p[1] for p in pairs] + [p[3] for p in pairs]
     width = bucket(max(len(r) for r in rows))
-    first = min((m.index(1) for m in masks if 1 in m), default=0)  # the earliest completion token
-    start = 8 * (max(first - 1, 0) // 8)  # position first - 1 scores it
+    start = first_scored_position(masks)
     return pad_rows(rows, width), pad_rows(masks, width)[:, start:], sum(len(r) for r in rows)
-
-
-def scored_from(input_ids: mx.array, mask: mx.array) -> int:
-    return input_ids.shape[1] - mask.shape[1]
 
 
 def policy_loss(model, settings, input_ids, mask, ref_logps):

@@ -29,7 +29,7 @@ from mlxrl.mlx.grpo_loss import (  # noqa: F401  (re-exported: the loss's public
     per_token_kl,
 )
 from mlxrl.mlx.grpo_reuse import RolloutReuse
-from mlxrl.mlx.logprobs import per_token_logps
+from mlxrl.mlx.logprobs import first_scored_position, per_token_logps, scored_from
 from mlxrl.mlx.model import adapters_disabled
 from mlxrl.mlx.trainer import IndexStream, StepBatch, StreamPosition, bucket, pad_rows
 from mlxrl.reward_metrics import reward_metrics
@@ -111,7 +111,7 @@ class GRPOMethod(StreamPosition):
 
     def loss(self, input_ids, mask, advantages, ref_logps, num_items, old_logps=None):
         s = self.settings
-        logps = per_token_logps(self.model, input_ids, s.temperature)
+        logps = per_token_logps(self.model, input_ids, s.temperature, scored_from(input_ids, mask))
         ref = ref_logps if s.beta != 0.0 else None
         old = mx.stop_gradient(logps) if old_logps is None else old_logps
         return grpo_loss(logps, old, ref, advantages, mask[:, 1:],
@@ -209,24 +209,26 @@ class GRPOMethod(StreamPosition):
         return run
 
     def _micro_batches(self, rows, masks, advantages, num_items) -> list[tuple]:
+        """Right-padded rows; masks without the prompt columns no row scores (`logprobs.scored_from`)."""
         bs = self.training.per_device_train_batch_size
         width = bucket(max(map(len, rows)))
+        scored = first_scored_position(masks)
         micro = []
         for start in range(0, len(rows), bs):
             ids = pad_rows(rows[start:start + bs], width)
-            mask = pad_rows(masks[start:start + bs], width)
+            mask = pad_rows(masks[start:start + bs], width)[:, scored:]
             if self.settings.beta != 0.0:
-                ref = self._reference_logps(ids)
+                ref = self._reference_logps(ids, scored)
             else:
-                ref = mx.zeros((ids.shape[0], width - 1))
+                ref = mx.zeros((ids.shape[0], width - 1 - scored))
             micro.append((ids, mask, mx.array(advantages[start:start + bs]), ref, num_items))
         return micro
 
-    def _reference_logps(self, ids: mx.array) -> mx.array:
+    def _reference_logps(self, ids: mx.array, start: int) -> mx.array:
         if self.reference is not None:
-            ref = per_token_logps(self.reference, ids, self.settings.temperature)
+            ref = per_token_logps(self.reference, ids, self.settings.temperature, start)
         else:
             with adapters_disabled(self.model):
-                ref = per_token_logps(self.model, ids, self.settings.temperature)
+                ref = per_token_logps(self.model, ids, self.settings.temperature, start)
         mx.eval(ref)
         return ref

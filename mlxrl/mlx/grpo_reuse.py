@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mlxrl.mlx.logprobs import per_token_logps
+from mlxrl.mlx.logprobs import per_token_logps, scored_from
 from mlxrl.mlx.trainer import StepBatch
 
 _DTYPES = {"int32": mx.int32, "float32": mx.float32}
@@ -29,14 +29,14 @@ class RolloutReuse:
     def next_step(self) -> StepBatch:
         if self.steps % self.iterations == 0 or self.cached is None:
             batch = self.method.rollout_step()
-            batch.micro_batches = [(*arrays, self._old_logps(arrays[0])) for arrays in batch.micro_batches]
+            batch.micro_batches = [(*arrays, self._old_logps(*arrays[:2])) for arrays in batch.micro_batches]
             self.cached = batch
         self.steps += 1
         return self.cached
 
-    def _old_logps(self, input_ids: mx.array) -> mx.array:
-        logps = mx.stop_gradient(per_token_logps(self.method.model, input_ids,
-                                                 self.method.settings.temperature))
+    def _old_logps(self, input_ids: mx.array, mask: mx.array) -> mx.array:
+        logps = mx.stop_gradient(per_token_logps(self.method.model, input_ids, self.method.settings.temperature,
+                                                 scored_from(input_ids, mask)))
         mx.eval(logps)
         return logps
 

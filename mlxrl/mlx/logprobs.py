@@ -48,6 +48,20 @@ def next_token_logits(model: nn.Module, input_ids: mx.array, start: int = 0) -> 
     return model(input_ids)[:, start:-1, :]
 
 
+def first_scored_position(masks: list[list[int]], multiple: int = 8) -> int:
+    """The first position whose next-token log-prob a loss reads, for rows whose completion
+    masks are `masks` (position t scores token t + 1), rounded down to a multiple of 8 so that a
+    compiled step sees few shapes. Callers drop the mask's columns before it; `scored_from`
+    recovers it from the shapes."""
+    first = min((m.index(1) for m in masks if 1 in m), default=0)  # the earliest completion token
+    return multiple * (max(first - 1, 0) // multiple)
+
+
+def scored_from(input_ids: mx.array, mask: mx.array) -> int:
+    """The start position of a mask trimmed by `first_scored_position`."""
+    return input_ids.shape[1] - mask.shape[1]
+
+
 def per_token_logps(model: nn.Module, input_ids: mx.array, temperature: float = 1.0,
                     start: int = 0) -> mx.array:
     """`[B, L-1-start]` float32 log-probs of each next token of `input_ids` `[B, L]` under
