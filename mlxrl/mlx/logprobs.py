@@ -84,8 +84,9 @@ def per_token_logps_and_log_sum_sq(model: nn.Module, input_ids: mx.array,
 def sequence_logps(model: nn.Module, input_ids: mx.array, completion_mask: mx.array) -> mx.array:
     """`[B]` summed log-probs of the completion tokens (DPO's sequence score, no temperature).
 
-    `completion_mask` `[B, L]` marks completion tokens of `input_ids`; token `t + 1` is scored by
-    position `t`, hence the shift.
+    `completion_mask` `[B, L]` marks completion tokens of `input_ids` (or `[B, L - s]` without its
+    first `s` columns, `first_scored_position`); token `t + 1` is scored by position `t`, hence
+    the shift.
     """
-    token_logps = per_token_logps(model, input_ids)
+    token_logps = per_token_logps(model, input_ids, start=scored_from(input_ids, completion_mask))
     return (token_logps * completion_mask[:, 1:].astype(mx.float32)).sum(axis=-1)
