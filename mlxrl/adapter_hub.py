@@ -52,8 +52,9 @@ def model_card(kind: str, base_name: str, load_base: str, mlxrl_block: dict,
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     if mlxrl_block.get("quantization"):
         q = mlxrl_block["quantization"]
+        source = " (the base GGUF file's own blocks)" if q.get("source") == "gguf" else ""
         lines += [f"Base quantization during training: MLX affine, {q.get('bits')} bits, "
-                  f"group size {q.get('group_size')}.", ""]
+                  f"group size {q.get('group_size')}{source}.", ""]
     config = mlxrl_block.get("config")
     if config:
         lines += ["## Training config", "", "```yaml",

@@ -244,6 +244,7 @@ def import_peft(peft_dir, output_dir, base_model: str | None = None, overwrite: 
     base = base_model or pcfg.get("base_model_name_or_path")
     if not base:
         raise AdapterError(f"{folder / PEFT_CONFIG} names no base model; pass --base MODEL")
+    gguf_base = _gguf_base(base, None if base_model else pcfg.get("mlxrl"), str(folder / PEFT_CONFIG))
     base_path, hf_config = _base(base, None if base_model else pcfg.get("revision"))
     if base_model:
         _check_same_architecture(pcfg, hf_config, base_model, str(folder / PEFT_CONFIG))
@@ -270,13 +271,27 @@ def import_peft(peft_dir, output_dir, base_model: str | None = None, overwrite: 
                             "dropout": pcfg.get("lora_dropout", 0.0), "keys": keys},
         "model": base,
         "mlxrl": {"base_model": base, "method": "import",
-                  "source": {"format": "peft", "path": str(folder), "config": pcfg}},
+                  "source": {"format": "peft", "path": str(folder), "config": pcfg},
+                  **gguf_base},
     }
     with staged(out, overwrite, IMPORT_FILES, AdapterError) as tmp:
         mx.save_safetensors(str(tmp / ADAPTER_FILE), mlx_tensors, metadata={"format": "mlx"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     _warn(amap.notes())
     return out
+
+
+def _gguf_base(base: str, recorded_block: dict | None, where: str) -> dict:
+    """`{"base_gguf": ...}` for a GGUF base: the file the adapter recorded (refused if `base` is
+    now another file), or, for a base given with --base, that file; else {}."""
+    from mlxrl.real_model import check_gguf_base, gguf_file, gguf_identity
+
+    recorded = (recorded_block or {}).get("base_gguf")
+    if recorded:
+        check_gguf_base(recorded, base, where)
+        return {"base_gguf": recorded}
+    path = gguf_file(base)
+    return {"base_gguf": gguf_identity(path)} if path is not None else {}
 
 
 def _check_same_architecture(pcfg: dict, hf_config: dict, base_model: str, where: str) -> None:
@@ -321,7 +336,7 @@ def _mlx_model(folder: Path, with_adapter: bool):
     """The base as mlxrl trained on it (dtype, quantization), with the adapter loaded or not."""
     from mlx_lm.tuner.utils import load_adapters
 
-    from mlxrl.mlx.model import cast, quantize_base
+    from mlxrl.mlx.model import cast, quantize_frozen
     from mlxrl.mlx.model_config import load_model
 
     config = _read_json(folder / ADAPTER_CONFIG)
@@ -332,7 +347,7 @@ def _mlx_model(folder: Path, with_adapter: bool):
     model.freeze()
     quant = config.get("mlxrl", {}).get("quantization")
     if quant:
-        quantize_base(model, **quant)
+        quantize_frozen(model, quant, base_name, hf_config.get("model_type"), new_run=False)
     if with_adapter:
         try:
             load_adapters(model, str(folder))
@@ -380,6 +395,7 @@ def _write_quantized(folder: Path, out: Path) -> Path:
                            "quantized; fuse without --quantize (or quantize the fused model "
                            "with mlx_lm.convert -q)")
     _merge(model, dequantize=False)
+    quant = _mlx_lm_quantization(model, quant)
     config = dict(hf_config, quantization=quant, quantization_config=quant)
     _save_weights(out, dict(tree_flatten(model.parameters())), {"format": "mlx"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -390,6 +406,19 @@ def _write_quantized(folder: Path, out: Path) -> Path:
             "re-quantizing W + dW may erase small adapter deltas (mlx-lm #1172)")
     _write_card(out, "mlx", base_name, base_name, adapter_config.get("mlxrl", {}), [note])
     return out
+
+
+def _mlx_lm_quantization(model, quant: dict) -> dict:
+    """mlx-lm's `quantization` config: the common group size and bits, plus each layer that
+    differs (a GGUF base may mix Q4 and Q8 layers)."""
+    import mlx.nn as nn
+
+    common = (quant["group_size"], quant["bits"])
+    config = {"group_size": common[0], "bits": common[1]}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear) and (module.group_size, module.bits) != common:
+            config[name] = {"group_size": module.group_size, "bits": module.bits}
+    return config
 
 
 def _save_weights(out: Path, weights: dict[str, mx.array], metadata: dict) -> None:

@@ -8,8 +8,9 @@ LM Studio.
   `<llama.cpp name>.lora_a` [r, in] and `.lora_b` [out, r] in numpy order), taken from the PEFT
   export so that both exports share one translation from mlx-lm's layout. llama.cpp scales the
   product by alpha / r, as PEFT does. It applies on top of the base GGUF: the user's own file when
-  the adapter was trained on one (`model.model_name: x.gguf` or gguf://smollm2), else the base
-  written beside it as `base-<quantize>.gguf`.
+  the adapter was trained on one (`model.model_name: x.gguf` or gguf://smollm2; with QLoRA too
+  when it trained on the file's own quantized tensors), else the base written beside it as
+  `base-<quantize>.gguf` (a QLoRA adapter's: its dequantized base).
 - Beside either: an Ollama `Modelfile` (FROM, ADAPTER, TEMPLATE for a ChatML template, the
   default system prompt of that template, stop tokens).
 
@@ -82,7 +83,8 @@ def export_lora_gguf(checkpoint_dir, output_dir, quantize: str = "f16", overwrit
         base_folder = dequantized if dequantized.is_dir() else local_model_path(base_name)
         config = json.loads((base_folder / "config.json").read_text())
         arch = check_arch(config, str(checkpoint_dir))
-        source = None if dequantized.is_dir() else base_gguf_file(base_name)
+        on_file = not dequantized.is_dir() or _trained_on_file_quantization(checkpoint_dir)
+        source = base_gguf_file(base_name) if on_file else None
         with staged(out, overwrite, GGUF_FILES, GgufError) as tmp:
             _write_lora(tmp / ADAPTER_GGUF, peft, pcfg, arch, config, str(checkpoint_dir))
             if source is None:
@@ -112,6 +114,14 @@ def _is_full_model(checkpoint_dir) -> bool:
     from mlxrl.model_names import resolve
 
     return resolve(str(checkpoint_dir)).adapter_path is None
+
+
+def _trained_on_file_quantization(checkpoint_dir) -> bool:
+    """QLoRA on a GGUF base's own Q4_0 / Q4_1 / Q8_0 tensors: the file is the exact base."""
+    from mlxrl.model_names import ADAPTER_CONFIG
+
+    config = json.loads((Path(checkpoint_dir) / ADAPTER_CONFIG).read_text())
+    return ((config.get("mlxrl") or {}).get("quantization") or {}).get("source") == "gguf"
 
 
 def base_gguf_file(base_name: str) -> Path | None:

@@ -20,6 +20,7 @@ Backend-neutral (numpy, safetensors, gguf; no mlx or torch).
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -73,6 +74,14 @@ def permute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return per_head.swapaxes(1, 2).reshape(weight.shape)
 
 
+def unpermute_rope_rows(weight, n_heads: int):
+    """`permute_rope_rows` undone: llama.cpp's row order back to Hugging Face's (numpy or mlx
+    arrays; any row-wise tensor, such as a quantized weight's packed words, scales and biases)."""
+    rows = weight.shape[0]
+    per_head = weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:])
+    return per_head.swapaxes(1, 2).reshape(weight.shape)
+
+
 def to_gguf_layout(arch: str, config: dict, hf_name: str, weight: np.ndarray) -> np.ndarray:
     """A Hugging Face tensor (or a LoRA B, whose rows are the output rows) in llama.cpp's layout."""
     if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
@@ -81,10 +90,15 @@ def to_gguf_layout(arch: str, config: dict, hf_name: str, weight: np.ndarray) ->
     return weight
 
 
-def tensor_name(arch: str, config: dict, hf_name: str) -> str:
+@functools.cache
+def _name_map(arch: str, n_layers: int):
     import gguf
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config["num_hidden_layers"])
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layers)  # ~25 ms to build
+
+
+def tensor_name(arch: str, config: dict, hf_name: str) -> str:
+    names = _name_map(arch, config["num_hidden_layers"])
     name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if name is None:
         raise GgufError(f"no llama.cpp tensor for {hf_name!r} in a {arch} model")

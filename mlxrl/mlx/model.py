@@ -4,7 +4,8 @@
   `tiny://...`, or an adapter folder (an mlxrl checkpoint, or a PEFT adapter such as a torch
   checkpoint, converted once), in which case base and adapter load together.
 - QLoRA on MLX: the frozen base's linear layers are quantized with MLX's own affine
-  quantization (no bitsandbytes); the adapter trains against the dequantized weights.
+  quantization (no bitsandbytes); the adapter trains against the dequantized weights. A GGUF
+  base keeps the file's own Q4_0 / Q4_1 / Q8_0 tensors instead (`mlxrl/mlx/gguf_base.py`).
 - The DPO/GRPO reference policy is the same model with its adapter layers switched off, i.e. the
   base layers alone, as PEFT's `disable_adapter()` gives it (`adapters_disabled`), never a
   second copy.
@@ -58,8 +59,12 @@ class LoadedModel:
     base_path: Path  # local folder of the base model
     base_name: str  # what the user named (hub id or path), recorded in checkpoints
     adapter_path: Path | None = None
-    quantized: bool = False
+    quantization: dict | None = None  # of the frozen base (QLoRA), as recorded in the adapter
     lora: dict | None = None  # mlx-lm adapter config of the LoRA layers, when there are any
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantization is not None
 
 
 def mlx_adapter(ref: ModelRef) -> ModelRef:
@@ -123,11 +128,11 @@ def load(model_params, peft_params=None, *, for_training: bool = False, gradient
     if full:
         _unfreeze_all(model, base_name)
     quant = saved.get("mlxrl", {}).get("quantization")
-    if quant is None and for_training and peft_params is not None and peft_params.q_lora:
+    new_qlora = quant is None and for_training and peft_params is not None and peft_params.q_lora
+    if new_qlora:
         quant = {"group_size": QUANT_GROUP_SIZE, "bits": peft_params.q_lora_bits}
     if quant:
-        logger.info(f"quantizing the base to {quant['bits']} bits (QLoRA)")
-        quantize_base(model, **quant)
+        quant = quantize_frozen(model, quant, base_name, config.get("model_type"), new_qlora)
     lora = None
     if adapter_path is not None:
         lora = {k: v for k, v in saved.items() if k != "mlxrl"}
@@ -140,7 +145,7 @@ def load(model_params, peft_params=None, *, for_training: bool = False, gradient
         checkpoint_blocks(model)
     mx.eval(model.parameters())
     model.train(for_training)
-    return LoadedModel(model, tokenizer, base_path, base_name, adapter_path, bool(quant), lora)
+    return LoadedModel(model, tokenizer, base_path, base_name, adapter_path, quant or None, lora)
 
 
 
@@ -199,6 +204,27 @@ def cast(model: nn.Module, dtype_name: str) -> None:
         return
     dtype = DTYPES[dtype_name]
     model.apply(lambda x: x.astype(dtype) if mx.issubdtype(x.dtype, mx.floating) else x)
+
+
+def quantize_frozen(model: nn.Module, quant: dict, base_name: str, model_type: str | None,
+                    new_run: bool) -> dict:
+    """QLoRA's frozen base; returns the quantization to record in the adapter. A GGUF base keeps
+    the file's own quantized tensors (a new run tries, an adapter trained so requires them);
+    any other base, or a GGUF file MLX cannot read so, gets MLX's own affine quantization."""
+    from mlxrl.mlx.gguf_base import SOURCE, quantize_from_gguf
+    from mlxrl.real_model import gguf_file
+
+    if new_run or quant.get("source") == SOURCE:
+        path = gguf_file(base_name)
+        recorded = path and quantize_from_gguf(model, path, model_type, quant["bits"])
+        if recorded:
+            return recorded
+        if quant.get("source") == SOURCE:
+            raise ModelError(f"the adapter was trained on the quantized tensors of the GGUF file "
+                             f"{base_name!r}, which MLX cannot read from {path}; give it that file")
+    logger.info(f"quantizing the base to {quant['bits']} bits (QLoRA)")
+    quantize_base(model, quant["group_size"], quant["bits"])
+    return {"group_size": quant["group_size"], "bits": quant["bits"]}
 
 
 def quantize_base(model: nn.Module, group_size: int, bits: int) -> None:
@@ -353,17 +379,10 @@ def adapter_config_for(loaded: LoadedModel, extra: dict | None = None) -> dict:
     if source is not None:  # the exact file: infer, export and fuse refuse another one
         mlxrl_block["base_gguf"] = gguf_identity(source)
     if loaded.quantized:
-        mlxrl_block["quantization"] = _quantization_of(loaded.model)
+        mlxrl_block["quantization"] = loaded.quantization
     mlxrl_block.update(extra or {})
     config["mlxrl"] = mlxrl_block
     return config
-
-
-def _quantization_of(model: nn.Module) -> dict:
-    for _, m in model.named_modules():
-        if isinstance(m, nn.QuantizedLinear):
-            return {"group_size": m.group_size, "bits": m.bits}
-    return {"group_size": QUANT_GROUP_SIZE, "bits": 4}
 
 
 def save_adapter(model: nn.Module, folder: Path, adapter_config: dict) -> None:

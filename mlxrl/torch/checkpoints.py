@@ -121,6 +121,7 @@ class SafeCheckpoints:
     _staging_dir: Path | None = None
     run_record: dict = {}  # RUN_FILE's content (set by safe_trainer_class)
     skip_non_finite_steps = False  # training.skip_non_finite_steps (set by safe_trainer_class)
+    adapter_fields: dict = {}  # added to adapter_config.json (a GGUF base: torch_model.Loaded)
 
     def _plain_files(self) -> bool:
         return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
@@ -187,6 +188,7 @@ class SafeCheckpoints:
             folder = Path(output_dir if output_dir is not None else self.args.output_dir)
             (folder / "training_args.bin").unlink(missing_ok=True)
             (folder / ARGS_FILE).write_text(self.args.to_json_string())
+            add_adapter_fields(folder / "adapter_config.json", self.adapter_fields)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not self._plain_files():
@@ -274,8 +276,19 @@ def keep_new_settings(optimizer, scheduler):
     return restore
 
 
+def add_adapter_fields(path: Path, fields: dict) -> None:
+    """PEFT's adapter_config.json with mlxrl's `fields` (its `mlxrl` block merged)."""
+    if not fields or not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    config.update({k: v for k, v in fields.items() if k != "mlxrl"})
+    config["mlxrl"] = {**(config.get("mlxrl") or {}), **fields.get("mlxrl", {})}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def safe_trainer_class(trainer_class: type, skip_non_finite_steps: bool,
-                       run_record: dict | None = None) -> type:
+                       run_record: dict | None = None, adapter_fields: dict | None = None) -> type:
     """`trainer_class` with `SafeCheckpoints` in front of it."""
     return type(f"Mlxrl{trainer_class.__name__}", (SafeCheckpoints, trainer_class),
-                {"skip_non_finite_steps": skip_non_finite_steps, "run_record": run_record or {}})
+                {"skip_non_finite_steps": skip_non_finite_steps, "run_record": run_record or {},
+                 "adapter_fields": adapter_fields or {}})

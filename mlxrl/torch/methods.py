@@ -134,7 +134,8 @@ def build_trainer(cfg, loaded, dataset, args, peft_config, callbacks, run_record
 
     method, tok = cfg.training.method, loaded.tokenizer
     DPOTrainer, GRPOTrainer, SFTTrainer = (
-        safe_trainer_class(c, cfg.training.skip_non_finite_steps, run_record) for c in (DPOTrainer, GRPOTrainer, SFTTrainer))
+        safe_trainer_class(c, cfg.training.skip_non_finite_steps, run_record, loaded.adapter_fields)
+        for c in (DPOTrainer, GRPOTrainer, SFTTrainer))
     common = dict(model=loaded.model, args=args, processing_class=tok, callbacks=callbacks,
                   peft_config=peft_config)
     if method == "sft":

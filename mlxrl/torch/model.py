@@ -7,12 +7,14 @@
 - LoRA targets are computed from the model as on MLX: by default every linear layer inside the
   transformer blocks (except Mamba's out_proj); named targets match the last part of a module's
   name (`q_proj`).
+- A GGUF base (`x.gguf`, `gguf://smollm2`) loads from its converted folder; the adapters saved on
+  it name the GGUF and record the file (`base_gguf` {path, sha256}), as on MLX (`adapter_fields`).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +38,18 @@ class Loaded:
     tokenizer: object
     base_name: str  # what the user named (hub id or path), recorded in the adapter config
     peft_dir: Path | None = None  # a PEFT adapter to continue training
+    adapter_fields: dict = field(default_factory=dict)  # added to every adapter_config.json saved
+
+
+def gguf_adapter_fields(ref: ModelRef) -> dict:
+    """For a GGUF base: the adapter names the GGUF (not its converted folder in the cache) and
+    records the file, so that infer, export and fuse find it and refuse another file."""
+    from mlxrl.real_model import gguf_file, gguf_identity
+
+    path = gguf_file(ref.base_name)
+    if path is None:
+        return {}
+    return {"base_model_name_or_path": ref.base_name, "mlxrl": {"base_gguf": gguf_identity(path)}}
 
 
 def resolve(name: str, revision: str | None = None) -> ModelRef:
@@ -96,7 +110,8 @@ def load(cfg, quantization=None) -> Loaded:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(peft_dir), is_trainable=True)
-    return Loaded(model, tokenizer, mp.model_name if peft_dir is None else base, peft_dir)
+    return Loaded(model, tokenizer, mp.model_name if peft_dir is None else base, peft_dir,
+                  gguf_adapter_fields(ref))
 
 
 def _untrained(base: str, mp, kwargs: dict):
