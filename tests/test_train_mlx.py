@@ -55,8 +55,8 @@ def test_step_zero_policy_equals_reference(tmp_path):
     cfg = dpo_config(tmp_path)
     loaded = mlx_model.load(cfg.model, cfg.peft, for_training=True)
     method = DPOMethod(cfg, loaded, load_split(cfg.data.train))
-    (ids, mask, ref), = method.next_step().micro_batches
-    loss, metrics = method.loss(ids, mask, ref)
+    arrays, = method.next_step().micro_batches  # (ids, mask[, precomputed reference])
+    loss, metrics = method.loss(*arrays)
     assert abs(float(loss) - math.log(2)) < 1e-5
     # equal up to float32 rounding: the precomputed reference ran in batches of another width, and
     # OpenBLAS picks its kernels by shape (exactly 0.0 on an AVX-512 machine, 2.9e-7 on an AVX2 EPYC)
@@ -208,8 +208,8 @@ def test_dpo_from_a_trained_adapter_uses_it_as_reference(dpo_run, tmp_path):
     cfg = dpo_config(tmp_path, "--model.model_name", str(out))
     loaded = mlx_model.load(cfg.model, cfg.peft, for_training=True)
     method = DPOMethod(cfg, loaded, load_split(cfg.data.train))
-    (ids, mask, ref), = method.next_step().micro_batches
-    loss, metrics = method.loss(ids, mask, ref)
+    arrays, = method.next_step().micro_batches  # (ids, mask[, precomputed reference])
+    loss, metrics = method.loss(*arrays)
     assert abs(float(loss) - math.log(2)) < 1e-5  # policy == reference at the start
     # equal up to float32 rounding: the precomputed reference ran in batches of another width, and
     # OpenBLAS picks its kernels by shape (exactly 0.0 on an AVX-512 machine, 2.9e-7 on an AVX2 EPYC)
