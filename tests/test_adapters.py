@@ -405,3 +405,43 @@ def test_cli_prints_conversion_notes(case, cli, tmp_path, monkeypatch):
     monkeypatch.setattr(FalconH1Map, "notes", lambda self: ["bases differ"])
     result = cli("export", ckpt, "--output", tmp_path / "peft")
     assert result.exit_code == 0 and "note: bases differ" in result.output
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2-dora"])
+def test_decode_weights_sample_as_transformers_peft_generates(case, name, monkeypatch):
+    """The sampler's decode weights (Linux CPU: each linear's weight transposed, a LoRA adapter
+    folded in; DoRA layers left as they are) give transformers + PEFT's greedy tokens on the
+    exported adapter, log-probs of the unfolded model, and leave nothing behind. The rule's
+    other branch (split matmuls, AVX-512) is switched off so that this runs on any Linux CPU."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mlxrl.mlx import cpu_ops, sampling
+    from mlxrl.mlx.logprobs import per_token_logps
+
+    c = case(name)
+    model, prompts = c["model"], [IDS[0, :9].tolist(), IDS[1, :5].tolist()]
+    monkeypatch.setattr(sampling, "_small_kernels", lambda: False)
+    folded, original = [], cpu_ops.set_decode_weights
+    monkeypatch.setattr(sampling, "set_decode_weights", lambda m: folded.extend(original(m)) or folded)
+    ours = sampling.sample(model, prompts, max_tokens=12, temperature=0.0, eos_token_ids=[])
+    adapted, folded_ids = mlx_model.lora_layers(model), {id(m) for m in folded}
+    assert adapted and folded
+    assert all((id(m) in folded_ids) is ("m" not in m) for m in adapted)  # DoRA keeps its path
+    assert not any(cpu_ops.DECODE_WEIGHT in m for _, m in model.named_modules())
+    assert not any(".decode_weight" in k or k == "decode_weight" for k, _ in tree_flatten(model.parameters()))
+
+    config = json.loads((c["peft"] / "adapter_config.json").read_text())
+    hf = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
+    hf = PeftModel.from_pretrained(hf, str(c["peft"])).eval()
+    for row, prompt in enumerate(prompts):
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)[0, len(prompt):]
+        assert ours.tokens[row].tolist() == theirs.tolist(), row
+        forced = per_token_logps(model, mx.array([prompt + theirs.tolist()]))[0, len(prompt) - 1:]
+        np.testing.assert_allclose(ours.logprobs[row], np.array(forced), atol=1e-4)
+
+    monkeypatch.setattr(sampling, "_openblas_cpu", lambda: False)  # the plain decode
+    plain = sampling.sample(model, prompts, max_tokens=12, temperature=0.0, eos_token_ids=[])
+    np.testing.assert_array_equal(plain.tokens, ours.tokens)
+    np.testing.assert_allclose(plain.logprobs, ours.logprobs, atol=1e-5)

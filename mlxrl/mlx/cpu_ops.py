@@ -122,6 +122,8 @@ class SplittableLinear(nn.Linear):
     split_matmul = False
 
     def __call__(self, x):
+        if DECODE_WEIGHT in self:
+            return decode_linear(self, x)
         if not self.split_matmul:
             return super().__call__(x)
         y = split_matmul(x, self.weight)
@@ -134,10 +136,68 @@ class SplittableEmbedding(nn.Embedding):
     split_matmul = False
 
     def as_linear(self, x):
+        if DECODE_WEIGHT in self:
+            return x @ self[DECODE_WEIGHT]
         return split_matmul(x, self.weight) if self.split_matmul else super().as_linear(x)
 
 
 _SPLITTABLE = {nn.Linear: SplittableLinear, nn.Embedding: SplittableEmbedding}
+
+
+# ----------------------------------------------------------------------------- decode weights
+
+DECODE_WEIGHT = "decode_weight"
+DECODE_WEIGHTS_MAX_BYTES = 2 << 30  # beyond this a second copy of the weights costs too much
+
+
+def decode_linear(module: nn.Module, x):
+    """`module`'s output from its decode weight: an nn.Linear's, or a LoRA layer's with its
+    adapter folded in (`set_decode_weights`)."""
+    y = x @ module[DECODE_WEIGHT]
+    base = module.linear if "linear" in module else module
+    return y + base.bias if "bias" in base else y
+
+
+def set_decode_weights(model: nn.Module) -> list[nn.Module]:
+    """Give the model's matmul layers a decode weight for a no-grad decode: `W.T`, contiguous, with
+    a LoRA layer's adapter folded in (`W.T + scale * A @ B`, the layer in eval mode, so no
+    dropout). At decode's few rows OpenBLAS multiplies `x @ W.T` by packing W at every call;
+    `x @ W_T` reads the weights as they lie, and a folded adapter saves LoRA's two thin
+    matmuls a layer. A second copy of the weights while it lasts: none when that would pass
+    `DECODE_WEIGHTS_MAX_BYTES`. Returns the layers set (evaluated); `clear_decode_weights` them."""
+    layers = _decode_weight_layers(model)
+    if sum(_base(m).weight.nbytes for m in layers) > DECODE_WEIGHTS_MAX_BYTES:
+        return []
+    for m in layers:
+        weight = _base(m).weight.T
+        if "lora_a" in m and getattr(m, "adapter_enabled", True):
+            weight = weight + (m.scale * (m.lora_a @ m.lora_b)).astype(weight.dtype)
+        m[DECODE_WEIGHT] = mx.contiguous(weight)
+    mx.eval([m[DECODE_WEIGHT] for m in layers])
+    return layers
+
+
+def clear_decode_weights(layers: list[nn.Module]) -> None:
+    for m in layers:
+        m.pop(DECODE_WEIGHT, None)
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.linear if "lora_a" in module else module
+
+
+def _decode_weight_layers(model: nn.Module) -> list[nn.Module]:
+    """mlxrl's LoRA layers over a float linear (not DoRA: its magnitude rescales each output),
+    splittable linears outside them, and a tied head's embedding (a model with no `lm_head`)."""
+    from mlxrl.mlx.model import AdapterSwitch
+
+    lora = [m for _, m in model.named_modules() if isinstance(m, AdapterSwitch) and "m" not in m
+            and type(m.linear) in (nn.Linear, SplittableLinear)]
+    inside = {id(m.linear) for _, m in model.named_modules() if "lora_a" in m}
+    plain = [m for _, m in model.named_modules() if type(m) is SplittableLinear and id(m) not in inside]
+    if "lm_head" not in model:
+        plain += [m for _, m in model.named_modules() if type(m) is SplittableEmbedding]
+    return [m for m in lora + plain if not m.training or "lora_a" not in m]
 
 
 # ----------------------------------------------------------------------------- one model instance

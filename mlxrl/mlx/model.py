@@ -34,7 +34,7 @@ from mlxrl.chat_templates import configure_tokenizer
 from mlxrl.errors import ModelError
 from mlxrl.integrity import check_adapter, check_tokenizer
 from mlxrl.lora_targets import select_lora_targets
-from mlxrl.mlx.cpu_ops import use_cpu_ops
+from mlxrl.mlx.cpu_ops import DECODE_WEIGHT, decode_linear, use_cpu_ops
 from mlxrl.mlx.model_config import load_model
 from mlxrl.model_names import (
     ADAPTER_CONFIG,
@@ -284,6 +284,8 @@ class AdapterSwitch:
     adapter_enabled = True
 
     def __call__(self, x):
+        if DECODE_WEIGHT in self:  # set by the sampler, adapter folded in (cpu_ops.py)
+            return decode_linear(self, x)
         return super().__call__(x) if self.adapter_enabled else self.linear(x)
 
 

@@ -17,14 +17,17 @@ How it runs:
   time (attention cost follows the columns in use; each width is traced once). Steps are queued
   lazily and evaluated every `CHUNK` steps, which is also when the host checks whether all rows
   are done (evaluating every step would also stop MLX from updating the buffers in place).
-- Small matmuls (Linux CPU, OpenBLAS): at decode's few rows OpenBLAS's threaded GEMM spends most
-  of its time packing the weights and handing work between threads. Split into pieces of at most
-  ~1200 rows x outputs and 1e6 multiply-adds, each piece takes OpenBLAS's small-matrix kernel,
-  which reads the weights once, unpacked, on one core: 8 x 512 x 1536 takes 0.22 ms instead of
-  0.30 on an idle 2-core AVX-512 Xeon, and 0.24 instead of ~1 ms while other processes load it.
-  That kernel is hand-written for AVX-512 only (on an AVX2 EPYC splitting is slower: 0.94 vs
-  0.70 ms), so a fixed rule (`split_matmuls_at`: <= 8 rows on an AVX-512 CPU) sets the flag of the
-  model's splittable layers (`cpu_ops.use_cpu_ops`, applied by mlxrl's loader) for the decode.
+- Decode matmuls (Linux CPU, OpenBLAS; one place, `_decode_matmuls`): at decode's few rows
+  OpenBLAS's threaded GEMM spends most of its time packing the weights and handing work between
+  threads. Two remedies, by a fixed rule:
+  - on a CPU with AVX-512 and <= 8 rows, matmuls are split into pieces of at most ~1200 rows x
+    outputs and 1e6 multiply-adds: each piece takes OpenBLAS's small-matrix kernel, which reads
+    the weights once, unpacked, on one core (8 x 512 x 1536: 0.22 ms instead of 0.30 on an idle
+    2-core AVX-512 Xeon). That kernel is hand-written for AVX-512 only (`split_matmuls_at`).
+  - otherwise, decode weights (`cpu_ops.set_decode_weights`): each linear's weight transposed
+    once per call, `x @ W_T` instead of `x @ W.T`, with a LoRA adapter folded in, so a layer is
+    one matmul instead of three (a second copy of the weights while sampling; see
+    `set_decode_weights`).
 - Sampling on the device: temperature, then top-k, top-p, min-p as one logit threshold per row
   (the Hugging Face order), then inverse-CDF sampling with one uniform per row and step. T = 0 is
   greedy (log-probs then use T = 1).
@@ -51,7 +54,13 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from mlxrl._jit import cpu_flags
 from mlxrl.mlx.cache_utils import CacheLayout, left_padding, repeat_rows
-from mlxrl.mlx.cpu_ops import SplittableEmbedding, SplittableLinear
+from mlxrl.mlx.cpu_ops import (
+    DECODE_WEIGHT,
+    SplittableEmbedding,
+    SplittableLinear,
+    clear_decode_weights,
+    set_decode_weights,
+)
 
 CHUNK = 8  # decode steps queued between host syncs
 BUCKET = 32  # KV buffers grow by this many columns
@@ -106,7 +115,7 @@ def sample(model: nn.Module, prompts: list[list[int]], *, num_generations: int =
     caches, width = _prefill(model, prompts)
     first = mx.array([p[-1] for p in prompts for _ in range(G)], dtype=mx.int32)
     history = _history(prompts, G, max_tokens, cfg)
-    with _small_matmuls(model, N):
+    with _decode_matmuls(model, N):
         tokens, logprobs, alive, done = _decode(
             model, cfg, [repeat_rows(c, G) for c in caches], first,
             mx.repeat(left_padding(caches, len(prompts)), G), width,
@@ -230,7 +239,8 @@ def _compiled_step(model, layout: CacheLayout, cfg: _Settings):
     switches: adapter on/off, split matmuls), so they are part of the key; the weights are
     implicit inputs, so optimizer updates need no retrace.
     """
-    modules = tuple((name, type(m), m.training, *(_python_scalar(getattr(m, a, None)) for a in _TRACED))
+    modules = tuple((name, type(m), m.training, DECODE_WEIGHT in m,
+                     *(_python_scalar(getattr(m, a, None)) for a in _TRACED))
                     for name, m in model.named_modules())
     key = (id(model), layout, cfg, modules)
     if key not in _TRACES:
@@ -323,21 +333,33 @@ def _small_kernels() -> bool:
     x86 targets its small-matrix path is generic C, slower than its threaded GEMM. So: the Linux
     CPU device (OpenBLAS bound) on a CPU with AVX-512."""
     avx512 = {"avx512f", "avx512vl", "avx512bw", "avx512dq"}
-    return (sys.platform.startswith("linux") and mx.default_device() == mx.cpu
-            and avx512 <= cpu_flags())
+    return _openblas_cpu() and avx512 <= cpu_flags()
 
 
 @contextlib.contextmanager
-def _small_matmuls(model: nn.Module, rows: int):
-    """Within the block, the model's splittable layers (`mlxrl.mlx.cpu_ops.use_cpu_ops`, which
-    mlxrl's loader applies on the CPU) split their matmuls when `split_matmuls_at(rows)`."""
-    layers = []
+def _decode_matmuls(model: nn.Module, rows: int):
+    """Within the block, the decode's matmuls on the Linux CPU (OpenBLAS): split when
+    `split_matmuls_at(rows)`, else from decode weights (`cpu_ops.set_decode_weights`).
+    Elsewhere (a GPU, macOS) nothing changes."""
+    if not _openblas_cpu():
+        yield
+        return
     if split_matmuls_at(rows):
         layers = [m for _, m in model.named_modules() if isinstance(m, SPLITTABLE)]
-    for m in layers:
-        m.split_matmul = True
+        for m in layers:
+            m.split_matmul = True
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.split_matmul = False
+        return
+    layers = set_decode_weights(model)
     try:
         yield
     finally:
-        for m in layers:
-            m.split_matmul = False
+        clear_decode_weights(layers)
+
+
+def _openblas_cpu() -> bool:
+    return sys.platform.startswith("linux") and mx.default_device() == mx.cpu
