@@ -45,8 +45,8 @@ def test_log_probs_from_a_start_position_equal_transformers(arch, overrides):
         assert np.abs(got - expected[:, start:].numpy()).max() < 5e-5, (arch, start)
 
 
-def _dpo_setup(tmp_path):
-    cfg = load_config("configs/quickstart/dpo.yaml", ["--training.output_dir", str(tmp_path)])
+def _dpo_setup(tmp_path, *options):
+    cfg = load_config("configs/quickstart/dpo.yaml", ["--training.output_dir", str(tmp_path), *options])
     loaded = mlx_model.load(cfg.model, cfg.peft, for_training=True)
     for _, layer in tree_flatten(loaded.model.trainable_parameters()):  # a policy off the reference
         layer += 0.05 * mx.random.normal(layer.shape, key=mx.random.key(1))
@@ -80,6 +80,43 @@ def test_trimmed_dpo_mask_gives_the_whole_width_loss_and_gradients(tmp_path):
         assert abs(metrics_a[k] - metrics_b[k]) < 1e-4 * max(1.0, abs(metrics_b[k])), k
     for k, g in grads_a.items():
         assert np.abs(np.array(g) - np.array(grads_b[k])).max() < 1e-6, k
+
+
+@pytest.mark.parametrize("options", ["{loss_type: sigmoid}", "{loss_type: [sigmoid, sft], ld_alpha: 0.5}",
+                                     "{loss_type: ipo, use_weighting: true}"])
+def test_shared_prompt_rows_give_the_plain_loss_and_gradients(tmp_path, options):
+    """DPO's chosen and rejected rows with their prompt run once (mlx/shared_prefix.py): the loss,
+    metrics and gradients of the plain rows, with the per-token options that read every token."""
+    from mlxrl.mlx.shared_prefix import SharedPrefixKV
+
+    model, settings, pairs = _dpo_setup(tmp_path, "--training.trainer_kwargs", options)
+    plain, shared = pair_arrays(pairs), pair_arrays(pairs, model)
+    prefix, pad, row_prefix, suffix = shared[0]
+    assert prefix.shape[0] == len(pairs) and suffix.shape[0] == 2 * len(pairs) == plain[0].shape[0]
+    assert row_prefix.tolist() == [0, 1, 2, 3, 0, 1, 2, 3] and shared[2] == plain[2]
+    assert prefix.size + suffix.size < 0.85 * plain[0].size  # the point of it
+    calls = []
+    original = SharedPrefixKV.update_and_fetch
+    SharedPrefixKV.update_and_fetch = lambda self, k, v: calls.append(k.shape[0]) or original(self, k, v)
+    try:
+        results = []
+        for ids, mask, _ in (plain, shared):
+            ref = reference_logps(model, ids, mask, ld_alpha=settings.ld_alpha)
+            (loss, metrics), grads = nn.value_and_grad(
+                model, lambda i, m, r: policy_loss(model, settings, i, m, r))(ids, mask, ref)
+            results.append((ref, float(loss), {k: float(v) for k, v in metrics.items()},
+                            dict(tree_flatten(grads))))
+    finally:
+        SharedPrefixKV.update_and_fetch = original
+    assert calls and set(calls) == {len(pairs), 2 * len(pairs)}  # prompts once, then every row
+    (ref_a, loss_a, metrics_a, grads_a), (ref_b, loss_b, metrics_b, grads_b) = results
+    assert np.abs(np.array(ref_a) - np.array(ref_b)).max() < 1e-4 * np.abs(np.array(ref_a)).max()
+    assert abs(loss_a - loss_b) < 1e-5 and abs(metrics_a["rewards/margins"]) > 1e-3
+    for k in metrics_a:
+        assert abs(metrics_a[k] - metrics_b[k]) < 1e-4 * max(1.0, abs(metrics_b[k])), k
+    scale = max(np.abs(np.array(g)).max() for g in grads_a.values())
+    for k, g in grads_a.items():
+        assert np.abs(np.array(g) - np.array(grads_b[k])).max() < 1e-5 * scale, k
 
 
 class _Vector(nn.Module):

@@ -141,9 +141,10 @@ def test_dpo_reference_is_the_starting_model_and_frozen_layers_get_no_gradient(t
     logged = metrics(out)
     # step 1: the precomputed reference is the policy itself (same weights, same forward)
     assert abs(logged[0]["loss"] - math.log(2)) < 1e-5 and abs(logged[0]["rewards/margins"]) < 1e-4
-    first = logged[0]["rewards/accuracies"]
+    # at step 1 the margins are rounding noise (|margin| < 1e-4), so its accuracy is the sign of
+    # that noise (0.125 or 0.5 measured, by how the rows were batched): learning is the later 1.0
     last = np.mean([r["rewards/accuracies"] for r in logged[-4:]])
-    assert last > first + 0.5, (first, last)  # measured: 0.125 -> 1.0
+    assert last >= 0.9, [r["rewards/accuracies"] for r in logged]  # measured: 1.0
 
     # mlxrl eval: the reference of a full fine-tune is the model its run started from
     held_out = tmp_path / "pairs.jsonl"

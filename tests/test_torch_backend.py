@@ -82,22 +82,25 @@ def test_first_dpo_step_loss_and_rewards_match_mlx(tmp_path, trainer_kwargs):
 
     settings = cfg.dpo_settings()
     pairs = encode_pairs(load_split(cfg.data.train), mlx_loaded.tokenizer, settings.max_length)
-    ids, mask, _ = pair_arrays(pairs[:4])
-    ref = reference_logps(mlx_loaded.model, ids, mask, ld_alpha=settings.ld_alpha)
-    mlx_loss, mlx_metrics = policy_loss(mlx_loaded.model, settings, ids, mask, ref)
-
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
-    assert batch["input_ids"].tolist() == [r[:batch["input_ids"].shape[1]] for r in np.array(ids).tolist()]
     trainer._metrics["train"].clear()
     trainer.model.train()
     torch_loss = trainer._compute_loss(trainer.model, batch, return_outputs=False).detach()
     torch_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-    assert abs(float(mlx_metrics["rewards/margins"])) > 1e-3  # the policy differs from the reference
-    assert abs(float(mlx_loss) - float(torch_loss)) < 1e-4
-    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
-        assert abs(float(mlx_metrics[name]) - torch_metrics[name]) < 1e-4, name
-    for name in ("logps/chosen", "logps/rejected"):  # sums over ~60 tokens: relative tolerance
-        assert abs(float(mlx_metrics[name]) - torch_metrics[name]) < 1e-4 * abs(torch_metrics[name]), name
+
+    # MLX: plain rows, and the rows as training makes them (each prompt once, mlx/shared_prefix.py)
+    plain, shared = pair_arrays(pairs[:4]), pair_arrays(pairs[:4], mlx_loaded.model)
+    assert isinstance(shared[0], tuple)
+    assert batch["input_ids"].tolist() == [r[:batch["input_ids"].shape[1]] for r in np.array(plain[0]).tolist()]
+    for ids, mask, _ in (plain, shared):
+        ref = reference_logps(mlx_loaded.model, ids, mask, ld_alpha=settings.ld_alpha)
+        mlx_loss, mlx_metrics = policy_loss(mlx_loaded.model, settings, ids, mask, ref)
+        assert abs(float(mlx_metrics["rewards/margins"])) > 1e-3  # the policy differs from the reference
+        assert abs(float(mlx_loss) - float(torch_loss)) < 1e-4
+        for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+            assert abs(float(mlx_metrics[name]) - torch_metrics[name]) < 1e-4, name
+        for name in ("logps/chosen", "logps/rejected"):  # sums over ~60 tokens: relative tolerance
+            assert abs(float(mlx_metrics[name]) - torch_metrics[name]) < 1e-4 * abs(torch_metrics[name]), name
 
 
 def test_sft_loss_matches_mlx(tmp_path):

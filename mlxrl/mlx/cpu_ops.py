@@ -91,12 +91,26 @@ def causal_attention(queries, keys, values, scale: float):
     return (softmax(scores) @ values).reshape(batch, heads, length, dim)
 
 
+def masked_attention(queries, keys, values, scale: float, mask):
+    """Attention of [B, H, L, D] queries on [B, KV, S, D] keys/values (H a multiple of KV) where
+    the boolean `mask` [B, 1, L, S] is True (every query row must have one True)."""
+    batch, heads, length, dim = queries.shape
+    groups = heads // keys.shape[1]
+    folded = (queries * scale).reshape(batch, keys.shape[1], groups * length, dim)
+    bias = mx.where(mask, 0.0, -mx.inf).astype(queries.dtype)
+    scores = folded @ keys.swapaxes(-1, -2) + mx.tile(bias, (1, 1, groups, 1))
+    return (softmax(scores) @ values).reshape(batch, heads, length, dim)
+
+
 def _attention_with_fallback(original):
     def attention(queries, keys, values, cache, scale, mask, sinks=None):
-        if (cache is None and sinks is None and queries.dtype == mx.float32
-                and isinstance(mask, str) and mask == "causal"
-                and queries.shape[2] == keys.shape[2] and queries.shape[1] % keys.shape[1] == 0):
+        fusable = (sinks is None and queries.dtype == mx.float32
+                   and queries.shape[1] % keys.shape[1] == 0)
+        if (fusable and cache is None and isinstance(mask, str) and mask == "causal"
+                and queries.shape[2] == keys.shape[2]):
             return causal_attention(queries, keys, values, scale)
+        if fusable and getattr(cache, "fused_attention", False):  # shared-prefix rows
+            return masked_attention(queries, keys, values, scale, mask)
         return original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
 
     attention.mlxrl_original = original

@@ -25,6 +25,7 @@ from mlxrl.mlx.logprobs import (
     scored_from,
 )
 from mlxrl.mlx.model import adapters_disabled
+from mlxrl.mlx.shared_prefix import shared_rows, worth_sharing
 from mlxrl.mlx.trainer import (
     IndexStream,
     StepBatch,
@@ -69,16 +70,26 @@ def encode_pairs(dataset, tokenizer, max_length: int) -> list[tuple]:
     return pairs
 
 
-def pair_arrays(pairs: list[tuple]) -> tuple[mx.array, mx.array, int]:
+def pair_arrays(pairs: list[tuple], model=None) -> tuple:
     """[chosen...; rejected...] token rows right-padded to a bucket, and their completion masks
     without the leading columns that no row's completion reaches (a multiple of 8 of them, so
     the compiled step sees few shapes): `ids.shape[1] - mask.shape[1]` is the first position
-    whose next-token log-prob is computed (`scored_from`)."""
+    whose next-token log-prob is computed (`scored_from`). With `model`, when it pays
+    (`shared_prefix.worth_sharing`), the rows come with each prompt once for its chosen and
+    rejected answers (`shared_prefix.shared_rows`) and masks over their suffixes. The third
+    value is the tokens of the rows."""
     rows = [p[0] for p in pairs] + [p[2] for p in pairs]
     masks = [p[1] for p in pairs] + [p[3] for p in pairs]
     width = bucket(max(len(r) for r in rows))
+    tokens = sum(len(r) for r in rows)
+    prompts = [p[0][:len(p[1]) - sum(p[1])] for p in pairs]
+    suffix_width = bucket(1 + max(sum(m) for m in masks))
+    if model is not None and worth_sharing(model, prompts, len(rows), width, suffix_width):
+        suffixes = [r[len(prompts[i % len(pairs)]):] for i, r in enumerate(rows)]
+        shared = shared_rows(prompts, suffixes, list(range(len(pairs))) * 2, suffix_width)
+        return shared, pad_rows([[0] + [1] * len(s) for s in suffixes], suffix_width), tokens
     start = first_scored_position(masks)
-    return pad_rows(rows, width), pad_rows(masks, width)[:, start:], sum(len(r) for r in rows)
+    return pad_rows(rows, width), pad_rows(masks, width)[:, start:], tokens
 
 
 def policy_loss(model, settings, input_ids, mask, ref_logps):
@@ -131,7 +142,7 @@ def model_logps(model, pairs: list[tuple], batch_size: int, ld_alpha: float | No
     try:
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
-            ids, mask, _ = pair_arrays([pairs[i] for i in chunk])
+            ids, mask, _ = pair_arrays([pairs[i] for i in chunk], model)
             logps = reference_logps(model, ids, mask, adapters_off, ld_alpha).tolist()
             for j, i in enumerate(chunk):
                 cache[i] = (logps[j], logps[len(chunk) + j])
@@ -147,7 +158,7 @@ def pairs_metrics(model, settings, pairs: list[tuple], batch_size: int,
     totals: dict[str, float] = {}
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        ids, mask, _ = pair_arrays(chunk)
+        ids, mask, _ = pair_arrays(chunk, model)
         if reference is None:
             ref = reference_logps(model, ids, mask, ld_alpha=settings.ld_alpha)
         else:
@@ -219,7 +230,7 @@ class DPOMethod(StreamPosition):
         return sorted(set(stream.take(steps * self.examples_per_step)))
 
     def _arrays(self, indices: list[int]):
-        return pair_arrays([self.pairs[i] for i in indices])
+        return pair_arrays([self.pairs[i] for i in indices], self.model)
 
     def _precompute_reference(self, pairs: list[tuple], indices=None) -> list[tuple[float, float] | None]:
         """(chosen, rejected) reference log-probs of `pairs` at `indices` (all by default; None for

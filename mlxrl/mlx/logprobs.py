@@ -32,20 +32,34 @@ def token_logps_from_logits(
 # Architectures whose mlx-lm Model is `head(self.model(ids))`: their body and head can run
 # apart, so the head (the [tokens, vocabulary] matmul and its log-softmax) runs only on the
 # positions that are scored. Others compute every position's logits and slice them.
-_BODY_THEN_HEAD = ("qwen2", "qwen3", "llama")
+BODY_THEN_HEAD = ("qwen2", "qwen3", "llama")
 
 
-def next_token_logits(model: nn.Module, input_ids: mx.array, start: int = 0) -> mx.array:
+def next_token_logits(model: nn.Module, input_ids, start: int = 0) -> mx.array:
     """Logits `[B, L-1-start, V]` at positions `start..L-2` (those predicting tokens
     `start+1..L-1`). DPO's prompts are most of a short row, and a real model's vocabulary makes
     the head the largest matmul: `start` skips the head on prompt positions that are never scored
-    (TRL's `use_logits_to_keep`)."""
-    if type(model).__module__.rsplit(".", 1)[-1] in _BODY_THEN_HEAD:
-        hidden = model.model(input_ids)[:, start:-1]
-        if model.args.tie_word_embeddings:
-            return model.model.embed_tokens.as_linear(hidden)
-        return model.lm_head(hidden)
+    (TRL's `use_logits_to_keep`). `input_ids` may be rows that share prompts
+    (`mlxrl.mlx.shared_prefix`, a tuple): then the positions are their suffixes'."""
+    if isinstance(input_ids, tuple):
+        from mlxrl.mlx.shared_prefix import shared_hidden
+
+        return _head(model, shared_hidden(model, input_ids)[:, start:-1])
+    if type(model).__module__.rsplit(".", 1)[-1] in BODY_THEN_HEAD:
+        return _head(model, model.model(input_ids)[:, start:-1])
     return model(input_ids)[:, start:-1, :]
+
+
+def _head(model: nn.Module, hidden: mx.array) -> mx.array:
+    if model.args.tie_word_embeddings:
+        return model.model.embed_tokens.as_linear(hidden)
+    return model.lm_head(hidden)
+
+
+def targets(input_ids, start: int = 0) -> mx.array:
+    """The tokens `next_token_logits(model, input_ids, start)` predicts."""
+    ids = input_ids[3] if isinstance(input_ids, tuple) else input_ids
+    return ids[:, start + 1:]
 
 
 def first_scored_position(masks: list[list[int]], multiple: int = 8) -> int:
@@ -57,9 +71,9 @@ def first_scored_position(masks: list[list[int]], multiple: int = 8) -> int:
     return multiple * (max(first - 1, 0) // multiple)
 
 
-def scored_from(input_ids: mx.array, mask: mx.array) -> int:
-    """The start position of a mask trimmed by `first_scored_position`."""
-    return input_ids.shape[1] - mask.shape[1]
+def scored_from(input_ids, mask: mx.array) -> int:
+    """The start position of a mask trimmed by `first_scored_position` (0 for shared rows)."""
+    return targets(input_ids, -1).shape[1] - mask.shape[1]
 
 
 def per_token_logps(model: nn.Module, input_ids: mx.array, temperature: float = 1.0,
@@ -67,7 +81,7 @@ def per_token_logps(model: nn.Module, input_ids: mx.array, temperature: float = 
     """`[B, L-1-start]` float32 log-probs of each next token of `input_ids` `[B, L]` under
     `model`, from position `start` on (entry `[b, t]` scores token `start + t + 1`)."""
     logits = next_token_logits(model, input_ids, start)
-    return token_logps_from_logits(logits, input_ids[:, start + 1:], temperature)
+    return token_logps_from_logits(logits, targets(input_ids, start), temperature)
 
 
 def per_token_logps_and_log_sum_sq(model: nn.Module, input_ids: mx.array,
@@ -76,7 +90,7 @@ def per_token_logps_and_log_sum_sq(model: nn.Module, input_ids: mx.array,
     distribution without gradient (what TRL's fused LM head gives WPO's `use_weighting`)."""
     logits = next_token_logits(model, input_ids, start).astype(mx.float32)
     log_z = mx.logsumexp(logits, axis=-1)
-    picked = mx.take_along_axis(logits, input_ids[:, start + 1:, None].astype(mx.int32), axis=-1)
+    picked = mx.take_along_axis(logits, targets(input_ids, start)[..., None].astype(mx.int32), axis=-1)
     log_sum_sq = mx.logsumexp(2.0 * logits, axis=-1) - 2.0 * log_z
     return picked.squeeze(-1) - log_z, mx.stop_gradient(log_sum_sq)
 
