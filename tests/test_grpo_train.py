@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -48,12 +49,6 @@ def method_for(cfg):
     return loaded, GRPOMethod(cfg, loaded, load_split(cfg.data.train))
 
 
-def whole_width(ids, mask) -> np.ndarray:
-    """A batch's completion mask with the prompt columns it drops (`first_scored_position`) back."""
-    mask = np.array(mask)
-    return np.pad(mask, ((0, 0), (ids.shape[1] - mask.shape[1], 0)))
-
-
 def test_logprobs_condition_on_the_prompt_and_ids_are_kept_as_sampled(tmp_path, reward_file):
     cfg = grpo_config(tmp_path, f"{reward_file}:digit_fraction")
     loaded, method = method_for(cfg)
@@ -61,19 +56,63 @@ def test_logprobs_condition_on_the_prompt_and_ids_are_kept_as_sampled(tmp_path, 
     sampled = method.rewards.fns[0].__globals__["SEEN"][-1]  # what the reward function was given
     G = method.settings.num_generations
     for ids, mask, *_ in batch.micro_batches:
-        ids, mask = np.array(ids), whole_width(ids, mask)
-        for row, row_mask in zip(ids, mask):
-            prompt_len = int(np.argmax(row_mask)) if row_mask.any() else None
+        # each prompt once for its G completions (mlx/shared_prefix.py): prefix + suffix rows
+        prefix, pad, row_prefix, suffix = (np.array(a) for a in ids)
+        assert len(prefix) * G == len(suffix) and row_prefix.tolist() == np.repeat(np.arange(len(prefix)), G).tolist()
+        for row, row_mask, p in zip(suffix, np.array(mask), row_prefix):
+            assert row_mask[0] == 0 and row_mask[1:].any()
             completion = row[row_mask.astype(bool)].tolist()
             assert completion in sampled  # the exact sampled ids, never re-tokenised text
-            assert prompt_len and prompt_len > 10  # the prompt precedes the completion in the forward
+            prompt = prefix[p, pad[p]:].tolist() + [int(row[0])]
+            assert prompt in method.prompt_ids and len(prompt) > 10  # the prompt precedes the completion
     # scoring with the prompt differs from scoring the completion alone (the peer's bug)
-    ids, mask = batch.micro_batches[0][:2]
-    start = int(np.argmax(whole_width(ids, mask)[0]))
-    with_prompt = per_token_logps(loaded.model, ids[:1])[0, start:start + 4]
-    alone = per_token_logps(loaded.model, ids[:1, start - 1:])[0, :4]
+    ids = batch.micro_batches[0][0]
+    with_prompt = per_token_logps(loaded.model, ids)[0, :4]
+    alone = per_token_logps(loaded.model, ids[3][:1])[0, :4]
     assert mx.abs(with_prompt - alone).max().item() > 1e-3
     assert len(sampled) == G * method.prompts_per_step
+
+
+@pytest.mark.parametrize("options", ["{beta: 0.1}", "{beta: 0.04, loss_type: dr_grpo, num_iterations: 2}"])
+def test_shared_prompt_rows_give_the_plain_loss_and_gradients(tmp_path, reward_file, monkeypatch, options):
+    """The G completions of a prompt with the prompt run once (mlx/shared_prefix.py), against the
+    same rollout as plain right-padded rows: reference log-probs, loss, metrics and gradients."""
+    from mlx.utils import tree_flatten
+
+    from mlxrl.mlx import grpo
+    from mlxrl.mlx.grpo_reuse import _from_json, _to_json
+
+    cfg = grpo_config(tmp_path, f"{reward_file}:digit_fraction", "--training.trainer_kwargs", options)
+    loaded = mlx_model.load(cfg.model, cfg.peft, for_training=True)
+    for _, layer in loaded.model.named_modules():  # a policy off the reference
+        if hasattr(layer, "lora_b"):
+            layer.lora_b = mx.random.normal(layer.lora_b.shape, key=mx.random.key(3)) * 0.3
+    shared = grpo.GRPOMethod(cfg, loaded, load_split(cfg.data.train)).next_step().micro_batches[0]
+    monkeypatch.setattr(grpo, "worth_sharing", lambda *a: False)
+    plain = grpo.GRPOMethod(cfg, loaded, load_split(cfg.data.train)).next_step().micro_batches[0]
+    assert isinstance(shared[0], tuple) and not isinstance(plain[0], tuple)
+    restored = _from_json(json.loads(json.dumps(_to_json(grpo.StepBatch([shared]))))).micro_batches[0]
+    assert all(np.array_equal(np.array(a), np.array(b)) for a, b in zip(restored[0], shared[0]))
+
+    def flat(ids, mask, per_token):  # each row's completion tokens, in order
+        m = np.array(mask[:, 1:]).astype(bool)
+        return np.array(per_token)[m]
+
+    method = grpo.GRPOMethod(cfg, loaded, load_split(cfg.data.train))
+    results = []
+    for arrays in (plain, shared):
+        assert np.abs(flat(*arrays[:2], arrays[3])).max() > 0  # beta != 0: a reference was computed
+        (loss, metrics), grads = nn.value_and_grad(loaded.model, method.loss)(*arrays)
+        results.append((flat(*arrays[:2], arrays[3]), float(loss), {k: float(v) for k, v in metrics.items()},
+                        dict(tree_flatten(grads))))
+    (ref_a, loss_a, metrics_a, grads_a), (ref_b, loss_b, metrics_b, grads_b) = results
+    assert np.abs(ref_a - ref_b).max() < 1e-4 and abs(loss_a - loss_b) < 1e-5
+    assert abs(metrics_a["kl"]) > 1e-6 and metrics_a.keys() == metrics_b.keys()
+    for k in metrics_a:
+        assert abs(metrics_a[k] - metrics_b[k]) < 1e-4 * max(1.0, abs(metrics_a[k])), k
+    scale = max(np.abs(np.array(g)).max() for g in grads_a.values())
+    for k, g in grads_a.items():
+        assert np.abs(np.array(g) - np.array(grads_b[k])).max() < 1e-5 * scale, k
 
 
 def test_eos_stays_in_the_completion(tmp_path, reward_file):
@@ -111,8 +150,8 @@ def test_ratio_is_against_the_sampling_policy_and_kl_is_k3(tmp_path, reward_file
     assert float(metrics["clip_ratio/region_mean"]) == 0.0
     assert float(metrics["kl"]) > 0.0  # k3 against the adapter-off model, never negative
     m = np.array(mask[:, 1:], dtype=np.float64)
-    assert mask.shape[1] < ids.shape[1]  # the batch drops prompt columns no row scores
-    logps = np.array(per_token_logps(loaded.model, ids, method.settings.temperature)[:, -m.shape[1]:])
+    assert isinstance(ids, tuple)  # each prompt once (mlx/shared_prefix.py); masks on its suffixes
+    logps = np.array(per_token_logps(loaded.model, ids, method.settings.temperature))
     d = np.array(ref) - logps
     k3 = (np.exp(d) - d - 1) * m
     expected = (-(np.array(adv)[:, None]) * m + 0.1 * k3).sum() / float(num_items)

@@ -31,6 +31,7 @@ from mlxrl.mlx.grpo_loss import (  # noqa: F401  (re-exported: the loss's public
 from mlxrl.mlx.grpo_reuse import RolloutReuse
 from mlxrl.mlx.logprobs import first_scored_position, per_token_logps, scored_from
 from mlxrl.mlx.model import adapters_disabled
+from mlxrl.mlx.shared_prefix import shared_rows, worth_sharing
 from mlxrl.mlx.trainer import IndexStream, StepBatch, StreamPosition, bucket, pad_rows
 from mlxrl.reward_metrics import reward_metrics
 from mlxrl.rewards import load_rewards
@@ -173,7 +174,7 @@ class GRPOMethod(StreamPosition):
         masks = [[0] * len(p) + [int(finished[i] or not s.mask_truncated_completions)] * len(c)
                  for i, (p, c) in enumerate(zip(prompts, completion_ids))]
         num_items = mx.array(float(sum(map(sum, masks))))
-        micro = self._micro_batches(rows, masks, advantages, num_items)
+        micro = self._micro_batches(prompts, completion_ids, masks, advantages, num_items)
         metrics = reward_metrics(self.rewards.names, scores, total, s.num_generations, s.scale_rewards)
         metrics.update(completion_metrics(lengths, finished))
         metrics["rollout_tokens_per_second"] = float(rollout.tokens_per_second)
@@ -208,21 +209,35 @@ class GRPOMethod(StreamPosition):
 
         return run
 
-    def _micro_batches(self, rows, masks, advantages, num_items) -> list[tuple]:
-        """Right-padded rows; masks without the prompt columns no row scores (`logprobs.scored_from`)."""
+    def _micro_batches(self, prompts, completions, masks, advantages, num_items) -> list[tuple]:
+        """Each micro-batch's rows (`_rows`), masks, advantages, reference log-probs (zeros
+        with beta 0) and the step's loss-token count."""
         bs = self.training.per_device_train_batch_size
-        width = bucket(max(map(len, rows)))
-        scored = first_scored_position(masks)
+        rows = [p + c for p, c in zip(prompts, completions)]
+        widths = (bucket(max(map(len, rows))), bucket(1 + max(map(len, completions))),
+                  first_scored_position(masks))
         micro = []
         for start in range(0, len(rows), bs):
-            ids = pad_rows(rows[start:start + bs], width)
-            mask = pad_rows(masks[start:start + bs], width)[:, scored:]
+            part = slice(start, start + bs)
+            ids, mask = self._rows(prompts[part], completions[part], masks[part], *widths)
             if self.settings.beta != 0.0:
-                ref = self._reference_logps(ids, scored)
+                ref = self._reference_logps(ids, scored_from(ids, mask))
             else:
-                ref = mx.zeros((ids.shape[0], width - 1 - scored))
-            micro.append((ids, mask, mx.array(advantages[start:start + bs]), ref, num_items))
+                ref = mx.zeros((mask.shape[0], mask.shape[1] - 1))
+            micro.append((ids, mask, mx.array(advantages[part]), ref, num_items))
         return micro
+
+    def _rows(self, prompts, completions, masks, width, suffix_width, scored):
+        """The rows with each prompt once for its completions (`shared_prefix`) and masks over
+        their suffixes, when that pays; else right-padded rows and masks without the prompt
+        columns no row scores (`logprobs.scored_from`)."""
+        unique = [list(p) for p in dict.fromkeys(map(tuple, prompts))]
+        if worth_sharing(self.model, unique, len(prompts), width, suffix_width):
+            index = {tuple(p): i for i, p in enumerate(unique)}
+            ids = shared_rows(unique, completions, [index[tuple(p)] for p in prompts], suffix_width)
+            return ids, pad_rows([[0] + m[len(p):] for p, m in zip(prompts, masks)], suffix_width)
+        rows = [p + c for p, c in zip(prompts, completions)]
+        return pad_rows(rows, width), pad_rows(masks, width)[:, scored:]
 
     def _reference_logps(self, ids: mx.array, start: int) -> mx.array:
         if self.reference is not None:

@@ -50,12 +50,23 @@ class RolloutReuse:
 
 
 def _to_json(batch: StepBatch) -> dict:
-    micro = [[{"dtype": str(a.dtype).split(".")[-1], "shape": list(a.shape), "data": a.reshape(-1).tolist()}
-              for a in arrays] for arrays in batch.micro_batches]
+    micro = [[_array_to_json(a) for a in arrays] for arrays in batch.micro_batches]
     return {"micro_batches": micro, "metrics": batch.metrics, "num_tokens": batch.num_tokens}
 
 
 def _from_json(saved: dict) -> StepBatch:
-    micro = [tuple(mx.array(a["data"], dtype=_DTYPES[a["dtype"]]).reshape(a["shape"]) for a in arrays)
-             for arrays in saved["micro_batches"]]
+    micro = [tuple(_array_from_json(a) for a in arrays) for arrays in saved["micro_batches"]]
     return StepBatch(micro, saved["metrics"], saved["num_tokens"])
+
+
+def _array_to_json(a) -> dict:
+    """An array, or a tuple of them (rows that share prompts, `shared_prefix`)."""
+    if isinstance(a, tuple):
+        return {"tuple": [_array_to_json(x) for x in a]}
+    return {"dtype": str(a.dtype).split(".")[-1], "shape": list(a.shape), "data": a.reshape(-1).tolist()}
+
+
+def _array_from_json(saved: dict):
+    if "tuple" in saved:
+        return tuple(_array_from_json(x) for x in saved["tuple"])
+    return mx.array(saved["data"], dtype=_DTYPES[saved["dtype"]]).reshape(saved["shape"])

@@ -23,16 +23,16 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-SAVING = 0.85  # share when the shared rows are at most this fraction of the plain batch's tokens
+SAVING = 0.9  # share when the shared rows are at most this fraction of the plain batch's tokens
 
 
 def shared_rows(prompts: list[list[int]], suffixes: list[list[int]], row_prefix: list[int],
                 suffix_width: int) -> tuple:
     """The tuple for rows `prompts[row_prefix[r]] + suffixes[r]`: each prompt without its last
-    token, left-padded with 0; each row's suffix (its prompt's last token, then its own tokens),
+    token, left-padded with 0 to a multiple of 8; each row's suffix (its prompt's last token, then its own tokens),
     right-padded with 0 to `suffix_width`."""
     heads = [p[:-1] for p in prompts]
-    width = max(map(len, heads))
+    width = -(-max(map(len, heads)) // 8) * 8  # a multiple of 8: few shapes for the compiled step
     prefix = np.zeros((len(heads), width), dtype=np.int32)
     for i, h in enumerate(heads):
         prefix[i, width - len(h):] = h
@@ -57,7 +57,7 @@ def worth_sharing(model: nn.Module, prompts: list[list[int]], rows: int, plain_w
         return False
     if model.training and any(isinstance(m, nn.Dropout) and m._p_1 < 1 for _, m in model.named_modules()):
         return False  # chosen and rejected would share the prompt's dropout mask
-    prefix_width = max(map(len, prompts)) - 1
+    prefix_width = -(-(max(map(len, prompts)) - 1) // 8) * 8
     shared = len(prompts) * prefix_width + rows * suffix_width
     return prefix_width > 0 and shared <= SAVING * rows * plain_width
 
