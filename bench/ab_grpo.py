@@ -1,0 +1,81 @@
+"""In-process A/B of mlxrl's two GRPO levers on `bench/grpo.py`'s workload (the 25M model, 2
+prompts x 4 completions x 64 tokens, LoRA r 8): the rollout with and without decode weights
+(`sampling._decode_matmuls`, Linux CPU), and the update (one compiled forward + backward) with
+and without shared-prompt rows (`mlxrl/mlx/shared_prefix.py`). Each lever is switched off by
+replacing the function that decides it; the variants take turns on the same prompts.
+
+Wall-clock runs of whole processes on a shared 2-core box spread by +-30%; the CPU time of one
+OpenBLAS thread (the default here) is the steadier measure. Medians over --repeats, after one
+warm-up round (traces, kernel builds).
+
+    python bench/ab_grpo.py [--repeats 3] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import _common as common
+
+
+def _parser():
+    return common.profile_parser(__doc__.split("\n")[0], repeats=3)
+
+
+if __name__ == "__main__":  # OpenBLAS reads its thread count when it loads: before mlx.core
+    os.environ.update(common.thread_env(_parser().parse_args().threads))
+common.setup_mlx()
+import mlx.core as mx  # noqa: E402
+from profile_grpo import build  # noqa: E402
+
+import mlxrl.mlx.grpo as grpo  # noqa: E402
+import mlxrl.mlx.sampling as sampling  # noqa: E402
+
+
+def _single_thread() -> bool:
+    return os.environ.get("OPENBLAS_NUM_THREADS") == "1"
+
+
+def _clock() -> float:
+    return time.process_time() if _single_thread() else time.perf_counter()
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    decode_rule, share_rule = sampling._openblas_cpu, grpo.worth_sharing
+    times = {name: [] for name in ("rollout, decode weights", "rollout, plain decode",
+                                   "update, shared prompts", "update, plain rows")}
+    with tempfile.TemporaryDirectory(prefix="mlxrl-ab-grpo-") as tmp:
+        cfg, loaded, method, trainer = build(Path(tmp))
+        print(f"mlxrl GRPO A/B on {common.machine()}; {common.versions()}")
+        print(f"{os.environ.get('OPENBLAS_NUM_THREADS')} OpenBLAS thread(s), "
+              f"{'CPU' if _single_thread() else 'wall'} time, medians of {args.repeats}\n")
+        for round_ in range(args.repeats + 1):
+            indices = method.stream.take(2)
+            for on in (True, False):
+                sampling._openblas_cpu = decode_rule if on else (lambda: False)
+                start = _clock()
+                method._rollout(indices)
+                if round_:
+                    times["rollout, decode weights" if on else "rollout, plain decode"].append(_clock() - start)
+            sampling._openblas_cpu = decode_rule
+            for on in (True, False):
+                grpo.worth_sharing = share_rule if on else (lambda *a: False)
+                method.stream.position -= 2  # the same prompts both ways
+                batch = method.next_step()
+                start = _clock()
+                mx.eval(trainer._grad_step(*batch.micro_batches[0]))
+                if round_:
+                    times["update, shared prompts" if on else "update, plain rows"].append(_clock() - start)
+            grpo.worth_sharing = share_rule
+    for name, values in times.items():
+        runs = ", ".join(f"{1000 * v:.0f}" for v in values)
+        print(f"  {name:26s} {1000 * statistics.median(values):7.0f} ms   ({runs})")
+
+
+if __name__ == "__main__":
+    main()
