@@ -7,7 +7,7 @@ layer's keys and values; every row then runs only its suffix (its prompt's last 
 completion), attending to its prompt's keys and values and to its own suffix. The suffix's
 logits are the log-probs of the completion, the same as the plain batch's up to float rounding,
 and the gradient reaches the prefix through the keys and values of every row that reads them.
-Short-row DPO is mostly prompt, so this removes about half of its forward and backward work.
+On short-row DPO, mostly prompt, that is most of the repeated work.
 
 Rows are a tuple `(prefix_ids [P, Lp], prefix_pad [P], row_prefix [N], suffix_ids [N, Ls])`
 (`shared_rows`), which `mlxrl.mlx.logprobs` takes wherever it takes a token array; the masks
@@ -23,16 +23,18 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlxrl.mlx.trainer import bucket
+
 SAVING = 0.9  # share when the shared rows are at most this fraction of the plain batch's tokens
 
 
 def shared_rows(prompts: list[list[int]], suffixes: list[list[int]], row_prefix: list[int],
                 suffix_width: int) -> tuple:
     """The tuple for rows `prompts[row_prefix[r]] + suffixes[r]`: each prompt without its last
-    token, left-padded with 0 to a multiple of 8; each row's suffix (its prompt's last token, then its own tokens),
-    right-padded with 0 to `suffix_width`."""
+    token, left-padded with 0 to `_prefix_width`; each row's suffix (its prompt's last token,
+    then its own tokens), right-padded with 0 to `suffix_width`."""
     heads = [p[:-1] for p in prompts]
-    width = -(-max(map(len, heads)) // 8) * 8  # a multiple of 8: few shapes for the compiled step
+    width = _prefix_width(prompts)
     prefix = np.zeros((len(heads), width), dtype=np.int32)
     for i, h in enumerate(heads):
         prefix[i, width - len(h):] = h
@@ -57,9 +59,15 @@ def worth_sharing(model: nn.Module, prompts: list[list[int]], rows: int, plain_w
         return False
     if model.training and any(isinstance(m, nn.Dropout) and m._p_1 < 1 for _, m in model.named_modules()):
         return False  # chosen and rejected would share the prompt's dropout mask
-    prefix_width = -(-(max(map(len, prompts)) - 1) // 8) * 8
-    shared = len(prompts) * prefix_width + rows * suffix_width
-    return prefix_width > 0 and shared <= SAVING * rows * plain_width
+    if max(map(len, prompts)) < 2:
+        return False  # no prompt has a token before its last: nothing to share
+    shared = len(prompts) * _prefix_width(prompts) + rows * suffix_width
+    return shared <= SAVING * rows * plain_width
+
+
+def _prefix_width(prompts: list[list[int]]) -> int:
+    """The prefix columns: the longest prompt less its last token, bucketed (few compiled shapes)."""
+    return bucket(max(map(len, prompts)) - 1)
 
 
 class SharedPrefixKV:
