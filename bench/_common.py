@@ -71,11 +71,11 @@ def _letter_rows(n: int, seed: int):
 def rows_within(candidates, n: int, max_tokens: int) -> list[dict]:
     """The first `n` string preference rows of `candidates` whose chat-templated prompt + longer
     answer fit in `max_tokens` tokens of the benchmark model's tokenizer."""
-    from mlx_lm.utils import load_tokenizer
+    from transformers import AutoTokenizer  # not mlx-lm's: the CUDA machine has no MLX
 
     from mlxrl.data.formats import encode_preference
 
-    tokenizer = load_tokenizer(model_path())
+    tokenizer = AutoTokenizer.from_pretrained(model_path())
     rows = []
     for row in candidates:
         ids = encode_preference(row, tokenizer, len(rows))
@@ -220,7 +220,7 @@ def run_worker(script: str, impl: str, steps: int, workdir: Path, extra: list[st
     wall = time.perf_counter() - start
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
     if proc.returncode != 0 or not lines:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-80:])
         raise RuntimeError(f"{impl} worker failed (rc {proc.returncode}):\n{tail}")
     result = json.loads(lines[-1][len(RESULT_TAG):])
     result["wall"] = wall
@@ -324,6 +324,9 @@ def bench_parser(description: str, impls: list[str], steps: tuple[int, int]) -> 
     return parser
 
 
+TORCH_IMPLS = ("trl", "mlxrl-torch")  # the PyTorch workers: on CUDA where torch sees a GPU
+
+
 def parse_or_work(parser: argparse.ArgumentParser, workers: dict):
     """The driver's arguments, with OpenBLAS bound; or, in a worker subprocess, run its
     implementation (`workers[impl](steps, workdir)`) and return None."""
@@ -333,7 +336,8 @@ def parse_or_work(parser: argparse.ArgumentParser, workers: dict):
         workers[args.worker](args.n, args.workdir)
         return None
     os.environ["BENCH_MODEL"] = args.model
-    setup_mlx()
+    if any(impl.strip() not in TORCH_IMPLS for impl in args.impls.split(",")):
+        setup_mlx()  # the torch-only runs (a CUDA machine without MLX) need none
     return args
 
 
@@ -348,7 +352,8 @@ def profile_parser(description: str, repeats: int) -> argparse.ArgumentParser:
 
 
 def seeded_torch():
-    """torch for a TRL worker: the benchmark's thread count, seed 0."""
+    """torch for a PyTorch worker: the benchmark's thread count, seed 0. The workers train on
+    CUDA when torch sees a GPU (TRL's `use_cpu=not cuda`, mlxrl's torch backend by itself)."""
     import torch
 
     torch.set_num_threads(threads())

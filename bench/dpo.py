@@ -139,7 +139,7 @@ def worker_trl(steps: int, workdir: Path) -> None:
                      lr_scheduler_type="constant", max_length=MAX_LENGTH, beta=BETA,
                      gradient_checkpointing=False,
                      loss_type=["sigmoid"], logging_steps=10**6, save_strategy="no",
-                     report_to="none", use_cpu=True, bf16=False, fp16=False,
+                     report_to="none", use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False,
                      dataloader_num_workers=0, disable_tqdm=True, seed=0)
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                          peft_config=peft)

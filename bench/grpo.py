@@ -180,7 +180,7 @@ def worker_trl(steps: int, workdir: Path) -> None:
                       generation_kwargs={"min_new_tokens": TOKENS}, temperature=1.0, top_p=1.0,
                       top_k=0, beta=0.0, learning_rate=common.LEARNING_RATE,
                       lr_scheduler_type="constant", gradient_checkpointing=False,
-                      logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+                      logging_steps=1, save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
                       bf16=False, fp16=False, dataloader_num_workers=0, disable_tqdm=True, seed=0)
     trainer = GRPOTrainer(model=model, reward_funcs=vowel_fraction, args=args, train_dataset=data,
                           processing_class=tokenizer, peft_config=peft)

@@ -90,7 +90,7 @@ def run(name, config, extra):
     started = time.perf_counter()
     metrics = Path(out) / "metrics.jsonl"
     try:
-        train(cfg, quiet=True, log=lambda line: print("   ", line))
+        train(cfg, quiet=True)
     finally:
         for line in metrics.read_text().splitlines() if metrics.is_file() else []:
             x = json.loads(line)
