@@ -4,6 +4,7 @@
 #
 #   bash scripts/gpu_check.sh                      # from anywhere; runs from the repo root
 #   PYTHON=python3 STEPS=10 bash scripts/gpu_check.sh
+#   GPU_CHECK_ON_CPU=1 GPU_CHECK_ONLY='dpo quickstart' STEPS=2 bash scripts/gpu_check.sh   # dry run
 #
 # Wheels in .whl/ (e.g. trl, datasets, dill, multiprocess for a box that has torch, transformers,
 # peft and accelerate only) are installed into a scratch folder first, without network access.
@@ -58,8 +59,7 @@ from mlxrl.tiny_models import build_tiny_model, tiny_model
 from mlxrl.torch.train import train
 
 DATA = Path("configs/quickstart/data")
-wide = str(build_tiny_model(Path(tempfile.mkdtemp()) / "qwen2-wide", "qwen2", hidden_size=512,
-                            num_layers=8, intermediate_size=1536, num_heads=8, num_kv_heads=2))
+wide = "WIDE"  # built below if a chosen run uses it
 common = ["--training.max_steps", str(STEPS), "--training.logging_steps", "1",
           "--training.save_steps", "0", "--training.enable_tensorboard", "false"]
 grpo = ["--training.grpo.max_completion_length", "64"]
@@ -80,6 +80,13 @@ RUNS = [
     ("grpo wide-25M bf16", "configs/quickstart/grpo.yaml", [
         "--model.model_name", wide, "--model.torch_dtype_str", "bfloat16", *grpo]),
 ]
+
+ONLY = os.environ.get("GPU_CHECK_ONLY")  # the runs whose name contains it (the test's CPU dry run)
+RUNS = [r for r in RUNS if not ONLY or ONLY in r[0]]
+if any(wide in extra for _, _, extra in RUNS):
+    wide = str(build_tiny_model(Path(tempfile.mkdtemp()) / "qwen2-wide", "qwen2", hidden_size=512,
+                                num_layers=8, intermediate_size=1536, num_heads=8, num_kv_heads=2))
+    RUNS = [(name, config, [wide if x == "WIDE" else x for x in extra]) for name, config, extra in RUNS]
 
 
 def run(name, config, extra):

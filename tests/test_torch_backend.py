@@ -359,3 +359,19 @@ def test_auto_backend_rules(monkeypatch):
     monkeypatch.setenv("MLXRL_BACKEND", "torch")
     assert pick_backend("auto", explain=True) == ("torch", "MLXRL_BACKEND=torch")
     assert pick_backend("mlx") == "mlx"  # --backend mlx always forces MLX
+
+
+def test_gpu_check_script_runs_its_first_run_on_the_cpu(tmp_path):
+    """scripts/gpu_check.sh is what a GPU machine runs and CI never does: its dry run on the CPU
+    keeps it calling the torch backend as it is (it once passed a removed keyword to train())."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, GPU_CHECK_ON_CPU="1", GPU_CHECK_ONLY="dpo quickstart", STEPS="2",
+               PYTHON=sys.executable, MLXRL_CACHE=str(tmp_path))
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert re.search(r"^OK   dpo quickstart fp32 +2 steps", proc.stdout, re.M), proc.stdout
+    assert "1 passed, 0 failed" in proc.stdout
