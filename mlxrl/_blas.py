@@ -8,6 +8,7 @@ Importing mlxrl does not: a process that never runs MLX (the torch backend, whos
 fight OpenBLAS's) never gets it.
 """
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -59,3 +60,31 @@ def bind_openblas() -> str | None:
     status = "reference BLAS bundled with mlx (install libopenblas0-pthread for ~50x faster matmuls)"
     warnings.warn("mlxrl: system OpenBLAS not found; " + status, stacklevel=3)
     return None
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """Within the block, OpenBLAS runs its matmuls on at most `n` threads (the bound OpenBLAS's
+    `openblas_set_num_threads`; nothing where none is bound). Every queued MLX computation
+    finishes first, so no matmul runs while the count changes; the count is restored after."""
+    import mlx.core as mx
+
+    lib = _library()
+    before = lib.openblas_get_num_threads() if lib else 0
+    if before <= n:
+        yield
+        return
+    mx.synchronize()
+    lib.openblas_set_num_threads(n)
+    try:
+        yield
+    finally:
+        mx.synchronize()
+        lib.openblas_set_num_threads(before)
+
+
+def _library():
+    if not bound:
+        return None
+    lib = ctypes.CDLL(bound)
+    return lib if hasattr(lib, "openblas_set_num_threads") else None
