@@ -1,18 +1,22 @@
-"""In-process A/B of mlxrl's two GRPO levers on `bench/grpo.py`'s workload (the 25M model, 2
-prompts x 4 completions x 64 tokens, LoRA r 8): the rollout with and without decode weights
-(`sampling._decode_matmuls`, Linux CPU), and the update (one compiled forward + backward) with
-and without shared-prompt rows (`mlxrl/mlx/shared_prefix.py`). Each lever is switched off by
-replacing the function that decides it; the variants take turns on the same prompts.
+"""In-process A/B of mlxrl's GRPO levers on `bench/grpo.py`'s workload (the 25M model, 2 prompts x
+4 completions x 64 tokens, LoRA r 8): the rollout with and without decode weights
+(`sampling._decode_matmuls`, Linux CPU), and with its matmuls on all OpenBLAS threads instead of
+one (a wall-time lever: measure it with `--threads 2`); the update (one compiled forward +
+backward) with and without shared-prompt rows (`mlxrl/mlx/shared_prefix.py`). Each lever is
+switched off by replacing the function that decides it; the variants take turns on the same
+prompts.
 
 Wall-clock runs of whole processes on a shared 2-core box spread by +-30%; the CPU time of one
 OpenBLAS thread (the default here) is the steadier measure. Medians over --repeats, after one
 warm-up round (traces, kernel builds).
 
     python bench/ab_grpo.py [--repeats 3] [--threads 1]
+    python bench/ab_grpo.py --threads 2 --repeats 5   # wall time, for the one-thread decode
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import tempfile
@@ -44,11 +48,18 @@ def _clock() -> float:
     return time.process_time() if _single_thread() else time.perf_counter()
 
 
+# (name, replacement of the Linux-CPU rule, replacement of the BLAS thread cap): None keeps mlxrl's
+ROLLOUTS = (("rollout, decode weights", None, None),
+            ("rollout, all BLAS threads", None, lambda n: contextlib.nullcontext()),
+            ("rollout, plain decode", lambda: False, None))
+
+
 def main() -> None:
     args = _parser().parse_args()
     decode_rule, share_rule = sampling._openblas_cpu, grpo.worth_sharing
-    times = {name: [] for name in ("rollout, decode weights", "rollout, plain decode",
-                                   "update, shared prompts", "update, plain rows")}
+    blas_threads = sampling._blas.threads
+    times = {name: [] for name in [r[0] for r in ROLLOUTS] + ["update, shared prompts",
+                                                                "update, plain rows"]}
     with tempfile.TemporaryDirectory(prefix="mlxrl-ab-grpo-") as tmp:
         cfg, loaded, method, trainer = build(Path(tmp))
         print(f"mlxrl GRPO A/B on {common.machine()}; {common.versions()}")
@@ -56,13 +67,14 @@ def main() -> None:
               f"{'CPU' if _single_thread() else 'wall'} time, medians of {args.repeats}\n")
         for round_ in range(args.repeats + 1):
             indices = method.stream.take(2)
-            for on in (True, False):
-                sampling._openblas_cpu = decode_rule if on else (lambda: False)
+            for name, cpu_rule, threads in ROLLOUTS:
+                sampling._openblas_cpu = cpu_rule or decode_rule
+                sampling._blas.threads = threads or blas_threads
                 start = _clock()
                 method._rollout(indices)
                 if round_:
-                    times["rollout, decode weights" if on else "rollout, plain decode"].append(_clock() - start)
-            sampling._openblas_cpu = decode_rule
+                    times[name].append(_clock() - start)
+            sampling._openblas_cpu, sampling._blas.threads = decode_rule, blas_threads
             for on in (True, False):
                 grpo.worth_sharing = share_rule if on else (lambda *a: False)
                 method.stream.position -= 2  # the same prompts both ways
