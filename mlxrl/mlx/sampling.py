@@ -360,7 +360,7 @@ def _decode_matmuls(model: nn.Module, rows: int):
         return
     layers = set_decode_weights(model)
     try:
-        with _blas.threads(1) if rows <= SPLIT_MAX_ROWS else contextlib.nullcontext():
+        with _blas.threads(1) if layers and rows <= SPLIT_MAX_ROWS else contextlib.nullcontext():
             yield
     finally:
         clear_decode_weights(layers)
