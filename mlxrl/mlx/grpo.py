@@ -213,11 +213,10 @@ class GRPOMethod(StreamPosition):
         """Each micro-batch's rows (`_rows`), masks, advantages, reference log-probs (zeros
         with beta 0) and the step's loss-token count."""
         bs = self.training.per_device_train_batch_size
-        rows = [p + c for p, c in zip(prompts, completions)]
-        widths = (bucket(max(map(len, rows))), bucket(1 + max(map(len, completions))),
-                  first_scored_position(masks))
+        widths = (bucket(max(len(p) + len(c) for p, c in zip(prompts, completions))),
+                  bucket(1 + max(map(len, completions))), first_scored_position(masks))
         micro = []
-        for start in range(0, len(rows), bs):
+        for start in range(0, len(prompts), bs):
             part = slice(start, start + bs)
             ids, mask = self._rows(prompts[part], completions[part], masks[part], *widths)
             if self.settings.beta != 0.0:

@@ -35,6 +35,11 @@ def token_logps_from_logits(
 BODY_THEN_HEAD = ("qwen2", "qwen3", "llama")
 
 
+def body_then_head(model: nn.Module) -> bool:
+    """Whether `model`'s architecture is one of `BODY_THEN_HEAD`."""
+    return type(model).__module__.rsplit(".", 1)[-1] in BODY_THEN_HEAD
+
+
 def next_token_logits(model: nn.Module, input_ids, start: int = 0) -> mx.array:
     """Logits `[B, L-1-start, V]` at positions `start..L-2` (those predicting tokens
     `start+1..L-1`). DPO's prompts are most of a short row, and a real model's vocabulary makes
@@ -45,7 +50,7 @@ def next_token_logits(model: nn.Module, input_ids, start: int = 0) -> mx.array:
         from mlxrl.mlx.shared_prefix import shared_hidden
 
         return _head(model, shared_hidden(model, input_ids)[:, start:-1])
-    if type(model).__module__.rsplit(".", 1)[-1] in BODY_THEN_HEAD:
+    if body_then_head(model):
         return _head(model, model.model(input_ids)[:, start:-1])
     return model(input_ids)[:, start:-1, :]
 
@@ -58,8 +63,12 @@ def _head(model: nn.Module, hidden: mx.array) -> mx.array:
 
 def targets(input_ids, start: int = 0) -> mx.array:
     """The tokens `next_token_logits(model, input_ids, start)` predicts."""
-    ids = input_ids[3] if isinstance(input_ids, tuple) else input_ids
-    return ids[:, start + 1:]
+    return _row_tokens(input_ids)[:, start + 1:]
+
+
+def _row_tokens(input_ids) -> mx.array:
+    """The token array whose positions the log-probs follow: shared rows' suffixes."""
+    return input_ids[3] if isinstance(input_ids, tuple) else input_ids
 
 
 def first_scored_position(masks: list[list[int]], multiple: int = 8) -> int:
@@ -73,7 +82,7 @@ def first_scored_position(masks: list[list[int]], multiple: int = 8) -> int:
 
 def scored_from(input_ids, mask: mx.array) -> int:
     """The start position of a mask trimmed by `first_scored_position` (0 for shared rows)."""
-    return targets(input_ids, -1).shape[1] - mask.shape[1]
+    return _row_tokens(input_ids).shape[1] - mask.shape[1]
 
 
 def per_token_logps(model: nn.Module, input_ids: mx.array, temperature: float = 1.0,

@@ -50,10 +50,9 @@ def worth_sharing(model: nn.Module, prompts: list[list[int]], rows: int, plain_w
                   suffix_width: int) -> bool:
     """Whether `rows` rows over these prompts cost at most `SAVING` of the plain batch's tokens
     shared, on a model that can share (see the module's docstring)."""
-    from mlxrl.mlx.logprobs import BODY_THEN_HEAD
+    from mlxrl.mlx.logprobs import body_then_head
 
-    if type(model).__module__.rsplit(".", 1)[-1] not in BODY_THEN_HEAD or not prompts \
-            or min(map(len, prompts)) < 1:
+    if not body_then_head(model) or not prompts or min(map(len, prompts)) < 1:
         return False
     if any(getattr(layer, "grad_checkpoint", False) for layer in model.layers):
         return False
