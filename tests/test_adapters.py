@@ -411,11 +411,12 @@ def test_cli_prints_conversion_notes(case, cli, tmp_path, monkeypatch):
 def test_decode_weights_sample_as_transformers_peft_generates(case, name, monkeypatch):
     """The sampler's decode weights (Linux CPU: each linear's weight transposed, a LoRA adapter
     folded in; DoRA layers left as they are) give transformers + PEFT's greedy tokens on the
-    exported adapter, log-probs of the unfolded model, and leave nothing behind. The rule's
-    other branch (split matmuls, AVX-512) is switched off so that this runs on any Linux CPU."""
+    exported adapter, log-probs of the unfolded model, and leave nothing behind; the decode of
+    these 2 rows runs OpenBLAS on one thread. The rule's other branch (split matmuls, AVX-512) is switched off so that this runs on any Linux CPU."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from mlxrl import _blas
     from mlxrl.mlx import cpu_ops, sampling
     from mlxrl.mlx.logprobs import per_token_logps
 
@@ -424,7 +425,16 @@ def test_decode_weights_sample_as_transformers_peft_generates(case, name, monkey
     monkeypatch.setattr(sampling, "_small_kernels", lambda: False)
     folded, original = [], cpu_ops.set_decode_weights
     monkeypatch.setattr(sampling, "set_decode_weights", lambda m: folded.extend(original(m)) or folded)
-    ours = sampling.sample(model, prompts, max_tokens=12, temperature=0.0, eos_token_ids=[])
+    blas, threads, decode = _blas._library(), [], sampling._decode
+    monkeypatch.setattr(sampling, "_decode", lambda *a, **k: threads.append(
+        blas.openblas_get_num_threads()) or decode(*a, **k))
+    before = blas.openblas_get_num_threads()
+    blas.openblas_set_num_threads(2)  # 2 rows decode on one of them (`_blas.threads`)
+    try:
+        ours = sampling.sample(model, prompts, max_tokens=12, temperature=0.0, eos_token_ids=[])
+    finally:
+        blas.openblas_set_num_threads(before)
+    assert threads == [1]
     adapted, folded_ids = mlx_model.lora_layers(model), {id(m) for m in folded}
     assert adapted and folded
     assert all((id(m) in folded_ids) is ("m" not in m) for m in adapted)  # DoRA keeps its path
