@@ -109,9 +109,11 @@ def main() -> None:
         print(f"  (rewards + advantages + arrays ~ {rest:.1f} {unit()}; AdamW + host syncs ~ "
               f"{total - phases['whole next_step (rollout + rewards + batches)'][0] - phases['update: compiled forward + backward'][0]:.1f})")
 
-        print(f"\n2. for scale (rows of {ids.shape[1]} tokens: prompt + 64, bucketed)")
+        shape = (f"{ids.shape[0]} x {ids.shape[1]}" if isinstance(ids, mx.array) else  # shared rows
+                 f"{ids[0].shape[0]} x {ids[0].shape[1]} prompt + {ids[3].shape[0]} x {ids[3].shape[1]}")
+        print(f"\n2. for scale (the update's rows: {shape} tokens, bucketed)")
         forward = mx.compile(lambda i: per_token_logps(model, i), inputs=model.state)
-        row(f"one forward of the {ids.shape[0]} x {ids.shape[1]} update batch",
+        row(f"one forward of the update batch ({shape})",
             timed(lambda: mx.eval(forward(ids)), args.repeats))
         rollout_ms = phases["rollout (sample 8 x 64 tokens)"]
         print(f"  rollout per decode step: {rollout_ms[0] / TOKENS:.1f} {unit()}, "

@@ -115,6 +115,37 @@ def test_shared_prompt_rows_give_the_plain_loss_and_gradients(tmp_path, reward_f
         assert np.abs(np.array(g) - np.array(grads_b[k])).max() < 1e-5 * scale, k
 
 
+def test_the_body_never_reads_the_last_column(tmp_path, reward_file, monkeypatch):
+    """Completions cut at max_completion_length (16, a multiple of 8): a shared row's suffix is
+    the prompt's last token and 16 tokens, 17 columns, and the body runs 16 of them (padding the
+    suffix to 24 ran 24). Shared or plain, the body never reads a row's last column, which is only
+    a target (`trainer.row_width`), and runs a multiple of 8 columns."""
+    from mlxrl.mlx import grpo
+
+    cfg = grpo_config(tmp_path, f"{reward_file}:digit_fraction", "--training.grpo.max_completion_length", "16")
+    loaded, method = method_for(cfg)
+    method.eos_ids = [10**6]  # never sampled: every completion is 16 tokens
+    shared = method.next_step().micro_batches[0]
+    monkeypatch.setattr(grpo, "worth_sharing", lambda *a: False)
+    plain = method.next_step().micro_batches[0]
+    assert isinstance(shared[0], tuple) and shared[0][3].shape[1] == 17
+    width = plain[0].shape[1]
+    assert (width - 1) % 8 == 0 and width - 1 < max(map(len, method.prompt_ids)) + 16 + 8
+
+    body_type, widths = type(loaded.model.model), []
+    original = body_type.__call__
+
+    def recording(self, inputs, *args, **kwargs):
+        widths.append(inputs.shape[1])
+        return original(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(body_type, "__call__", recording)
+    mx.eval(method.loss(*shared)[0])
+    assert widths == [shared[0][0].shape[1], 16]  # the prompts once, then the suffixes
+    mx.eval(method.loss(*plain)[0])
+    assert widths[2:] == [width - 1]
+
+
 def test_eos_stays_in_the_completion(tmp_path, reward_file):
     cfg = grpo_config(tmp_path, f"{reward_file}:digit_fraction", "--training.grpo.max_completion_length", "64")
     loaded, method = method_for(cfg)

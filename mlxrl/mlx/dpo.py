@@ -30,8 +30,8 @@ from mlxrl.mlx.trainer import (
     IndexStream,
     StepBatch,
     StreamPosition,
-    bucket,
     pad_rows,
+    row_width,
     total_steps_for,
 )
 
@@ -80,10 +80,10 @@ def pair_arrays(pairs: list[tuple], model=None) -> tuple:
     value is the tokens of the rows."""
     rows = [p[0] for p in pairs] + [p[2] for p in pairs]
     masks = [p[1] for p in pairs] + [p[3] for p in pairs]
-    width = bucket(max(len(r) for r in rows))
+    width = row_width(max(len(r) for r in rows))
     tokens = sum(len(r) for r in rows)
     prompts = [p[0][:len(p[1]) - sum(p[1])] for p in pairs]
-    suffix_width = bucket(1 + max(sum(m) for m in masks))
+    suffix_width = row_width(1 + max(sum(m) for m in masks))
     if model is not None and worth_sharing(model, prompts, len(rows), width, suffix_width):
         suffixes = [r[len(prompts[i % len(pairs)]):] for i, r in enumerate(rows)]
         shared = shared_rows(prompts, suffixes, list(range(len(pairs))) * 2, suffix_width)

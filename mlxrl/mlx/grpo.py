@@ -32,7 +32,7 @@ from mlxrl.mlx.grpo_reuse import RolloutReuse
 from mlxrl.mlx.logprobs import first_scored_position, per_token_logps, scored_from
 from mlxrl.mlx.model import adapters_disabled
 from mlxrl.mlx.shared_prefix import shared_rows, worth_sharing
-from mlxrl.mlx.trainer import IndexStream, StepBatch, StreamPosition, bucket, pad_rows
+from mlxrl.mlx.trainer import IndexStream, StepBatch, StreamPosition, pad_rows, row_width
 from mlxrl.reward_metrics import reward_metrics
 from mlxrl.rewards import load_rewards
 
@@ -213,8 +213,8 @@ class GRPOMethod(StreamPosition):
         """Each micro-batch's rows (`_rows`), masks, advantages, reference log-probs (zeros
         with beta 0) and the step's loss-token count."""
         bs = self.training.per_device_train_batch_size
-        widths = (bucket(max(len(p) + len(c) for p, c in zip(prompts, completions))),
-                  bucket(1 + max(map(len, completions))), first_scored_position(masks))
+        widths = (row_width(max(len(p) + len(c) for p, c in zip(prompts, completions))),
+                  row_width(1 + max(map(len, completions))), first_scored_position(masks))
         micro = []
         for start in range(0, len(prompts), bs):
             part = slice(start, start + bs)

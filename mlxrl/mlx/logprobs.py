@@ -44,15 +44,16 @@ def next_token_logits(model: nn.Module, input_ids, start: int = 0) -> mx.array:
     """Logits `[B, L-1-start, V]` at positions `start..L-2` (those predicting tokens
     `start+1..L-1`). DPO's prompts are most of a short row, and a real model's vocabulary makes
     the head the largest matmul: `start` skips the head on prompt positions that are never scored
-    (TRL's `use_logits_to_keep`). `input_ids` may be rows that share prompts
-    (`mlxrl.mlx.shared_prefix`, a tuple): then the positions are their suffixes'."""
+    (TRL's `use_logits_to_keep`). The last column is only a target: the model never reads it
+    (`trainer.row_width`). `input_ids` may be rows that share prompts (`mlxrl.mlx.shared_prefix`,
+    a tuple): then the positions are their suffixes'."""
     if isinstance(input_ids, tuple):
         from mlxrl.mlx.shared_prefix import shared_hidden
 
-        return _head(model, shared_hidden(model, input_ids)[:, start:-1])
+        return _head(model, shared_hidden(model, input_ids)[:, start:])
     if body_then_head(model):
-        return _head(model, model.model(input_ids)[:, start:-1])
-    return model(input_ids)[:, start:-1, :]
+        return _head(model, model.model(input_ids[:, :-1])[:, start:])
+    return model(input_ids[:, :-1])[:, start:, :]
 
 
 def _head(model: nn.Module, hidden: mx.array) -> mx.array:

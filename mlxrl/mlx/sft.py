@@ -17,7 +17,7 @@ from mlxrl.data.collators import apply_target, pack_bfd, sft_target
 from mlxrl.data.formats import Truncation, encode_sft
 from mlxrl.errors import DataError
 from mlxrl.mlx.logprobs import per_token_logps
-from mlxrl.mlx.trainer import IndexStream, StepBatch, StreamPosition, bucket, pad_rows
+from mlxrl.mlx.trainer import IndexStream, StepBatch, StreamPosition, bucket, pad_rows, row_width
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class SFTMethod(StreamPosition):
             try:
                 for start in range(0, len(rows), size):
                     chunk = rows[start:start + size]
-                    width = bucket(max(len(ids) for ids, _ in chunk))
+                    width = row_width(max(len(ids) for ids, _ in chunk))
                     ids, mask = pad_rows([r[0] for r in chunk], width), pad_rows([r[1] for r in chunk], width)
                     loss = sft_loss(per_token_logps(self.model, ids), mask[:, 1:])
                     total += float(loss) * len(chunk)
@@ -105,7 +105,7 @@ class SFTMethod(StreamPosition):
         micro, tokens = [], 0
         for _ in range(self.accum):
             rows = [r for i in self.stream.take(bs) for r in self.examples[i]]
-            width = bucket(max(len(ids) for ids, _ in rows))
+            width = row_width(max(len(ids) for ids, _ in rows))
             if self.pack:  # bins hold varying numbers of rows: pad with empty ones
                 rows += [([], [])] * (bucket(len(rows), 4) - len(rows))
             micro.append((pad_rows([r[0] for r in rows], width), pad_rows([r[1] for r in rows], width)))

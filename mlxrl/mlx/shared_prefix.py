@@ -60,8 +60,8 @@ def worth_sharing(model: nn.Module, prompts: list[list[int]], rows: int, plain_w
         return False  # chosen and rejected would share the prompt's dropout mask
     if max(map(len, prompts)) < 2:
         return False  # no prompt has a token before its last: nothing to share
-    shared = len(prompts) * _prefix_width(prompts) + rows * suffix_width
-    return shared <= SAVING * rows * plain_width
+    shared = len(prompts) * _prefix_width(prompts) + rows * (suffix_width - 1)  # the body's columns
+    return shared <= SAVING * rows * (plain_width - 1)
 
 
 def _prefix_width(prompts: list[list[int]]) -> int:
@@ -115,8 +115,9 @@ class SharedPrefixKV:
 
 
 def shared_hidden(model: nn.Module, rows: tuple) -> mx.array:
-    """The body's last hidden states `[N, Ls, D]` of the rows' suffixes."""
+    """The body's last hidden states `[N, Ls - 1, D]` of the rows' suffixes but their last
+    column (only a target)."""
     prefix_ids, pad, row_prefix, suffix_ids = rows
     caches = [SharedPrefixKV(pad, row_prefix, prefix_ids.shape[1]) for _ in model.layers]
     model.model(prefix_ids, cache=caches)  # only its keys and values are used
-    return model.model(suffix_ids, cache=caches)
+    return model.model(suffix_ids[:, :-1], cache=caches)

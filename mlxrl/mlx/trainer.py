@@ -96,6 +96,15 @@ def bucket(length: int, multiple: int = 8) -> int:
     return max(multiple, multiple * math.ceil(length / multiple))
 
 
+def row_width(length: int) -> int:
+    """The padded width of token rows up to `length` long whose last column is only a target:
+    the body reads the other columns (`logprobs.next_token_logits`), `bucket(length - 1)` of
+    them. GRPO's completions often stop at `max_completion_length`, a multiple of 8: a suffix of
+    that and the prompt's last token is 65 columns at 64, and `bucket(65)` (72) cost the update
+    11% more work than the 64 the body needs."""
+    return 1 + bucket(length - 1)
+
+
 def make_optimizer(training):
     """The optimizer; the loop sets the rate of each update (`mlxrl.schedules`)."""
     lr = 0.0
