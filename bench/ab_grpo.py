@@ -2,7 +2,9 @@
 4 completions x 64 tokens, LoRA r 8): the rollout with and without decode weights
 (`sampling._decode_matmuls`, Linux CPU), and with its matmuls on all OpenBLAS threads instead of
 one (a wall-time lever: measure it with `--threads 2`); the update (one compiled forward +
-backward) with and without shared-prompt rows (`mlxrl/mlx/shared_prefix.py`). Each lever is
+backward) with and without shared-prompt rows (`mlxrl/mlx/shared_prefix.py`), and with the
+shared rows' suffixes padded as before a6a742f (the body reading their last column too: 72
+columns for 1 + 64 tokens, instead of 64; `trainer.row_width`). Each lever is
 switched off by replacing the function that decides it; the variants take turns on the same
 prompts.
 
@@ -38,6 +40,7 @@ from profile_grpo import build  # noqa: E402
 
 import mlxrl.mlx.grpo as grpo  # noqa: E402
 import mlxrl.mlx.sampling as sampling  # noqa: E402
+from mlxrl.mlx.trainer import bucket  # noqa: E402
 
 
 def _single_thread() -> bool:
@@ -58,8 +61,11 @@ def main() -> None:
     args = _parser().parse_args()
     decode_rule, share_rule = sampling._openblas_cpu, grpo.worth_sharing
     blas_threads = sampling._blas.threads
-    times = {name: [] for name in [r[0] for r in ROLLOUTS] + ["update, shared prompts",
-                                                                "update, plain rows"]}
+    widths = grpo.row_width
+    updates = {"update, shared prompts": (share_rule, widths),
+               "update, plain rows": (lambda *a: False, widths),
+               "update, shared, body reads last column": (share_rule, lambda n: 1 + bucket(n))}
+    times = {name: [] for name in [r[0] for r in ROLLOUTS] + list(updates)}
     with tempfile.TemporaryDirectory(prefix="mlxrl-ab-grpo-") as tmp:
         cfg, loaded, method, trainer = build(Path(tmp))
         print(f"mlxrl GRPO A/B on {common.machine()}; {common.versions()}")
@@ -75,18 +81,17 @@ def main() -> None:
                 if round_:
                     times[name].append(_clock() - start)
             sampling._openblas_cpu, sampling._blas.threads = decode_rule, blas_threads
-            for on in (True, False):
-                grpo.worth_sharing = share_rule if on else (lambda *a: False)
-                method.stream.position -= 2  # the same prompts both ways
+            for name, (grpo.worth_sharing, grpo.row_width) in updates.items():
+                method.stream.position -= 2  # the same prompts every way
                 batch = method.next_step()
                 start = _clock()
                 mx.eval(trainer._grad_step(*batch.micro_batches[0]))
                 if round_:
-                    times["update, shared prompts" if on else "update, plain rows"].append(_clock() - start)
-            grpo.worth_sharing = share_rule
+                    times[name].append(_clock() - start)
+            grpo.worth_sharing, grpo.row_width = share_rule, widths
     for name, values in times.items():
         runs = ", ".join(f"{1000 * v:.0f}" for v in values)
-        print(f"  {name:26s} {1000 * statistics.median(values):7.0f} ms   ({runs})")
+        print(f"  {name:38s} {1000 * statistics.median(values):7.0f} ms   ({runs})")
 
 
 if __name__ == "__main__":
