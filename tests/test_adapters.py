@@ -412,7 +412,8 @@ def test_decode_weights_sample_as_transformers_peft_generates(case, name, monkey
     """The sampler's decode weights (Linux CPU: each linear's weight transposed, a LoRA adapter
     folded in; DoRA layers left as they are) give transformers + PEFT's greedy tokens on the
     exported adapter, log-probs of the unfolded model, and leave nothing behind; the decode of
-    these 2 rows runs OpenBLAS on one thread. The rule's other branch (split matmuls, AVX-512) is switched off so that this runs on any Linux CPU."""
+    these 2 rows runs OpenBLAS on one thread. The rule's other branch (split matmuls, AVX-512)
+    is switched off so that this runs on any Linux CPU."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
