@@ -1,7 +1,7 @@
 """The CPU speed-ups change speed, not results: MLX's JIT kernels built with the vector flags
 (mlxrl/_jit.py) give bit-identical outputs; the fusable SwiGLU (mlxrl/mlx/cpu_ops.py) has
-mlx-lm's forward and the gradients of its autodiff; the fused causal attention matches
-`mx.fast.scaled_dot_product_attention` and its gradients."""
+mlx-lm's forward and the gradients of its autodiff; the fused causal attention (training) and
+the fused masked attention (the sampler's decode) match `mx.fast.scaled_dot_product_attention`."""
 
 import json
 import os
@@ -13,6 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+import pytest
 from mlx_lm.models.activations import swiglu as mlx_lm_swiglu
 
 from mlxrl import _jit
@@ -155,6 +156,33 @@ def test_causal_attention_matches_fast_sdpa_and_its_gradients():
              for f in (ours, fast)]
     for a, b in zip(*grads):
         np.testing.assert_allclose(np.array(a), np.array(b), atol=2e-5)
+
+
+def test_decode_attention_matches_fast_sdpa_and_serves_the_samplers_decode(monkeypatch):
+    """A decode step's attention over a left-padded `DecodeKVCache` (grouped heads, rows with
+    different padding) equals MLX's SDPA under the cache's own mask; mlxrl's model, sampling on
+    the CPU, takes it at every layer of the traced decode step."""
+    from mlxrl.config import ModelParams
+    from mlxrl.mlx import cpu_ops, sampling
+    from mlxrl.mlx.cache_utils import DecodeKVCache
+    from mlxrl.mlx.model import load
+
+    mx.random.seed(3)
+    q, k, v = mx.random.normal((3, 6, 1, 16)), mx.random.normal((3, 2, 32, 16)), mx.random.normal((3, 2, 32, 16))
+    cache = DecodeKVCache(k, v, mx.array([0, 5, 11]), mx.array(20), 32)
+    mask = cache.make_mask(1)
+    fast = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
+    attention = cpu_ops._attention_with_fallback(lambda *a, **kw: pytest.fail("not fused"))
+    np.testing.assert_allclose(np.array(attention(q, k, v, cache, 0.25, mask)), np.array(fast), atol=1e-6)
+
+    model = load(ModelParams(model_name="tiny://qwen2")).model
+    shapes = []
+    fused = cpu_ops.masked_attention
+    monkeypatch.setattr(cpu_ops, "masked_attention", lambda q, *a: shapes.append(q.shape) or fused(q, *a))
+    sampling._TRACES.clear()
+    sampling.sample(model, [[1, 5, 9, 2], [1, 7]], num_generations=2, max_tokens=3, eos_token_ids=[])
+    assert shapes and all(s[0] == 4 and s[2] == 1 for s in shapes)
+    assert len(shapes) == len(model.layers)  # one trace: every layer of the decode step
 
 
 def test_cpu_ops_apply_to_the_model_mlxrl_loaded_and_no_other(monkeypatch):
