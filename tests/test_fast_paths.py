@@ -7,6 +7,8 @@
   whole-width computation.
 - The compiled update (clip, AdamW, schedule) against torch's clip_grad_norm_ + AdamW +
   transformers' get_scheduler on the same gradients.
+- mlxrl's LoRA layer (the adapter's product added by the matmul, `mx.addmm`): PEFT's LoRA
+  output and gradients; mlx-lm's LoRALinear (dtype included) in half precision.
 """
 
 import json
@@ -169,3 +171,54 @@ def test_compiled_update_equals_torch_adamw_with_clipping_and_schedule(tmp_path)
     # float32 rounding of two AdamW implementations: ~2e-6 on steps of ~0.1
     assert np.abs(np.array(model.w) - w.detach().numpy()).max() < 1e-5
     assert np.abs(np.array(model.w) - start).max() > 0.05  # it moved
+
+
+def test_lora_layer_gives_peft_outputs_and_gradients(monkeypatch):
+    from mlx_lm.tuner.lora import LoRALinear
+    from peft import LoraConfig, get_peft_model
+
+    rng = np.random.default_rng(4)
+    x, w, bias = (rng.standard_normal(s).astype(np.float32) for s in ((2, 5, 12), (7, 12), (7,)))
+    a, b = (rng.standard_normal(s).astype(np.float32) * 0.3 for s in ((12, 4), (4, 7)))
+    cotangent = rng.standard_normal((2, 5, 7)).astype(np.float32)
+    base = nn.Linear(12, 7)
+    base.update({"weight": mx.array(w), "bias": mx.array(bias)})
+    layer = LoRALinear.from_base(base, r=4, scale=2.0)
+    layer.update({"lora_a": mx.array(a), "lora_b": mx.array(b)})
+    layer.__class__ = mlx_model._switchable(LoRALinear)
+
+    fused, addmm = [], mx.addmm
+    monkeypatch.setattr(mx, "addmm", lambda *a, **k: fused.append(1) or addmm(*a, **k))
+
+    def loss(params, x):
+        layer.update(params)
+        return (layer(x) * mx.array(cotangent)).sum(), layer(x)
+
+    (_, out), (grads, grad_x) = mx.value_and_grad(loss, argnums=(0, 1))(
+        {"lora_a": layer.lora_a, "lora_b": layer.lora_b}, mx.array(x))
+
+    module = torch.nn.Sequential()
+    module.add_module("lin", torch.nn.Linear(12, 7))
+    module.lin.weight.data, module.lin.bias.data = torch.tensor(w), torch.tensor(bias)
+    peft = get_peft_model(module, LoraConfig(r=4, lora_alpha=8, target_modules=["lin"]))
+    lin = peft.base_model.model.lin
+    lin.lora_A["default"].weight.data = torch.tensor(a.T.copy())
+    lin.lora_B["default"].weight.data = torch.tensor(b.T.copy())
+    tx = torch.tensor(x, requires_grad=True)
+    theirs = peft(tx)
+    (theirs * torch.tensor(cotangent)).sum().backward()
+    assert fused  # float32: the adapter's product added by the matmul
+    np.testing.assert_allclose(np.array(out), theirs.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.array(grads["lora_a"]), lin.lora_A["default"].weight.grad.numpy().T, atol=1e-4)
+    np.testing.assert_allclose(np.array(grads["lora_b"]), lin.lora_B["default"].weight.grad.numpy().T, atol=1e-4)
+    np.testing.assert_allclose(np.array(grad_x), tx.grad.numpy(), atol=1e-4)
+
+    half = nn.Linear(12, 7)
+    half.update({"weight": mx.array(w, dtype=mx.bfloat16), "bias": mx.array(bias, dtype=mx.bfloat16)})
+    plain = LoRALinear.from_base(half, r=4, scale=2.0)
+    plain.update({"lora_a": mx.array(a), "lora_b": mx.array(b)})
+    expected = plain(mx.array(x, dtype=mx.bfloat16))
+    plain.__class__ = mlx_model._switchable(LoRALinear)
+    ours = plain(mx.array(x, dtype=mx.bfloat16))
+    assert ours.dtype == expected.dtype == mx.bfloat16
+    assert mx.array_equal(ours, expected).item()

@@ -28,6 +28,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.tuner.lora import LoRALinear
 
 from mlxrl.cache import cache_dir
 from mlxrl.chat_templates import configure_tokenizer
@@ -286,7 +287,24 @@ class AdapterSwitch:
     def __call__(self, x):
         if DECODE_WEIGHT in self:  # set by the sampler, adapter folded in (cpu_ops.py)
             return decode_linear(self, x)
-        return super().__call__(x) if self.adapter_enabled else self.linear(x)
+        if not self.adapter_enabled:
+            return self.linear(x)
+        if isinstance(self, LoRALinear):
+            return lora_linear(self, x)
+        return super().__call__(x)  # DoRA, mixture-of-experts LoRA
+
+
+def lora_linear(layer, x):
+    """mlx-lm's LoRALinear output, `y + (scale * (dropout(x) @ A) @ B)`, with the adapter's
+    product added by the matmul itself (`mx.addmm`: the GEMM accumulates into y) when all is
+    float32: no [tokens, out] array for the product and no separate add, forward or backward
+    (GRPO's 25M update, 2 threads, one process, interleaved: 962 -> 917 ms). Other dtypes keep
+    mlx-lm's cast of the product to x's dtype."""
+    y = layer.linear(x)
+    z = layer.dropout(x) @ layer.lora_a
+    if y.dtype == z.dtype == layer.lora_b.dtype == mx.float32:
+        return mx.addmm(y, z, layer.lora_b, alpha=layer.scale)
+    return y + (layer.scale * (z @ layer.lora_b)).astype(x.dtype)
 
 
 @functools.cache
