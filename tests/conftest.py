@@ -1,6 +1,8 @@
 import contextlib
 import os
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -18,3 +20,23 @@ _session.enter_context(mlx_runtime())
 
 def pytest_unconfigure(config):
     _session.close()
+
+
+@pytest.fixture
+def decode_blas_threads(monkeypatch):
+    """OpenBLAS on 2 threads for the test (restored after): yields the bound library and the
+    list of the thread counts each call of the sampler's decode loop ran with."""
+    from mlxrl import _blas
+    from mlxrl.mlx import sampling
+
+    lib = _blas._library()
+    assert lib is not None, f"OpenBLAS is not bound: {_blas.status}"
+    seen, decode = [], sampling._decode
+    monkeypatch.setattr(sampling, "_decode", lambda *a, **k: seen.append(
+        lib.openblas_get_num_threads()) or decode(*a, **k))
+    before = lib.openblas_get_num_threads()
+    lib.openblas_set_num_threads(2)
+    try:
+        yield lib, seen
+    finally:
+        lib.openblas_set_num_threads(before)

@@ -408,7 +408,7 @@ def test_cli_prints_conversion_notes(case, cli, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2-dora"])
-def test_decode_weights_sample_as_transformers_peft_generates(case, name, monkeypatch):
+def test_decode_weights_sample_as_transformers_peft_generates(case, name, monkeypatch, decode_blas_threads):
     """The sampler's decode weights (Linux CPU: each linear's weight transposed, a LoRA adapter
     folded in; DoRA layers left as they are) give transformers + PEFT's greedy tokens on the
     exported adapter, log-probs of the unfolded model, and leave nothing behind; the decode of
@@ -417,7 +417,6 @@ def test_decode_weights_sample_as_transformers_peft_generates(case, name, monkey
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from mlxrl import _blas
     from mlxrl.mlx import cpu_ops, sampling
     from mlxrl.mlx.logprobs import per_token_logps
 
@@ -426,15 +425,8 @@ def test_decode_weights_sample_as_transformers_peft_generates(case, name, monkey
     monkeypatch.setattr(sampling, "_small_kernels", lambda: False)
     folded, original = [], cpu_ops.set_decode_weights
     monkeypatch.setattr(sampling, "set_decode_weights", lambda m: folded.extend(original(m)) or folded)
-    blas, threads, decode = _blas._library(), [], sampling._decode
-    monkeypatch.setattr(sampling, "_decode", lambda *a, **k: threads.append(
-        blas.openblas_get_num_threads()) or decode(*a, **k))
-    before = blas.openblas_get_num_threads()
-    blas.openblas_set_num_threads(2)  # 2 rows decode on one of them (`_blas.threads`)
-    try:
-        ours = sampling.sample(model, prompts, max_tokens=12, temperature=0.0, eos_token_ids=[])
-    finally:
-        blas.openblas_set_num_threads(before)
+    _, threads = decode_blas_threads  # OpenBLAS on 2 threads; 2 rows decode on one of them
+    ours = sampling.sample(model, prompts, max_tokens=12, temperature=0.0, eos_token_ids=[])
     assert threads == [1]
     adapted, folded_ids = mlx_model.lora_layers(model), {id(m) for m in folded}
     assert adapted and folded

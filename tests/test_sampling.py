@@ -241,7 +241,7 @@ def test_split_matmuls_by_rule_on_mlxrls_model_with_exact_logprobs(monkeypatch):
                                        atol=1e-4)
 
 
-def test_few_decode_rows_run_on_one_openblas_thread(monkeypatch):
+def test_few_decode_rows_run_on_one_openblas_thread(monkeypatch, decode_blas_threads):
     """On the Linux CPU, decode at <= 8 rows runs OpenBLAS on one thread (decode weights, no
     split: a second thread costs more in hand-offs than it computes there), at 16 rows on all of
     them; the count is restored after, also when decoding fails, and the tokens and log-probs
@@ -253,29 +253,20 @@ def test_few_decode_rows_run_on_one_openblas_thread(monkeypatch):
     from mlxrl.mlx import sampling
     from mlxrl.mlx.model import load
 
-    lib = _blas._library()
-    assert lib is not None, f"OpenBLAS is not bound: {_blas.status}"
+    lib, seen = decode_blas_threads
     monkeypatch.setattr(sampling, "split_matmuls_at", lambda rows: False)
     model = load(ModelParams(model_name="tiny://qwen2")).model
-    seen, decode = [], sampling._decode
-    monkeypatch.setattr(sampling, "_decode", lambda *a, **k: seen.append(
-        lib.openblas_get_num_threads()) or decode(*a, **k))
-    before = lib.openblas_get_num_threads()
-    lib.openblas_set_num_threads(2)
-    try:
-        kwargs = dict(max_tokens=10, temperature=1.0, eos_token_ids=never(model), seed=5)
-        one = sample(model, PROMPTS[:2], num_generations=4, **kwargs)
-        sample(model, PROMPTS, num_generations=4, **kwargs)
-        assert seen == [1, 2] and lib.openblas_get_num_threads() == 2
-        with monkeypatch.context() as m:
-            m.setattr(_blas, "threads", lambda n: contextlib.nullcontext())
-            both = sample(model, PROMPTS[:2], num_generations=4, **kwargs)
-        assert seen[-1] == 2
-        np.testing.assert_array_equal(one.tokens, both.tokens)
-        np.testing.assert_allclose(one.logprobs, both.logprobs, atol=1e-5)
-        monkeypatch.setattr(sampling, "_decode", lambda *a, **k: 1 / 0)
-        with pytest.raises(ZeroDivisionError):
-            sample(model, PROMPTS[:2], num_generations=4, **kwargs)
-        assert lib.openblas_get_num_threads() == 2
-    finally:
-        lib.openblas_set_num_threads(before)
+    kwargs = dict(max_tokens=10, temperature=1.0, eos_token_ids=never(model), seed=5)
+    one = sample(model, PROMPTS[:2], num_generations=4, **kwargs)
+    sample(model, PROMPTS, num_generations=4, **kwargs)
+    assert seen == [1, 2] and lib.openblas_get_num_threads() == 2
+    with monkeypatch.context() as m:
+        m.setattr(_blas, "threads", lambda n: contextlib.nullcontext())
+        both = sample(model, PROMPTS[:2], num_generations=4, **kwargs)
+    assert seen[-1] == 2
+    np.testing.assert_array_equal(one.tokens, both.tokens)
+    np.testing.assert_allclose(one.logprobs, both.logprobs, atol=1e-5)
+    monkeypatch.setattr(sampling, "_decode", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        sample(model, PROMPTS[:2], num_generations=4, **kwargs)
+    assert lib.openblas_get_num_threads() == 2
