@@ -7,13 +7,15 @@ and shared by the forward and the backward, so neither fused kernel contains it:
 same forward (bit-identical) and a hand-written backward that recomputes the sigmoid from `exp`
 inside its own fused kernel: 7.8 ms (with the vectorizing JIT flags of `mlxrl._jit`).
 
-Attention without a cache (the training forwards) goes through `causal_attention`: on the CPU,
-`mx.fast.scaled_dot_product_attention` runs as separate ops with MLX's prebuilt softmax (13 ns an
-exp). Here the softmax is fused JIT kernels over contiguous arrays (a broadcast operand makes MLX
-emit a strided, unvectorized kernel, so the row max and sum are materialized at full shape), and
-the grouped query heads are folded into the rows of one matmul per KV head instead of broadcasting
-the keys. Bench model layer (8 x 8 heads x 128 tokens, fp32): forward 19.1 -> 7.9 ms, forward +
-backward 33.9 -> 21.2 ms; outputs within 3e-7, gradients within 4e-6.
+Attention without a cache (the training forwards) goes through `causal_attention`; attention over
+shared-prefix rows and over the sampler's decode caches (caches with `fused_attention` set)
+through `masked_attention`. On the CPU, `mx.fast.scaled_dot_product_attention` runs as separate
+ops with MLX's prebuilt softmax (13 ns an exp). Here the softmax is fused JIT kernels over
+contiguous arrays (a broadcast operand makes MLX emit a strided, unvectorized kernel, so the row
+max and sum are materialized at full shape), and the grouped query heads are folded into the rows
+of one matmul per KV head instead of broadcasting the keys. Bench model layer (8 x 8 heads x 128
+tokens, fp32): forward 19.1 -> 7.9 ms, forward + backward 33.9 -> 21.2 ms; outputs within 3e-7,
+gradients within 4e-6. A decode step's 8 layers at 8 rows x 96 columns: 5.8 -> 3.2 ms.
 """
 
 from __future__ import annotations

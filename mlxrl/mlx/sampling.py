@@ -31,6 +31,8 @@ How it runs:
     thread costs more in hand-offs than it computes there, and takes a core from MLX's own
     thread (2-core EPYC, one process, interleaved: 8 rows 24.2 vs 27.5 ms a token on the 25M
     model, 118 vs 130 on SmolLM2; at 16 rows two threads win, 37.6 vs 42.0).
+- Decode attention (CPU): `cpu_ops.masked_attention` over the decode caches, one fused softmax
+  instead of MLX's SDPA fallback with its prebuilt one (`DecodeKVCache.fused_attention`).
 - Sampling on the device: temperature, then top-k, top-p, min-p as one logit threshold per row
   (the Hugging Face order), then inverse-CDF sampling with one uniform per row and step. T = 0 is
   greedy (log-probs then use T = 1).
