@@ -86,6 +86,14 @@ def test_importing_mlxrl_changes_nothing(tmp_path):
                       "unexplained": [], "mlx": False, "torch": False}
 
 
+def test_the_mlx_model_module_leaves_transformers_to_adding_adapters(tmp_path):
+    """`import mlxrl.mlx.model` (the MLX backend's loader) does not import mlx-lm's tuner, and so
+    transformers (~4 s): that waits until a model is loaded or adapters are added."""
+    script = ("import json, sys\nimport mlxrl.mlx.model\n"
+              "print(json.dumps({m: m in sys.modules for m in ('mlx_lm.tuner', 'transformers')}))")
+    assert _run(script, tmp_path) == {"mlx_lm.tuner": False, "transformers": False}
+
+
 TRAIN = PROBE + r'''
 import mlxrl
 from mlxrl import runtime

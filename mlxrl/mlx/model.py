@@ -28,7 +28,6 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.tuner.lora import LoRALinear
 
 from mlxrl.cache import cache_dir
 from mlxrl.chat_templates import configure_tokenizer
@@ -289,9 +288,18 @@ class AdapterSwitch:
             return decode_linear(self, x)
         if not self.adapter_enabled:
             return self.linear(x)
-        if isinstance(self, LoRALinear):
+        if isinstance(self, _lora_linear_class()):
             return lora_linear(self, x)
         return super().__call__(x)  # DoRA, mixture-of-experts LoRA
+
+
+@functools.cache
+def _lora_linear_class() -> type:
+    # imported here: mlx_lm.tuner imports transformers (~4 s), which `import mlxrl.mlx.model`
+    # must not pay (it is paid when adapters are added, in `add_lora`)
+    from mlx_lm.tuner.lora import LoRALinear
+
+    return LoRALinear
 
 
 def lora_linear(layer, x):
