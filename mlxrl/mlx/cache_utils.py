@@ -22,8 +22,9 @@ class DecodeKVCache:
     left padding and the columns not written yet, so the buffer keeps its shape from step to step.
     `fused_attention`: on the CPU, mlxrl's attention (`cpu_ops.masked_attention`, one fused
     softmax) serves the decode instead of `mx.fast.scaled_dot_product_attention`, which runs there
-    as separate ops with MLX's prebuilt softmax (a layer of the bench model at 8 rows: 0.21 vs
-    0.65 ms). The column being written is always visible, so no row is all masked.
+    as separate ops with MLX's prebuilt softmax (the bench model's 8 layers at 8 rows x 96
+    columns: 3.2 vs 5.8 ms a step). The column being written is always visible, so no row is
+    all masked.
     """
 
     fused_attention = True
