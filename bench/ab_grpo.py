@@ -40,6 +40,7 @@ if __name__ == "__main__":  # OpenBLAS reads its thread count when it loads: bef
     os.environ.update(common.thread_env(_parser().parse_args().threads))
 common.setup_mlx()
 import mlx.core as mx  # noqa: E402
+from mlx_lm.tuner.lora import LoRALinear  # noqa: E402
 from profile_grpo import build  # noqa: E402
 
 import mlxrl.mlx.grpo as grpo  # noqa: E402
@@ -66,8 +67,8 @@ ROLLOUTS = (("rollout, decode weights", None, None, True),
 
 
 def _mlx_lm_lora(layer, x):
-    """mlx-lm's LoRALinear forward: the adapter's product, then an add."""
-    return layer.linear(x) + (layer.scale * ((layer.dropout(x) @ layer.lora_a) @ layer.lora_b)).astype(x.dtype)
+    """mlx-lm's own LoRALinear forward: the adapter's product, then an add."""
+    return LoRALinear.__call__(layer, x)
 
 
 def main() -> None:
