@@ -307,12 +307,16 @@ def lora_linear(layer, x):
     product added by the matmul itself (`mx.addmm`: the GEMM accumulates into y) when all is
     float32: no [tokens, out] array for the product and no separate add, forward or backward
     (GRPO's 25M update on 2 threads, two interleaved A/Bs: ~5% less; DPO's step and one thread:
-    within noise). Other dtypes keep mlx-lm's cast of the product to x's dtype."""
+    within noise). Other dtypes keep mlx-lm's cast of the product to x's dtype.
+
+    The adapter's products run on `[tokens, features]`: with x `[B, L, D]`, A's gradient would
+    be B matmuls and a sum over B copies of A (T of them for packed rows, `shared_prefix`)."""
     y = layer.linear(x)
-    z = layer.dropout(x) @ layer.lora_a
+    shape = y.shape
+    z = layer.dropout(x.reshape(-1, x.shape[-1])) @ layer.lora_a
     if y.dtype == z.dtype == layer.lora_b.dtype == mx.float32:
-        return mx.addmm(y, z, layer.lora_b, alpha=layer.scale)
-    return y + (layer.scale * (z @ layer.lora_b)).astype(x.dtype)
+        return mx.addmm(y.reshape(-1, shape[-1]), z, layer.lora_b, alpha=layer.scale).reshape(shape)
+    return y + (layer.scale * (z @ layer.lora_b)).astype(x.dtype).reshape(shape)
 
 
 @functools.cache
