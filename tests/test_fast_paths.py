@@ -86,31 +86,39 @@ def test_trimmed_dpo_mask_gives_the_whole_width_loss_and_gradients(tmp_path):
 
 @pytest.mark.parametrize("options", ["{loss_type: sigmoid}", "{loss_type: [sigmoid, sft], ld_alpha: 0.5}",
                                      "{loss_type: ipo, use_weighting: true}"])
-def test_shared_prompt_rows_give_the_plain_loss_and_gradients(tmp_path, options):
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_shared_prompt_rows_give_the_plain_loss_and_gradients(tmp_path, monkeypatch, options, packed):
     """DPO's chosen and rejected rows with their prompt run once (mlx/shared_prefix.py): the loss,
-    metrics and gradients of the plain rows, with the per-token options that read every token."""
-    from mlxrl.mlx.shared_prefix import SharedPrefixKV
+    metrics and gradients of the plain rows, with the per-token options that read every token;
+    the suffixes right-padded, or packed (only their real tokens through the linear layers)."""
+    from mlxrl.mlx import dpo
+    from mlxrl.mlx.shared_prefix import PackedSuffixKV, SharedPrefixKV
 
+    if not packed:
+        monkeypatch.setattr(dpo, "worth_packing", lambda *a: False)
     model, settings, pairs = _dpo_setup(tmp_path, "--training.trainer_kwargs", options)
     plain, shared = pair_arrays(pairs), pair_arrays(pairs, model)
-    prefix, pad, row_prefix, suffix = shared[0]
+    prefix, pad, row_prefix, suffix = shared[0][:4]
     assert prefix.shape[0] == len(pairs) and suffix.shape[0] == 2 * len(pairs) == plain[0].shape[0]
     assert row_prefix.tolist() == [0, 1, 2, 3, 0, 1, 2, 3] and shared[2] == plain[2]
     assert prefix.size + suffix.size < 0.9 * plain[0].size  # the point of it
+    assert len(shared[0]) == (10 if packed else 4)
+    second = 2 * len(pairs)  # the rows' suffixes, or the packed tokens
+    if packed:
+        second = shared[0][4].shape[0]
+        assert second < 0.95 * suffix.shape[0] * (suffix.shape[1] - 1)  # fewer tokens than columns
     calls = []
-    original = SharedPrefixKV.update_and_fetch
-    SharedPrefixKV.update_and_fetch = lambda self, k, v: calls.append(k.shape[0]) or original(self, k, v)
-    try:
-        results = []
-        for ids, mask, _ in (plain, shared):
-            ref = reference_logps(model, ids, mask, ld_alpha=settings.ld_alpha)
-            (loss, metrics), grads = nn.value_and_grad(
-                model, lambda i, m, r: policy_loss(model, settings, i, m, r))(ids, mask, ref)
-            results.append((ref, float(loss), {k: float(v) for k, v in metrics.items()},
-                            dict(tree_flatten(grads))))
-    finally:
-        SharedPrefixKV.update_and_fetch = original
-    assert calls and set(calls) == {len(pairs), 2 * len(pairs)}  # prompts once, then every row
+    cls = PackedSuffixKV if packed else SharedPrefixKV
+    original = cls.update_and_fetch
+    monkeypatch.setattr(cls, "update_and_fetch", lambda self, k, v: calls.append(k.shape[0]) or original(self, k, v))
+    results = []
+    for ids, mask, _ in (plain, shared):
+        ref = reference_logps(model, ids, mask, ld_alpha=settings.ld_alpha)
+        (loss, metrics), grads = nn.value_and_grad(
+            model, lambda i, m, r: policy_loss(model, settings, i, m, r))(ids, mask, ref)
+        results.append((ref, float(loss), {k: float(v) for k, v in metrics.items()},
+                        dict(tree_flatten(grads))))
+    assert calls and set(calls) == {len(pairs), second}  # prompts once, then every row
     (ref_a, loss_a, metrics_a, grads_a), (ref_b, loss_b, metrics_b, grads_b) = results
     assert np.abs(np.array(ref_a) - np.array(ref_b)).max() < 1e-4 * np.abs(np.array(ref_a)).max()
     assert abs(loss_a - loss_b) < 1e-5 and abs(metrics_a["rewards/margins"]) > 1e-3
@@ -119,6 +127,25 @@ def test_shared_prompt_rows_give_the_plain_loss_and_gradients(tmp_path, options)
     scale = max(np.abs(np.array(g)).max() for g in grads_a.values())
     for k, g in grads_a.items():
         assert np.abs(np.array(g) - np.array(grads_b[k])).max() < 1e-5 * scale, k
+
+
+def test_suffixes_pack_only_for_adapters_under_mlxrl_attention_when_it_pays(tmp_path):
+    """`worth_packing`: uneven suffixes of a LoRA model pack; not when a base weight trains (its
+    gradient over single-token rows would be one outer product a token), not when a layer's
+    attention is mlx-lm's own (it cannot take packed queries), not when the rows are even."""
+    from mlxrl.mlx.shared_prefix import worth_packing
+
+    model, _, _ = _dpo_setup(tmp_path)
+    uneven, even = [[5] * 30, [6] * 12, [7] * 20, [8] * 9], [[5] * 30] * 4
+    assert worth_packing(model, uneven, 32)
+    assert not worth_packing(model, even, 32)
+    model.layers[0].mlp.gate_proj.linear.unfreeze()
+    assert not worth_packing(model, uneven, 32)
+    model.layers[0].mlp.gate_proj.linear.freeze()
+    assert worth_packing(model, uneven, 32)
+    attention = model.layers[1].self_attn
+    attention.__class__ = type(attention).__mro__[1]  # mlx-lm's class, as on a GPU
+    assert not worth_packing(model, uneven, 32)
 
 
 class _Vector(nn.Module):

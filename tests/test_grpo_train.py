@@ -74,9 +74,12 @@ def test_logprobs_condition_on_the_prompt_and_ids_are_kept_as_sampled(tmp_path, 
 
 
 @pytest.mark.parametrize("options", ["{beta: 0.1}", "{beta: 0.04, loss_type: dr_grpo, num_iterations: 2}"])
-def test_shared_prompt_rows_give_the_plain_loss_and_gradients(tmp_path, reward_file, monkeypatch, options):
-    """The G completions of a prompt with the prompt run once (mlx/shared_prefix.py), against the
-    same rollout as plain right-padded rows: reference log-probs, loss, metrics and gradients."""
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_shared_prompt_rows_give_the_plain_loss_and_gradients(tmp_path, reward_file, monkeypatch, options,
+                                                             packed):
+    """The G completions of a prompt with the prompt run once (mlx/shared_prefix.py), right-padded
+    or packed, against the same rollout as plain right-padded rows: reference log-probs, loss,
+    metrics and gradients."""
     from mlx.utils import tree_flatten
 
     from mlxrl.mlx import grpo
@@ -87,10 +90,12 @@ def test_shared_prompt_rows_give_the_plain_loss_and_gradients(tmp_path, reward_f
     for _, layer in loaded.model.named_modules():  # a policy off the reference
         if hasattr(layer, "lora_b"):
             layer.lora_b = mx.random.normal(layer.lora_b.shape, key=mx.random.key(3)) * 0.3
+    monkeypatch.setattr(grpo, "worth_packing", lambda *a: packed)
     shared = grpo.GRPOMethod(cfg, loaded, load_split(cfg.data.train)).next_step().micro_batches[0]
     monkeypatch.setattr(grpo, "worth_sharing", lambda *a: False)
     plain = grpo.GRPOMethod(cfg, loaded, load_split(cfg.data.train)).next_step().micro_batches[0]
     assert isinstance(shared[0], tuple) and not isinstance(plain[0], tuple)
+    assert len(shared[0]) == (10 if packed else 4)
     restored = _from_json(json.loads(json.dumps(_to_json(grpo.StepBatch([shared]))))).micro_batches[0]
     assert all(np.array_equal(np.array(a), np.array(b)) for a, b in zip(restored[0], shared[0]))
 

@@ -73,7 +73,7 @@ def test_same_lora_targets_and_prompt_tokens(tmp_path):
     "{loss_type: [sigmoid, sft], loss_weights: [1.0, 0.5], ld_alpha: 0.5}",  # RPO, LD-DPO
     "{loss_type: ipo, use_weighting: true, f_divergence_type: alpha_divergence}",  # WPO, f-DPO
 ])
-def test_first_dpo_step_loss_and_rewards_match_mlx(tmp_path, trainer_kwargs):
+def test_first_dpo_step_loss_and_rewards_match_mlx(tmp_path, monkeypatch, trainer_kwargs):
     cfg = quickstart("dpo", tmp_path, "--training.per_device_train_batch_size", "4",
                      "--training.trainer_kwargs", trainer_kwargs)
     trainer, _, _ = torch_train.build(cfg, **QUIET)
@@ -88,11 +88,18 @@ def test_first_dpo_step_loss_and_rewards_match_mlx(tmp_path, trainer_kwargs):
     torch_loss = trainer._compute_loss(trainer.model, batch, return_outputs=False).detach()
     torch_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
-    # MLX: plain rows, and the rows as training makes them (each prompt once, mlx/shared_prefix.py)
-    plain, shared = pair_arrays(pairs[:4]), pair_arrays(pairs[:4], mlx_loaded.model)
-    assert isinstance(shared[0], tuple)
+    # MLX: plain rows, and the rows as training makes them (each prompt once, mlx/shared_prefix.py),
+    # the suffixes right-padded and packed
+    from mlxrl.mlx import dpo
+
+    plain = pair_arrays(pairs[:4])
+    monkeypatch.setattr(dpo, "worth_packing", lambda *a: False)
+    shared = pair_arrays(pairs[:4], mlx_loaded.model)
+    monkeypatch.setattr(dpo, "worth_packing", lambda *a: True)
+    packed = pair_arrays(pairs[:4], mlx_loaded.model)
+    assert len(shared[0]) == 4 and len(packed[0]) == 10
     assert batch["input_ids"].tolist() == [r[:batch["input_ids"].shape[1]] for r in np.array(plain[0]).tolist()]
-    for ids, mask, _ in (plain, shared):
+    for ids, mask, _ in (plain, shared, packed):
         ref = reference_logps(mlx_loaded.model, ids, mask, ld_alpha=settings.ld_alpha)
         mlx_loss, mlx_metrics = policy_loss(mlx_loaded.model, settings, ids, mask, ref)
         assert abs(float(mlx_metrics["rewards/margins"])) > 1e-3  # the policy differs from the reference

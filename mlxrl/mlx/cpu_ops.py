@@ -106,6 +106,9 @@ def masked_attention(queries, keys, values, scale: float, mask):
 
 def _attention_with_fallback(original):
     def attention(queries, keys, values, cache, scale, mask, sinks=None):
+        attend = getattr(cache, "attend", None)  # packed rows (shared_prefix.PackedSuffixKV)
+        if attend is not None and sinks is None:
+            return attend(queries, keys, values, scale, mask)
         fusable = (sinks is None and queries.dtype == mx.float32
                    and queries.shape[1] % keys.shape[1] == 0)
         if (fusable and cache is None and isinstance(mask, str) and mask == "causal"
@@ -242,6 +245,20 @@ def use_cpu_ops(model: nn.Module) -> bool:
         if new is not cls:
             module.__class__, changed = new, True
     return changed
+
+
+def attends(model: nn.Module) -> bool:
+    """Whether mlxrl's attention above serves every layer of `model` (`use_cpu_ops` gave its
+    attention class mlxrl's `scaled_dot_product_attention`): what packed rows need."""
+    layers = getattr(model, "layers", None)
+    if not layers:
+        return False
+    for layer in layers:
+        call = vars(type(getattr(layer, "self_attn", None))).get("__call__")  # a patched class's own
+        attention = getattr(call, "__globals__", {}).get("scaled_dot_product_attention")
+        if not hasattr(attention, "mlxrl_original"):
+            return False
+    return True
 
 
 @functools.cache
