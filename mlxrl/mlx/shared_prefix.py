@@ -57,18 +57,18 @@ def shared_rows(prompts: list[list[int]], suffixes: list[list[int]], row_prefix:
     rows = mx.array(prefix), mx.array(pad), mx.array(row_prefix, dtype=mx.int32), mx.array(suffix)
     if not pack:
         return rows
-    return rows + _packing(suffix, [len(s) for s in suffixes], [len(heads[i]) for i in row_prefix])
+    return rows + _packing(suffix, suffixes, [len(heads[i]) for i in row_prefix])
 
 
-def _packing(suffix: np.ndarray, lengths: list[int], offsets: list[int]) -> tuple:
-    """The suffixes' body tokens (each row's first `lengths[r]` columns: the last is only a
+def _packing(suffix: np.ndarray, suffixes: list[list[int]], offsets: list[int]) -> tuple:
+    """The suffixes' body tokens (row r's first `len(suffixes[r])` columns: the last is only a
     target) packed: (tokens [T], positions [T], slot of each token [T] in the `[N * Ls']` layout
     (Ls' = Ls - 1), 1.0 on real tokens [T], token of each slot [N * Ls'], 1.0 on real slots
     [N * Ls']). Tokens past the real ones are id 0 at position 0 and read slot 0; empty slots
     read token 0; the 1.0 arrays zero both wherever it matters."""
     rows, width = suffix.shape[0], suffix.shape[1] - 1
-    real = sum(lengths)
-    count = bucket(real, TOKEN_BUCKET)  # = packed_columns
+    lengths = [len(s) for s in suffixes]
+    real, count = sum(lengths), packed_columns(suffixes)
     tokens, positions, slots = (np.zeros(count, dtype=np.int32) for _ in range(3))
     token_of_slot = np.zeros(rows * width, dtype=np.int32)
     slot_real = np.zeros(rows * width, dtype=np.float32)
@@ -217,40 +217,36 @@ class PackedSuffixKV(SharedPrefixKV):
         if not self.packed_call:
             return out
         heads, dim = out.shape[1], out.shape[3]
-        flat = out.transpose(0, 2, 1, 3).reshape(-1, heads * dim)
-        packed = _pack(flat, self.slots, self.token_real, self.token_of_slot, self.slot_real)
+        packed = self.to_tokens(out.transpose(0, 2, 1, 3).reshape(-1, heads * dim))
         return packed.reshape(-1, 1, heads, dim).transpose(0, 2, 1, 3)
+
+    def to_slots(self, x):
+        """[T, F] packed -> [N * (Ls - 1), F], zeros on padding."""
+        return _gather_rows(x, self.token_of_slot, self.slot_real, self.slots, self.token_real)
+
+    def to_tokens(self, y):
+        """[N * (Ls - 1), F] -> [T, F] packed, zeros past the real tokens."""
+        return _gather_rows(y, self.slots, self.token_real, self.token_of_slot, self.slot_real)
 
     def _unpack(self, x):
         """[T, heads, 1, D] packed -> [N, heads, Ls - 1, D]."""
         tokens, heads, _, dim = x.shape
-        flat = _unpack(x.reshape(tokens, heads * dim), self.token_of_slot, self.slot_real,
-                       self.slots, self.token_real)
+        flat = self.to_slots(x.reshape(tokens, heads * dim))
         return flat.reshape(self.rows, self.columns, heads, dim).transpose(0, 2, 1, 3)
 
 
-# Packing and unpacking are gathers both ways, each the other's gradient: each real token has one
-# slot; padding slots and padding tokens get zeros, so nothing flows through them.
 @mx.custom_function
-def _unpack(x, token_of_slot, slot_real, slots, token_real):
-    return mx.take(x, token_of_slot, axis=0) * slot_real[:, None]
+def _gather_rows(x, index, keep, back_index, back_keep):
+    """`x`'s rows at `index`, zeroed where `keep` is 0: packing (slots -> tokens) and unpacking
+    (tokens -> slots). Each is the other's gradient, the same gather the other way round: a real
+    token has one slot, and padding tokens and slots get zeros, so nothing flows through them."""
+    return mx.take(x, index, axis=0) * keep[:, None]
 
 
-@_unpack.vjp
-def _unpack_vjp(primals, cotangent, output):
-    _, token_of_slot, slot_real, slots, token_real = primals
-    return _pack(cotangent, slots, token_real, token_of_slot, slot_real), None, None, None, None
-
-
-@mx.custom_function
-def _pack(y, slots, token_real, token_of_slot, slot_real):
-    return mx.take(y, slots, axis=0) * token_real[:, None]
-
-
-@_pack.vjp
-def _pack_vjp(primals, cotangent, output):
-    _, slots, token_real, token_of_slot, slot_real = primals
-    return _unpack(cotangent, token_of_slot, slot_real, slots, token_real), None, None, None, None
+@_gather_rows.vjp
+def _gather_rows_vjp(primals, cotangent, output):
+    _, index, keep, back_index, back_keep = primals
+    return _gather_rows(cotangent, back_index, back_keep, index, keep), None, None, None, None
 
 
 def shared_hidden(model: nn.Module, rows: tuple) -> mx.array:
@@ -265,6 +261,4 @@ def shared_hidden(model: nn.Module, rows: tuple) -> mx.array:
     caches = [PackedSuffixKV(pad, row_prefix, prefix_ids.shape[1], rows[4:], n) for _ in model.layers]
     model.model(prefix_ids, cache=caches)
     hidden = model.model(rows[4][:, None], cache=caches)[:, 0]  # [T, D]
-    cache = caches[0]
-    flat = _unpack(hidden, cache.token_of_slot, cache.slot_real, cache.slots, cache.token_real)
-    return flat.reshape(n, cache.columns, -1)
+    return caches[0].to_slots(hidden).reshape(n, caches[0].columns, -1)
