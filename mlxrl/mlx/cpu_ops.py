@@ -107,7 +107,9 @@ def masked_attention(queries, keys, values, scale: float, mask):
 def _attention_with_fallback(original):
     def attention(queries, keys, values, cache, scale, mask, sinks=None):
         attend = getattr(cache, "attend", None)  # packed rows (shared_prefix.PackedSuffixKV)
-        if attend is not None and sinks is None:
+        if attend is not None:
+            if sinks is not None:  # the fallback below would read packed queries as rows
+                raise NotImplementedError("packed rows do not take attention sinks")
             return attend(queries, keys, values, scale, mask)
         fusable = (sinks is None and queries.dtype == mx.float32
                    and queries.shape[1] % keys.shape[1] == 0)
