@@ -148,6 +148,21 @@ def test_suffixes_pack_only_for_adapters_under_mlxrl_attention_when_it_pays(tmp_
     assert not worth_packing(model, uneven, 32)
 
 
+def test_packed_rows_refuse_attention_sinks():
+    """mlxrl's attention hands packed rows to their cache's `attend`; with attention sinks it
+    stops instead of running the row attention on packed queries."""
+    from types import SimpleNamespace
+
+    from mlxrl.mlx.cpu_ops import _attention_with_fallback
+
+    attention = _attention_with_fallback(lambda *a, **k: pytest.fail("the row attention ran"))
+    q = mx.zeros((4, 2, 1, 8))
+    attended = attention(q, q, q, SimpleNamespace(attend=lambda *a: "attended"), 1.0, None)
+    assert attended == "attended"
+    with pytest.raises(NotImplementedError, match="sinks"):
+        attention(q, q, q, SimpleNamespace(attend=lambda *a: "attended"), 1.0, None, sinks=mx.zeros(2))
+
+
 class _Vector(nn.Module):
     def __init__(self):
         super().__init__()
