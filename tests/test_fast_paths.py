@@ -1,8 +1,8 @@
 """The speed paths of the MLX step against references mlxrl did not write.
 
-- Log-probs scored from a start position (the LM head skips prompt positions): transformers'
-  log-softmax of its own logits, on qwen2 (tied head), llama (separate head) and falcon_h1 (the
-  fallback that slices full logits).
+- Log-probs scored from a start position (the LM head skips prompt positions), with the head's
+  log-softmax whole or in chunks: transformers' log-softmax of its own logits, on qwen2 (tied
+  head), llama (separate head) and falcon_h1 (the fallback that slices full logits).
 - DPO with the trimmed completion mask of `pair_arrays`: the same loss and gradients as the
   whole-width computation.
 - The compiled update (clip, AdamW, schedule) against torch's clip_grad_norm_ + AdamW +
@@ -20,6 +20,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlxrl.config import ModelParams, load_config
+from mlxrl.mlx import logprobs
 from mlxrl.mlx import model as mlx_model
 from mlxrl.mlx.dpo import pair_arrays, policy_loss, reference_logps
 from mlxrl.mlx.logprobs import per_token_logps
@@ -34,7 +35,11 @@ IDS = np.random.default_rng(0).integers(3, 700, size=(3, 24))
 
 @pytest.mark.parametrize("arch, overrides", [("qwen2", {}), ("llama", {"tie_word_embeddings": False}),
                                              ("falcon_h1", {})])
-def test_log_probs_from_a_start_position_equal_transformers(arch, overrides):
+@pytest.mark.parametrize("chunked", [False, True], ids=["plain", "chunked"])
+def test_log_probs_from_a_start_position_equal_transformers(monkeypatch, arch, overrides, chunked):
+    if chunked:  # the head's log-softmax in chunks of 5 positions (logprobs.head_logps)
+        monkeypatch.setattr(logprobs, "HEAD_CHUNKED_ABOVE", 0)
+        monkeypatch.setattr(logprobs, "HEAD_CHUNK_MIN_ROWS", 5)
     folder = tiny_model(arch, **overrides)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():

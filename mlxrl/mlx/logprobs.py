@@ -10,8 +10,23 @@ token cannot change the log-probs of its real tokens; callers mask padding and p
 with `completion_mask[:, 1:]`.
 """
 
+from functools import partial
+
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+# Above HEAD_CHUNKED_ABOVE bytes of float32 logits, the LM head's log-probs run in chunks of
+# positions (`head_logps`) whose logits take about HEAD_CHUNK_BYTES, and of at least
+# HEAD_CHUNK_MIN_ROWS positions (each chunk reads the whole head again, so it must do enough work
+# per weight read). A plain log-softmax keeps the [positions, vocabulary] logits for its backward,
+# and its peak is about twice them: 2.5 GB for 2,048 positions of Qwen's 151,936-token vocabulary.
+# A chunk's peak is ~5-7 times its logits, whatever the positions. The backward computes each
+# chunk's logits again: on SmolLM2, 1,024 positions took 12% longer for 20% less peak memory,
+# so below the threshold the plain log-softmax runs.
+HEAD_CHUNKED_ABOVE = 512 * 2**20
+HEAD_CHUNK_BYTES = 64 * 2**20
+HEAD_CHUNK_MIN_ROWS = 128
 
 
 def token_logps_from_logits(
@@ -47,19 +62,108 @@ def next_token_logits(model: nn.Module, input_ids, start: int = 0) -> mx.array:
     (TRL's `use_logits_to_keep`). The last column is only a target: the model never reads it
     (`trainer.row_width`). `input_ids` may be rows that share prompts (`mlxrl.mlx.shared_prefix`,
     a tuple): then the positions are their suffixes'."""
+    hidden = next_token_hidden(model, input_ids, start)
+    if hidden is None:
+        return model(input_ids[:, :-1])[:, start:, :]
+    return _head(model, hidden)
+
+
+def next_token_hidden(model: nn.Module, input_ids, start: int = 0) -> mx.array | None:
+    """The body's output `[B, L-1-start, D]` that `next_token_logits` puts through the head;
+    None for architectures whose body and head do not run apart (not `BODY_THEN_HEAD`)."""
     if isinstance(input_ids, tuple):
         from mlxrl.mlx.shared_prefix import shared_hidden
 
-        return _head(model, shared_hidden(model, input_ids)[:, start:])
+        return shared_hidden(model, input_ids)[:, start:]
     if body_then_head(model):
-        return _head(model, model.model(input_ids[:, :-1])[:, start:])
-    return model(input_ids[:, :-1])[:, start:, :]
+        return model.model(input_ids[:, :-1])[:, start:]
+    return None
 
 
 def _head(model: nn.Module, hidden: mx.array) -> mx.array:
+    module, call = _head_parts(model)
+    return call(module)(hidden)
+
+
+def _head_parts(model: nn.Module):
+    """The module holding the head's weights, and how to call it on hidden states."""
     if model.args.tie_word_embeddings:
-        return model.model.embed_tokens.as_linear(hidden)
-    return model.lm_head(hidden)
+        return model.model.embed_tokens, lambda module: module.as_linear
+    return model.lm_head, lambda module: module
+
+
+def head_logps(model: nn.Module, hidden: mx.array, targets: mx.array,
+               temperature: float = 1.0) -> mx.array:
+    """`token_logps_from_logits(head(hidden), targets, temperature)`, `[B, L]`, without keeping
+    `[B, L, V]` logits: when they would take more than `HEAD_CHUNKED_ABOVE` bytes, the head and
+    its log-softmax run chunk by chunk (`HEAD_CHUNK_BYTES`, `HEAD_CHUNK_MIN_ROWS`), forward and
+    (recomputed) backward, in a custom VJP: the fused linear cross-entropy idea. Where the head
+    itself trains (a full fine-tune, an adapter on the head), the plain computation runs: the
+    custom VJP gives the head's weights no gradient."""
+    module, call = _head_parts(model)
+    vocab = model.args.vocab_size
+    rows = max(HEAD_CHUNK_BYTES // (4 * vocab), HEAD_CHUNK_MIN_ROWS)
+    B, L, D = hidden.shape
+    if B * L * vocab * 4 <= HEAD_CHUNKED_ABOVE or B * L <= rows \
+            or tree_flatten(module.trainable_parameters()):
+        return token_logps_from_logits(call(module)(hidden), targets, temperature)
+    names, weights = zip(*tree_flatten(module.parameters()))
+    head = partial(_head_with, module, call, names)
+    chunked = _chunked_logps(head, rows, temperature)
+    return chunked(hidden.reshape(B * L, D), targets.reshape(B * L), *weights).reshape(B, L)
+
+
+def _head_with(module: nn.Module, call, names, weights, hidden: mx.array) -> mx.array:
+    """The head's float32 logits with `weights` (arrays named `names`) as its parameters: a
+    custom function must take every array it reads as an input, or a compiled trace would hold
+    a stale one."""
+    saved = module.parameters()
+    module.update(tree_unflatten(list(zip(names, weights))))
+    try:
+        return call(module)(hidden).astype(mx.float32)
+    finally:
+        module.update(saved)
+
+
+def _chunked_logps(head, rows: int, temperature: float):
+    """A custom function `(hidden [N, D], targets [N], *head weights) -> log-probs [N]` that
+    runs `head(weights, hidden)` on chunks of `rows` positions, one after the other."""
+
+    def logits(weights, h):
+        z = head(weights, h)
+        return z / temperature if temperature != 1.0 else z
+
+    def chunks(n: int):
+        return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
+
+    @mx.custom_function
+    def logps(hidden, targets, *weights):
+        out = []
+        for c in chunks(hidden.shape[0]):
+            out.append(token_logps_from_logits(logits(weights, _after(hidden[c], out)), targets[c]))
+        return mx.concatenate(out)
+
+    @logps.vjp
+    def logps_vjp(primals, cotangent, output):
+        hidden, targets, *weights = primals
+        grads = []
+        for c in chunks(hidden.shape[0]):
+            h = _after(hidden[c], grads)
+            z = logits(weights, h)
+            onehot = mx.arange(z.shape[-1])[None, :] == targets[c][:, None]
+            dz = cotangent[c][:, None] * (onehot - mx.softmax(z, axis=-1))
+            if temperature != 1.0:
+                dz = dz / temperature
+            grads.append(mx.vjp(partial(head, weights), [h], [dz])[1][0])
+        return (mx.concatenate(grads), mx.zeros_like(targets), *map(mx.zeros_like, weights))
+
+    return logps
+
+
+def _after(chunk: mx.array, done: list) -> mx.array:
+    """`chunk`, computed only after the last of `done`: MLX would otherwise be free to run every
+    chunk's head at once, and their logits would all be alive together."""
+    return mx.depends(chunk, done[-1]) if done else chunk
 
 
 def targets(input_ids, start: int = 0) -> mx.array:
@@ -89,9 +193,14 @@ def scored_from(input_ids, mask: mx.array) -> int:
 def per_token_logps(model: nn.Module, input_ids: mx.array, temperature: float = 1.0,
                     start: int = 0) -> mx.array:
     """`[B, L-1-start]` float32 log-probs of each next token of `input_ids` `[B, L]` under
-    `model`, from position `start` on (entry `[b, t]` scores token `start + t + 1`)."""
-    logits = next_token_logits(model, input_ids, start)
-    return token_logps_from_logits(logits, targets(input_ids, start), temperature)
+    `model`, from position `start` on (entry `[b, t]` scores token `start + t + 1`). Where body
+    and head run apart, the head's log-softmax runs in chunks when its logits would be large
+    (`head_logps`)."""
+    hidden = next_token_hidden(model, input_ids, start)
+    if hidden is None:
+        return token_logps_from_logits(model(input_ids[:, :-1])[:, start:, :],
+                                       targets(input_ids, start), temperature)
+    return head_logps(model, hidden, targets(input_ids, start), temperature)
 
 
 def per_token_logps_and_log_sum_sq(model: nn.Module, input_ids: mx.array,
