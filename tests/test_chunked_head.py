@@ -133,25 +133,33 @@ def test_under_a_memory_limit_the_gradient_needs_a_few_chunks_of_logits_not_all(
     assert chunked < logits_mb / 2, (chunked, plain)
 
 
-@pytest.mark.parametrize("method", ["dpo", "sft"])
+@pytest.mark.parametrize("method", ["dpo", "sft", "grpo"])
 def test_training_with_the_head_in_chunks_logs_the_plain_losses(tmp_path, monkeypatch, method):
-    """The quickstart configs through `train` (the compiled step; DPO's rows share prompts and
-    pack), the head's log-softmax in chunks of 5 positions or whole: the same losses."""
+    """The quickstart configs through `train` (the compiled step; DPO's and GRPO's rows share
+    prompts and may pack; GRPO's log-probs take the temperature), the head's log-softmax in chunks
+    of 5 positions or whole: the same losses and gradient norms, step after step."""
     import json
 
     from mlxrl.config import load_config
     from mlxrl.mlx.train import train
 
-    def losses(chunked: bool, out) -> list[float]:
+    def losses(chunked: bool, out) -> list[tuple[float, float]]:
         monkeypatch.setattr(logprobs, "HEAD_CHUNKED_ABOVE", 0 if chunked else 10**15)
         monkeypatch.setattr(logprobs, "HEAD_CHUNK_BYTES", 1)
         monkeypatch.setattr(logprobs, "HEAD_CHUNK_MIN_ROWS", 5)
+        extra = []
+        if method == "grpo":  # a reward that varies (the tiny model never counts letters right)
+            rewards = tmp_path / "vowels.py"
+            rewards.write_text(VOWELS)
+            extra = ["--training.reward_functions", f"['{rewards}:vowels']",
+                     "--training.grpo.temperature", "0.8"]
         cfg = load_config(f"configs/quickstart/{method}.yaml", [
             "--training.output_dir", str(out), "--training.max_steps", "3",
-            "--training.logging_steps", "1", "--training.save_steps", "0"])
+            "--training.logging_steps", "1", "--training.save_steps", "0", *extra])
         train(cfg, quiet=True)
         lines = (out / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+        records = [json.loads(line) for line in lines]
+        return [(r["loss"], r["grad_norm"]) for r in records if "grad_norm" in r]
 
     calls = []
     original = logprobs._chunked_logps
@@ -160,4 +168,12 @@ def test_training_with_the_head_in_chunks_logs_the_plain_losses(tmp_path, monkey
     assert calls  # the chunked path ran
     plain = losses(False, tmp_path / "plain")
     assert len(plain) == 3
+    assert min(norm for _, norm in plain) > 0  # gradients that say something
     np.testing.assert_allclose(chunked, plain, rtol=1e-5, atol=1e-6)
+
+
+VOWELS = """
+def vowels(completions, **kwargs):
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [sum(ch in "aeiou" for ch in t) / max(len(t), 1) for t in texts]
+"""
