@@ -197,8 +197,8 @@ def per_token_logps(model: nn.Module, input_ids: mx.array, temperature: float = 
     and head run apart, the head's log-softmax runs in chunks when its logits would be large
     (`head_logps`)."""
     hidden = next_token_hidden(model, input_ids, start)
-    if hidden is None:
-        return token_logps_from_logits(model(input_ids[:, :-1])[:, start:, :],
+    if hidden is None:  # the whole model's logits
+        return token_logps_from_logits(next_token_logits(model, input_ids, start),
                                        targets(input_ids, start), temperature)
     return head_logps(model, hidden, targets(input_ids, start), temperature)
 
