@@ -40,6 +40,7 @@ import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
 import mlxrl.mlx.dpo as dpo  # noqa: E402
+import mlxrl.mlx.shared_prefix as shared_prefix  # noqa: E402
 from mlxrl.data.loading import load_split  # noqa: E402
 from mlxrl.mlx import model as mlx_model  # noqa: E402
 from mlxrl.mlx.trainer import Trainer  # noqa: E402
@@ -56,12 +57,12 @@ def _clock() -> float:
 def _batches(method, model, count: int) -> dict[str, list]:
     """Each layout's (ids, mask) for the run's first `count` steps."""
     indices = [method.stream.take(bench_dpo.PAIRS) for _ in range(count)]
-    rules = (dpo.worth_sharing, dpo.worth_packing)
+    rules = (shared_prefix.worth_sharing, shared_prefix.worth_packing)
     out = {}
     for name, (share, pack) in LAYOUTS.items():
-        dpo.worth_sharing, dpo.worth_packing = share or rules[0], pack or rules[1]
+        shared_prefix.worth_sharing, shared_prefix.worth_packing = share or rules[0], pack or rules[1]
         out[name] = [dpo.pair_arrays([method.pairs[i] for i in ix], model)[:2] for ix in indices]
-    dpo.worth_sharing, dpo.worth_packing = rules
+    shared_prefix.worth_sharing, shared_prefix.worth_packing = rules
     return out
 
 

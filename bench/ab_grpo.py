@@ -46,6 +46,7 @@ from profile_grpo import build  # noqa: E402
 import mlxrl.mlx.grpo as grpo  # noqa: E402
 import mlxrl.mlx.model as mlx_model  # noqa: E402
 import mlxrl.mlx.sampling as sampling  # noqa: E402
+import mlxrl.mlx.shared_prefix as shared_prefix  # noqa: E402
 from mlxrl.mlx.cache_utils import DecodeKVCache  # noqa: E402
 from mlxrl.mlx.trainer import Trainer, bucket  # noqa: E402
 
@@ -73,7 +74,7 @@ def _mlx_lm_lora(layer, x):
 
 def main() -> None:
     args = _parser().parse_args()
-    decode_rule, share_rule = sampling._openblas_cpu, grpo.worth_sharing
+    decode_rule, share_rule = sampling._openblas_cpu, shared_prefix.worth_sharing
     blas_threads = sampling._blas.threads
     widths = grpo.row_width
     lora = mlx_model.lora_linear
@@ -103,14 +104,14 @@ def main() -> None:
                     times[name].append(_clock() - start)
             sampling._openblas_cpu, sampling._blas.threads = decode_rule, blas_threads
             DecodeKVCache.fused_attention, sampling._TRACES = True, traces[True]
-            for name, (grpo.worth_sharing, grpo.row_width, mlx_model.lora_linear) in updates.items():
+            for name, (shared_prefix.worth_sharing, grpo.row_width, mlx_model.lora_linear) in updates.items():
                 method.stream.position = start_of_prompts  # the same prompts every way
                 batch = method.next_step()
                 start = _clock()
                 mx.eval(trainers[mlx_model.lora_linear]._grad_step(*batch.micro_batches[0]))
                 if round_:
                     times[name].append(_clock() - start)
-            grpo.worth_sharing, grpo.row_width, mlx_model.lora_linear = share_rule, widths, lora
+            shared_prefix.worth_sharing, grpo.row_width, mlx_model.lora_linear = share_rule, widths, lora
     for name, values in times.items():
         runs = ", ".join(f"{1000 * v:.0f}" for v in values)
         print(f"  {name:44s} {1000 * statistics.median(values):7.0f} ms   ({runs})")

@@ -96,11 +96,11 @@ def test_shared_prompt_rows_give_the_plain_loss_and_gradients(tmp_path, monkeypa
     """DPO's chosen and rejected rows with their prompt run once (mlx/shared_prefix.py): the loss,
     metrics and gradients of the plain rows, with the per-token options that read every token;
     the suffixes right-padded, or packed (only their real tokens through the linear layers)."""
-    from mlxrl.mlx import dpo
+    from mlxrl.mlx import shared_prefix
     from mlxrl.mlx.shared_prefix import PackedSuffixKV, SharedPrefixKV
 
     if not packed:
-        monkeypatch.setattr(dpo, "worth_packing", lambda *a: False)
+        monkeypatch.setattr(shared_prefix, "worth_packing", lambda *a: False)
     model, settings, pairs = _dpo_setup(tmp_path, "--training.trainer_kwargs", options)
     plain, shared = pair_arrays(pairs), pair_arrays(pairs, model)
     prefix, pad, row_prefix, suffix = shared[0][:4]

@@ -82,7 +82,7 @@ def test_shared_prompt_rows_give_the_plain_loss_and_gradients(tmp_path, reward_f
     metrics and gradients."""
     from mlx.utils import tree_flatten
 
-    from mlxrl.mlx import grpo
+    from mlxrl.mlx import grpo, shared_prefix
     from mlxrl.mlx.grpo_reuse import _from_json, _to_json
 
     cfg = grpo_config(tmp_path, f"{reward_file}:digit_fraction", "--training.trainer_kwargs", options)
@@ -90,9 +90,9 @@ def test_shared_prompt_rows_give_the_plain_loss_and_gradients(tmp_path, reward_f
     for _, layer in loaded.model.named_modules():  # a policy off the reference
         if hasattr(layer, "lora_b"):
             layer.lora_b = mx.random.normal(layer.lora_b.shape, key=mx.random.key(3)) * 0.3
-    monkeypatch.setattr(grpo, "worth_packing", lambda *a: packed)
+    monkeypatch.setattr(shared_prefix, "worth_packing", lambda *a: packed)
     shared = grpo.GRPOMethod(cfg, loaded, load_split(cfg.data.train)).next_step().micro_batches[0]
-    monkeypatch.setattr(grpo, "worth_sharing", lambda *a: False)
+    monkeypatch.setattr(shared_prefix, "worth_sharing", lambda *a: False)
     plain = grpo.GRPOMethod(cfg, loaded, load_split(cfg.data.train)).next_step().micro_batches[0]
     assert isinstance(shared[0], tuple) and not isinstance(plain[0], tuple)
     assert len(shared[0]) == (10 if packed else 4)
@@ -125,13 +125,13 @@ def test_the_body_never_reads_the_last_column(tmp_path, reward_file, monkeypatch
     the prompt's last token and 16 tokens, 17 columns, and the body runs 16 of them (padding the
     suffix to 24 ran 24). Shared or plain, the body never reads a row's last column, which is only
     a target (`trainer.row_width`), and runs a multiple of 8 columns."""
-    from mlxrl.mlx import grpo
+    from mlxrl.mlx import shared_prefix
 
     cfg = grpo_config(tmp_path, f"{reward_file}:digit_fraction", "--training.grpo.max_completion_length", "16")
     loaded, method = method_for(cfg)
     method.eos_ids = [10**6]  # never sampled: every completion is 16 tokens
     shared = method.next_step().micro_batches[0]
-    monkeypatch.setattr(grpo, "worth_sharing", lambda *a: False)
+    monkeypatch.setattr(shared_prefix, "worth_sharing", lambda *a: False)
     plain = method.next_step().micro_batches[0]
     assert isinstance(shared[0], tuple) and shared[0][3].shape[1] == 17
     width = plain[0].shape[1]

@@ -90,12 +90,12 @@ def test_first_dpo_step_loss_and_rewards_match_mlx(tmp_path, monkeypatch, traine
 
     # MLX: plain rows, and the rows as training makes them (each prompt once, mlx/shared_prefix.py),
     # the suffixes right-padded and packed
-    from mlxrl.mlx import dpo
+    from mlxrl.mlx import shared_prefix
 
     plain = pair_arrays(pairs[:4])
-    monkeypatch.setattr(dpo, "worth_packing", lambda *a: False)
+    monkeypatch.setattr(shared_prefix, "worth_packing", lambda *a: False)
     shared = pair_arrays(pairs[:4], mlx_loaded.model)
-    monkeypatch.setattr(dpo, "worth_packing", lambda *a: True)
+    monkeypatch.setattr(shared_prefix, "worth_packing", lambda *a: True)
     packed = pair_arrays(pairs[:4], mlx_loaded.model)
     assert len(shared[0]) == 4 and len(packed[0]) == 10
     assert batch["input_ids"].tolist() == [r[:batch["input_ids"].shape[1]] for r in np.array(plain[0]).tolist()]

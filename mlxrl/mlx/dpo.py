@@ -25,7 +25,7 @@ from mlxrl.mlx.logprobs import (
     scored_from,
 )
 from mlxrl.mlx.model import adapters_disabled
-from mlxrl.mlx.shared_prefix import packed_columns, shared_rows, worth_packing, worth_sharing
+from mlxrl.mlx.shared_prefix import layout, shared_rows
 from mlxrl.mlx.trainer import (
     IndexStream,
     StepBatch,
@@ -75,9 +75,9 @@ def pair_arrays(pairs: list[tuple], model=None) -> tuple:
     without the leading columns that no row's completion reaches (a multiple of 8 of them, so
     the compiled step sees few shapes): `ids.shape[1] - mask.shape[1]` is the first position
     whose next-token log-prob is computed (`scored_from`). With `model`, when it pays
-    (`shared_prefix.worth_sharing`), the rows come with each prompt once for its chosen and
-    rejected answers (`shared_prefix.shared_rows`), their suffixes packed where that pays too
-    (`worth_packing`), and masks over their suffixes. The third value is the tokens of the rows."""
+    (`shared_prefix.layout`), the rows come with each prompt once for its chosen and rejected
+    answers (`shared_prefix.shared_rows`), their suffixes packed where that pays too, and masks
+    over their suffixes. The third value is the tokens of the rows."""
     rows = [p[0] for p in pairs] + [p[2] for p in pairs]
     masks = [p[1] for p in pairs] + [p[3] for p in pairs]
     width = row_width(max(len(r) for r in rows))
@@ -85,9 +85,9 @@ def pair_arrays(pairs: list[tuple], model=None) -> tuple:
     prompts = [p[0][:len(p[1]) - sum(p[1])] for p in pairs]
     suffix_width = row_width(1 + max(sum(m) for m in masks))
     suffixes = [r[len(prompts[i % len(pairs)]):] for i, r in enumerate(rows)]
-    pack = model is not None and worth_packing(model, suffixes, suffix_width)
-    body = packed_columns(suffixes) if pack else None
-    if model is not None and worth_sharing(model, prompts, len(rows), width, suffix_width, body):
+    share, pack = (False, False) if model is None else \
+        layout(model, prompts, suffixes, len(rows), width, suffix_width)
+    if share:
         shared = shared_rows(prompts, suffixes, list(range(len(pairs))) * 2, suffix_width, pack)
         return shared, pad_rows([[0] + [1] * len(s) for s in suffixes], suffix_width), tokens
     start = first_scored_position(masks)

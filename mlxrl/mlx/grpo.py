@@ -31,7 +31,7 @@ from mlxrl.mlx.grpo_loss import (  # noqa: F401  (re-exported: the loss's public
 from mlxrl.mlx.grpo_reuse import RolloutReuse
 from mlxrl.mlx.logprobs import first_scored_position, per_token_logps, scored_from
 from mlxrl.mlx.model import adapters_disabled
-from mlxrl.mlx.shared_prefix import packed_columns, shared_rows, worth_packing, worth_sharing
+from mlxrl.mlx.shared_prefix import layout, shared_rows
 from mlxrl.mlx.trainer import IndexStream, StepBatch, StreamPosition, pad_rows, row_width
 from mlxrl.reward_metrics import reward_metrics
 from mlxrl.rewards import load_rewards
@@ -228,13 +228,12 @@ class GRPOMethod(StreamPosition):
 
     def _rows(self, prompts, completions, masks, width, suffix_width, scored):
         """The rows with each prompt once for its completions (`shared_prefix`; the completions
-        packed where EOS made them uneven, `worth_packing`) and masks over their suffixes, when
-        that pays; else right-padded rows and masks without the prompt columns no row scores
+        packed where EOS made them uneven) and masks over their suffixes, when that pays
+        (`shared_prefix.layout`); else right-padded rows and masks without the prompt columns no row scores
         (`logprobs.scored_from`)."""
         unique = [list(p) for p in dict.fromkeys(map(tuple, prompts))]
-        pack = worth_packing(self.model, completions, suffix_width)
-        body = packed_columns(completions) if pack else None
-        if worth_sharing(self.model, unique, len(prompts), width, suffix_width, body):
+        share, pack = layout(self.model, unique, completions, len(prompts), width, suffix_width)
+        if share:
             index = {tuple(p): i for i, p in enumerate(unique)}
             ids = shared_rows(unique, completions, [index[tuple(p)] for p in prompts], suffix_width, pack)
             return ids, pad_rows([[0] + m[len(p):] for p, m in zip(prompts, masks)], suffix_width)

@@ -105,6 +105,16 @@ def worth_sharing(model: nn.Module, prompts: list[list[int]], rows: int, plain_w
     return shared <= SAVING * rows * (plain_width - 1)
 
 
+def layout(model: nn.Module, prompts: list[list[int]], suffixes: list[list[int]], rows: int,
+           plain_width: int, suffix_width: int) -> tuple[bool, bool]:
+    """(share, pack): whether `rows` rows over `prompts` with these suffixes run with each prompt
+    once (`worth_sharing`, judged on what the suffixes cost packed where they would be), and
+    whether their suffixes pack (`worth_packing`; read only when they share)."""
+    pack = worth_packing(model, suffixes, suffix_width)
+    body = packed_columns(suffixes) if pack else None
+    return worth_sharing(model, prompts, rows, plain_width, suffix_width, body), pack
+
+
 def worth_packing(model: nn.Module, suffixes: list[list[int]], suffix_width: int) -> bool:
     """Whether to pack these suffixes (`shared_rows(pack=True)`): mlxrl's attention serves this
     model (`cpu_ops.attends`), only LoRA matrices train (a trained base weight's gradient over
